@@ -1,0 +1,243 @@
+"""Node configuration: TOML file -> validated, typed settings.
+
+Every key is declared once here, with its type and default; an unknown key or a
+value of the wrong type is a :class:`ConfigError` that names the key and the file,
+so a PACS admin sees exactly which line to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pipelines.routing import Route, RoutingError, parse_routes
+
+ENV_CONFIG = "DICOMNODE_CONFIG"
+DEFAULT_CONFIG = Path("conf/node.toml")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person editing the file."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "HARMONISE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    data_dir: Path = Path("var")
+    series_timeout: float = 10.0
+    models_dir: Path = Path("models")
+    accept_any_loopback: bool = True
+    max_associations: int = 10
+    max_pdu_size: int = 0  # 0 = unlimited, as dcmtk offers
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    disk_reserve_mb: int = 500
+    duplicate_policy: str = "replace"  # replace | keep-first
+    unmatched: str = "archive"  # archive | ignore
+    log_level: str = "info"
+    sweep_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 8
+    patch_size: int = 0  # 0 = whole slices; >0 = square tiles with overlap
+    patch_overlap: int = 32
+    bf16: bool = True
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    retry_initial: float = 5.0
+    retry_max_interval: float = 600.0
+    max_age_hours: float = 72.0
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    original_retention_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    node: NodeSettings = field(default_factory=NodeSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    peers: tuple[Peer, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+    def peer(self, ae_title: str) -> Peer | None:
+        """The configured peer with this AE title (titles compare without padding)."""
+        want = ae_title.strip()
+        return next((p for p in self.peers if p.ae_title == want), None)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.data_dir / "spool"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.node.data_dir / "archive"
+
+    @property
+    def index_path(self) -> Path:
+        return self.node.data_dir / "index.sqlite"
+
+
+_CHOICES = {
+    ("node", "duplicate_policy"): {"replace", "keep-first"},
+    ("node", "unmatched"): {"archive", "ignore"},
+    ("node", "log_level"): {"debug", "info", "warning", "error"},
+    ("inference", "device"): {"auto", "cpu", "cuda"},
+}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any, path: Path) -> Any:
+    where = f"{path}: [{section}] {key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where} must not be negative, got {value}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if value <= 0:
+            raise ConfigError(f"{where} must be positive, got {value}")
+        return float(value)
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (path.parent.parent / p if _is_conf_dir(path) else
+                                          path.parent / p)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    choices = _CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def _is_conf_dir(path: Path) -> bool:
+    """Relative paths in a file under a ``conf/`` folder resolve from the folder above it.
+
+    That keeps the shipped ``conf/node.toml`` meaning ``var`` and ``models`` of the
+    checkout, wherever the node is started from.
+    """
+    return path.parent.name == "conf"
+
+
+def _section(cls: type, section: str, raw: Any, path: Path) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [{section}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key '{key}' in [{section}]"
+                              f" (known: {', '.join(sorted(known))})")
+        values[key] = _coerce(section, key, value, known[key].default, path)
+    defaults = cls()
+    for name, f in known.items():
+        if name not in values and isinstance(f.default, Path):
+            values[name] = _coerce(section, name, str(getattr(defaults, name)), f.default, path)
+    return cls(**values)
+
+
+def _ae_title(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be a non-empty string")
+    title = value.strip()
+    if len(title) > 16 or "\\" in title or not title.isprintable():
+        raise ConfigError(f"{where} '{title}' is not a valid AE title (1-16 printable characters,"
+                          " no backslash)")
+    return title
+
+
+def _peers(raw: Any, path: Path) -> tuple[Peer, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: [[peers]] must be an array of tables")
+    peers = []
+    for i, item in enumerate(raw):
+        where = f"{path}: [[peers]] #{i + 1}"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = set(item) - {"ae_title", "host", "port"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'"
+                              " (known: ae_title, host, port)")
+        title = _ae_title(item.get("ae_title"), f"{where} ae_title")
+        host = item.get("host")
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"{where} host must be a non-empty string")
+        port = item.get("port")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                                 or not 0 < port < 65536):
+            raise ConfigError(f"{where} port must be an integer 1-65535, got {port!r}")
+        peers.append(Peer(title, host, port))
+    titles = [p.ae_title for p in peers]
+    dupes = {t for t in titles if titles.count(t) > 1}
+    if dupes:
+        raise ConfigError(f"{path}: [[peers]] ae_title '{sorted(dupes)[0]}' is listed twice")
+    return tuple(peers)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate the config at ``path``, ``$DICOMNODE_CONFIG`` or ``conf/node.toml``."""
+    chosen = Path(path or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG).expanduser()
+    try:
+        raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{chosen}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+    chosen = chosen.resolve()
+    sections = {"node": NodeSettings, "inference": InferenceSettings,
+                "outbox": OutboxSettings, "archive": ArchiveSettings}
+    unknown = set(raw) - set(sections) - {"peers", "routes"}
+    if unknown:
+        raise ConfigError(f"{chosen}: unknown key '{sorted(unknown)[0]}' at top level"
+                          f" (known: {', '.join(sorted([*sections, 'peers', 'routes']))})")
+    parsed = {name: _section(cls, name, raw.get(name), chosen) for name, cls in sections.items()}
+    node: NodeSettings = parsed["node"]
+    _ae_title(node.ae_title, f"{chosen}: [node] ae_title")
+    if not 0 < node.port < 65536:
+        raise ConfigError(f"{chosen}: [node] port must be 1-65535, got {node.port}")
+    peers = _peers(raw.get("peers"), chosen)
+    try:
+        routes = parse_routes(raw.get("routes"), source=str(chosen))
+    except RoutingError as exc:
+        raise ConfigError(str(exc)) from None
+    known_peers = {p.ae_title for p in peers}
+    for route in routes:
+        for dest in route.send_to:
+            if dest not in known_peers:
+                raise ConfigError(f"{chosen}: route '{route.name}' send_to '{dest}'"
+                                  " is not an AE title in [[peers]]")
+    return Config(path=chosen, peers=peers, routes=tuple(routes), **parsed)

@@ -1,0 +1,1 @@
+"""Runtime core: routing, series I/O, generators, model folders, inference, derived DICOM."""

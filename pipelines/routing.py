@@ -1,0 +1,253 @@
+"""Routing: ordered rules that pick a generator for a series from its DICOM tags.
+
+A rule's ``match`` table maps DICOM keywords to patterns; all must hold, first
+matching rule wins. Patterns:
+
+* ``"B7*"``: glob, case-insensitive (``*`` and ``?``)
+* ``["B6*", "LUNG"]``: any of the listed patterns
+* ``">=2.5"``, ``"<1000"``, ``"1.4..1.6"``: numeric comparison or inclusive range
+* ``"re:^T1.*"``: regular expression (``re.search``, case-insensitive)
+* a bare number: numeric equality
+
+A multi-valued element (``ImageType``, ``ScanningSequence``) matches when the pattern
+matches the backslash-joined value or any single value of it. Routing looks only at
+series-level values: when the instances of a series disagree on a routing tag the
+series is flagged as inconsistent, never guessed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.datadict import tag_for_keyword
+
+_NUMERIC = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
+_RANGE = re.compile(
+    r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*\.\.\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
+ROUTE_KEYS = {"name", "model", "send_to", "match", "target"}
+
+
+class RoutingError(ValueError):
+    """A routing rule that cannot be understood."""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One compiled pattern; ``test`` answers whether a value string matches it."""
+
+    text: str
+    kind: str  # glob | regex | numeric | range
+    regex: re.Pattern[str] | None = None
+    op: str = "=="
+    low: float = math.nan
+    high: float = math.nan
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> Pattern:
+        if isinstance(raw, bool):
+            raise RoutingError(f"{where}: pattern must be a string or number, got {raw!r}")
+        if isinstance(raw, int | float):
+            return cls(str(raw), "numeric", op="==", low=float(raw))
+        if not isinstance(raw, str) or raw == "":
+            raise RoutingError(f"{where}: pattern must be a non-empty string or number,"
+                               f" got {raw!r}")
+        if raw.startswith("re:"):
+            try:
+                return cls(raw, "regex", regex=re.compile(raw[3:], re.IGNORECASE))
+            except re.error as exc:
+                raise RoutingError(f"{where}: bad regular expression {raw[3:]!r}: {exc}") from None
+        if m := _RANGE.match(raw):
+            low, high = float(m.group(1)), float(m.group(2))
+            if low > high:
+                raise RoutingError(f"{where}: range {raw!r} has its low end above its high end")
+            return cls(raw, "range", low=low, high=high)
+        if (m := _NUMERIC.match(raw)) and m.group(1):
+            return cls(raw, "numeric", op=m.group(1), low=float(m.group(2)))
+        glob = re.compile(fnmatch.translate(raw), re.IGNORECASE | re.DOTALL)
+        return cls(raw, "glob", regex=glob)
+
+    def test(self, value: str) -> bool:
+        if self.kind == "glob":
+            assert self.regex is not None
+            return self.regex.fullmatch(value.strip()) is not None
+        if self.kind == "regex":
+            assert self.regex is not None
+            return self.regex.search(value) is not None
+        try:
+            number = float(value)
+        except ValueError:
+            return False
+        if self.kind == "range":
+            return self.low <= number <= self.high
+        return {
+            "==": number == self.low, ">=": number >= self.low, "<=": number <= self.low,
+            ">": number > self.low, "<": number < self.low,
+        }[self.op]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``keyword`` must match any of ``patterns``."""
+
+    keyword: str
+    patterns: tuple[Pattern, ...]
+
+    def describe(self) -> str:
+        return " | ".join(p.text for p in self.patterns)
+
+    def test(self, value: str | None) -> bool:
+        if value is None:
+            return False
+        candidates = [value, *value.split("\\")] if "\\" in value else [value]
+        return any(p.test(c) for p in self.patterns for c in candidates)
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    model: str
+    send_to: tuple[str, ...] = ()
+    match: tuple[Condition, ...] = ()
+    target: tuple[Condition, ...] = ()
+
+
+@dataclass(frozen=True)
+class RuleVerdict:
+    route: Route
+    matched: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The outcome for one series: the chosen route (or None) and every rule's verdict."""
+
+    route: Route | None
+    verdicts: tuple[RuleVerdict, ...]
+    conflicts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def inconsistent(self) -> bool:
+        return bool(self.conflicts)
+
+    def explain(self) -> list[str]:
+        lines = []
+        for keyword, values in self.conflicts.items():
+            lines.append(f"  ! {keyword} differs across instances: {', '.join(values)}"
+                         " (series flagged, not routed)")
+        for verdict in self.verdicts:
+            mark = "matched" if verdict.matched else "no"
+            lines.append(f"  {verdict.route.name}: {mark}: {'; '.join(verdict.reasons)}")
+        return lines
+
+
+def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise RoutingError(f"{where} must be a table of DICOM keyword = pattern")
+    conditions = []
+    for keyword, value in raw.items():
+        if tag_for_keyword(keyword) is None:
+            raise RoutingError(f"{where}: unknown key '{keyword}' (not a DICOM keyword)")
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise RoutingError(f"{where}.{keyword}: empty pattern list")
+        patterns = tuple(Pattern.parse(v, f"{where}.{keyword}") for v in values)
+        conditions.append(Condition(keyword, patterns))
+    return tuple(conditions)
+
+
+def parse_routes(raw: Any, source: str = "config") -> list[Route]:
+    """Validate the ``[[routes]]`` array of a config file into :class:`Route` objects."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise RoutingError(f"{source}: [[routes]] must be an array of tables")
+    routes: list[Route] = []
+    for i, item in enumerate(raw):
+        where = f"{source}: [[routes]] #{i + 1}"
+        if not isinstance(item, Mapping):
+            raise RoutingError(f"{where} must be a table")
+        unknown = set(item) - ROUTE_KEYS
+        if unknown:
+            raise RoutingError(f"{where}: unknown key '{sorted(unknown)[0]}'"
+                               f" (known: {', '.join(sorted(ROUTE_KEYS))})")
+        name, model = item.get("name"), item.get("model")
+        if not isinstance(name, str) or not name:
+            raise RoutingError(f"{where}: 'name' must be a non-empty string")
+        where = f"{source}: route '{name}'"
+        if not isinstance(model, str) or not model:
+            raise RoutingError(f"{where}: 'model' must be a non-empty string")
+        send_to = item.get("send_to", [])
+        if not isinstance(send_to, list) or not all(isinstance(s, str) for s in send_to):
+            raise RoutingError(f"{where}: 'send_to' must be a list of AE titles")
+        if any(r.name == name for r in routes):
+            raise RoutingError(f"{where}: route name used twice")
+        routes.append(Route(name=name, model=model, send_to=tuple(s.strip() for s in send_to),
+                            match=_conditions(item.get("match"), f"{where} match"),
+                            target=_conditions(item.get("target"), f"{where} target")))
+    return routes
+
+
+def element_text(dataset: Any, keyword: str) -> str | None:
+    """A tag's value as routing sees it: text, multi-values joined by backslash."""
+    value = getattr(dataset, keyword, None) if keyword in dataset else None
+    if value is None or value == "":
+        return None
+    if isinstance(value, str | bytes):
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    if isinstance(value, Iterable):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def series_values(datasets: Sequence[Any], keywords: Iterable[str]) -> tuple[
+        dict[str, str | None], dict[str, tuple[str, ...]]]:
+    """Series-level value of each keyword, and the keywords whose instances disagree."""
+    values: dict[str, str | None] = {}
+    conflicts: dict[str, tuple[str, ...]] = {}
+    for keyword in keywords:
+        seen = sorted({element_text(ds, keyword) or "" for ds in datasets})
+        if len(seen) > 1:
+            conflicts[keyword] = tuple(v or "<absent>" for v in seen)
+        values[keyword] = seen[0] or None if seen else None
+    return values, conflicts
+
+
+def evaluate(conditions: Sequence[Condition], values: Mapping[str, str | None]) -> tuple[
+        bool, list[str]]:
+    """Whether all conditions hold for these values, with one reason per condition."""
+    ok, reasons = True, []
+    for cond in conditions:
+        value = values.get(cond.keyword)
+        hit = cond.test(value)
+        ok &= hit
+        shown = "<absent>" if value is None else repr(value)
+        reasons.append(f"{cond.keyword}={shown} {'matches' if hit else 'does not match'}"
+                       f" {cond.describe()}")
+    if not conditions:
+        reasons.append("no conditions (matches everything)")
+    return ok, reasons
+
+
+def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDecision:
+    """Choose the first route whose ``match`` holds for this series' instances."""
+    keywords = {c.keyword for r in routes for c in r.match}
+    values, conflicts = series_values(datasets, sorted(keywords))
+    verdicts: list[RuleVerdict] = []
+    for route in routes:
+        ok, reasons = evaluate(route.match, values)
+        bad = [c.keyword for c in route.match if c.keyword in conflicts]
+        if bad:
+            ok = False
+            reasons.append(f"inconsistent across instances: {', '.join(bad)}")
+        verdicts.append(RuleVerdict(route, ok, tuple(reasons)))
+        if ok:
+            return RoutingDecision(route, tuple(verdicts), conflicts)
+    return RoutingDecision(None, tuple(verdicts), conflicts)

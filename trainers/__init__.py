@@ -1,0 +1,1 @@
+"""Offline work: scanner simulation, losses, training loops, evaluation."""
