@@ -1,0 +1,38 @@
+"""``dicomnode serve``: run the node in the foreground until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from dicomnode import log as logs
+from dicomnode.config import load_config
+from dicomnode.errors import UserError
+from dicomnode.service import Node
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the node (C-STORE in, harmonise, send, Q/R)",
+                       description="Run the DICOM node in the foreground. SIGTERM or SIGINT"
+                       " stops accepting, lets in-flight work finish or persists it, exits 0.")
+    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
+                   " conf/node.toml)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    logs.configure(config.node.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    node = Node(config)
+    try:
+        node.start()
+    except OSError as exc:
+        raise UserError(f"cannot listen on {config.node.host}:{config.node.port}: {exc}"
+                        ) from None
+    stop.wait()
+    node.stop()
+    return 0

@@ -1,0 +1,43 @@
+"""``dicomnode status``: what the node has received, queued, harmonised, sent or failed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from dicomnode.config import load_config
+from dicomnode.errors import UserError
+from dicomnode.index import Index
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="series received/queued/harmonised/sent/failed",
+                       description="Show every series in the node's index with its state.")
+    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
+                   " conf/node.toml)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if not config.index_path.exists():
+        raise UserError(f"no index at {config.index_path}: the node has not run with this"
+                        " config yet")
+    index = Index(config.index_path)
+    rows = index.all_series()
+    series = [{"series_uid": r["series_uid"], "state": r["state"], "instances": r["instances"],
+               "route": r["route"], "error": r["error"], "kind": r["kind"],
+               "modality": r["modality"]} for r in rows]
+    if args.json:
+        print(json.dumps({"series": series}, indent=2))
+        return 0
+    counts = Counter(s["state"] for s in series)
+    print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())) or "no series")
+    for s in series:
+        extra = f"  route={s['route']}" if s["route"] else ""
+        extra += f"  error={s['error']}" if s["error"] else ""
+        print(f"{s['state']:<11} {s['instances']:>5}  {s['modality'] or '-':<3} {s['kind']:<8}"
+              f" {s['series_uid']}{extra}")
+    return 0

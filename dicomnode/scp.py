@@ -1,0 +1,187 @@
+"""The DICOM service class provider: association policy and one handler per DIMSE event.
+
+Handlers are small functions of ``(event, ctx)``; all state lives in :class:`ScpContext`
+(config, index, paths) so each handler can be exercised on its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom import sop_class as sc
+
+from dicomnode.config import Config
+from dicomnode.index import Index
+from dicomnode.log import get_logger
+from dicomnode.receive import RejectedInstance, parse_header, receive_instance
+from dicomnode.storage import StorageFull
+
+log = get_logger("scp")
+
+STORAGE_CLASSES = (
+    sc.CTImageStorage, sc.EnhancedCTImageStorage, sc.LegacyConvertedEnhancedCTImageStorage,
+    sc.MRImageStorage, sc.EnhancedMRImageStorage, sc.LegacyConvertedEnhancedMRImageStorage,
+    sc.SecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+)
+TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+)
+
+# C-STORE status codes (PS3.4 B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass
+class ScpContext:
+    """Everything the handlers need, and nothing they own."""
+
+    config: Config
+    index: Index
+
+    @property
+    def data_dir(self) -> Path:
+        return self.config.node.data_dir
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def peer_allowed(config: Config, calling_ae: str, host: str) -> str | None:
+    """None if the peer may associate, else the reason it may not."""
+    peer = config.peer(calling_ae)
+    if peer is not None and (peer.host == host or (_is_loopback(peer.host)
+                                                   and _is_loopback(host))):
+        return None
+    if config.node.accept_any_loopback and _is_loopback(host):
+        return None
+    if peer is not None:
+        return f"calling AE '{calling_ae}' is configured for host {peer.host}, not {host}"
+    return f"calling AE '{calling_ae}' is not a configured peer"
+
+
+def handle_conn_open(event: evt.Event, ctx: ScpContext) -> None:
+    """Disable Nagle: a C-STORE response is tiny and must not wait for a delayed ACK."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
+    """Reject associations from unknown peers: A-ASSOCIATE-RJ, permanent, calling AE."""
+    assoc = event.assoc
+    calling = assoc.requestor.primitive.calling_ae_title.strip()
+    host = assoc.requestor.address
+    reason = peer_allowed(ctx.config, calling, host)
+    if reason is None:
+        return
+    log.warning("association_rejected", calling_ae=calling, host=host, reason=reason)
+    assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE
+    assoc.is_rejected = True
+    assoc.kill()
+
+
+def handle_accepted(event: evt.Event, ctx: ScpContext) -> None:
+    r = event.assoc.requestor
+    log.info("association_accepted", calling_ae=r.ae_title.strip(), host=r.address,
+             port=r.port, max_pdu=r.maximum_length)
+
+
+def handle_closed(event: evt.Event, ctx: ScpContext, how: str) -> None:
+    r = event.assoc.requestor
+    log.info(f"association_{how}", calling_ae=r.ae_title.strip(), host=r.address)
+
+
+def handle_echo(event: evt.Event, ctx: ScpContext) -> int:
+    return SUCCESS
+
+
+def handle_store(event: evt.Event, ctx: ScpContext) -> int:
+    """Store one instance byte for byte; Success only once it is on disk and indexed."""
+    request = event.request
+    ts = str(event.context.transfer_syntax)
+    node = ctx.config.node
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        record = parse_header(data, ts, str(request.AffectedSOPClassUID),
+                              str(request.AffectedSOPInstanceUID))
+        outcome = receive_instance(data, record, index=ctx.index, data_dir=ctx.data_dir,
+                                   root=ctx.config.spool_dir,
+                                   reserve_bytes=node.disk_reserve_mb * 2**20,
+                                   duplicate_policy=node.duplicate_policy)
+    except RejectedInstance as exc:
+        status = DATASET_MISMATCH if "does not match" in str(exc) else CANNOT_UNDERSTAND
+        log.warning("instance_rejected", sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                    calling_ae=event.assoc.requestor.ae_title.strip(), reason=str(exc),
+                    status=f"0x{status:04X}")
+        return status
+    except StorageFull as exc:
+        log.error("instance_refused_disk_full",
+                  sop_instance_uid=str(request.AffectedSOPInstanceUID), reason=str(exc))
+        return OUT_OF_RESOURCES
+    except OSError as exc:
+        log.error("instance_store_failed", sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                  reason=str(exc))
+        return OUT_OF_RESOURCES
+    rec = outcome.record
+    log.info("instance_stored", sop_instance_uid=rec.sop_instance_uid,
+             series_uid=rec.series_uid, study_uid=rec.study_uid, bytes=outcome.size,
+             transfer_syntax=ts, action=outcome.action, reopened_series=outcome.reopened)
+    return SUCCESS
+
+
+def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
+    return [
+        (evt.EVT_CONN_OPEN, handle_conn_open, [ctx]),
+        (evt.EVT_REQUESTED, handle_requested, [ctx]),
+        (evt.EVT_ACCEPTED, handle_accepted, [ctx]),
+        (evt.EVT_RELEASED, handle_closed, [ctx, "released"]),
+        (evt.EVT_ABORTED, handle_closed, [ctx, "aborted"]),
+        (evt.EVT_C_ECHO, handle_echo, [ctx]),
+        (evt.EVT_C_STORE, handle_store, [ctx]),
+    ]
+
+
+def build_ae(config: Config) -> AE:
+    """An AE with our title, limits, timeouts and the storage contexts we accept."""
+    node = config.node
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = node.max_associations
+    ae.maximum_pdu_size = node.max_pdu_size
+    ae.acse_timeout = node.acse_timeout
+    ae.dimse_timeout = node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    ae.add_supported_context(sc.Verification)
+    for cls in STORAGE_CLASSES:
+        ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
+    return ae

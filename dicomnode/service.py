@@ -1,0 +1,112 @@
+"""The running node: SCP server, completion sweeper and workers, started and stopped as one."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicomnode.config import Config
+from dicomnode.index import Index
+from dicomnode.log import get_logger
+from dicomnode.receive import RejectedInstance, parse_header
+from dicomnode.scp import ScpContext, build_ae, event_handlers
+from dicomnode.storage import leftover_temp_files
+
+log = get_logger("service")
+
+
+def reconcile_spool(index: Index, data_dir: Path, root: Path) -> dict[str, int]:
+    """Bring the spool and the index back in step after a crash.
+
+    A temporary file was never acknowledged: remove it. A complete file that is not
+    indexed was renamed into place just before the crash, also unacknowledged, but its
+    bytes are whole, so index it rather than throw it away (the peer will resend it and
+    the duplicate policy makes that harmless).
+    """
+    removed = adopted = 0
+    for tmp in leftover_temp_files(root):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    if root.exists():
+        known = index.known_paths()
+        for path in root.rglob("*.dcm"):
+            rel = str(path.relative_to(data_dir))
+            if rel in known:
+                continue
+            data = path.read_bytes()
+            try:
+                record = parse_header(data)
+            except RejectedInstance as exc:
+                log.warning("spool_file_unreadable", path=rel, reason=str(exc))
+                continue
+            index.add_instance(record, rel, len(data), hashlib.sha256(data).hexdigest())
+            adopted += 1
+    return {"temp_removed": removed, "files_adopted": adopted}
+
+
+class Node:
+    """The node's moving parts; ``start`` returns once it accepts associations."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.index = Index(config.index_path)
+        self.ae = build_ae(config)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self._server = None
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+
+    def start(self) -> None:
+        cfg = self.config
+        recovered = self.index.recover()
+        reconciled = reconcile_spool(self.index, cfg.node.data_dir, cfg.spool_dir)
+        log.info("node_recovered", **recovered, **reconciled)
+        self.scheduler.add_job(self.sweep, "interval", seconds=cfg.node.sweep_interval,
+                               id="series-completion", max_instances=1, coalesce=True)
+        self.scheduler.start()
+        ctx = ScpContext(cfg, self.index)
+        self._server = self.ae.start_server((cfg.node.host, cfg.node.port), block=False,
+                                            evt_handlers=event_handlers(ctx))
+        log.info("node_listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
+                 port=cfg.node.port, data_dir=str(cfg.node.data_dir))
+
+    def sweep(self) -> None:
+        """Mark series that went quiet as complete and queue their jobs."""
+        for series_uid, count in self.index.complete_quiet_series(self.config.node.series_timeout):
+            log.info("series_complete", series_uid=series_uid, instances=count)
+
+    def add_worker(self, name: str, step: Callable[[], bool], idle: float = 0.5) -> None:
+        """Run ``step`` repeatedly in a thread; it returns False when there was nothing to do."""
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    busy = step()
+                except Exception:  # a broken step must never take the node down
+                    log.exception("worker_error", worker=name)
+                    busy = False
+                if not busy:
+                    self._stop.wait(idle)
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        self._workers.append(thread)
+        thread.start()
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations and jobs finish (up to ``grace`` s)."""
+        if self._server is not None:
+            self._server.shutdown()
+        deadline = time.monotonic() + grace
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.ae.shutdown()
+        self._stop.set()
+        for thread in self._workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.scheduler.shutdown(wait=True)
+        self.sweep()  # series that went quiet while stopping are persisted as complete
+        self.index.close()
+        log.info("node_stopped")

@@ -1,0 +1,104 @@
+"""Durable file storage: an instance is on disk for good before anyone is told Success.
+
+The write protocol is the classic one: write a temporary file in the destination
+folder, fsync it, rename it over the final name (atomic on POSIX), then fsync the
+folder so the rename itself survives a power cut. Newly created folders are fsynced
+into their parents the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.uid import UID
+
+TMP_PREFIX = ".tmp-"
+
+
+class StorageFull(OSError):
+    """Free space is below the configured reserve: refuse, keep running."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    size: int
+    sha256: str
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: Path) -> None:
+    """Create ``path`` and any missing parents, each made durable in its parent."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> StoredFile:
+    """Write ``data`` to ``path`` so that a reader (or a reboot) sees all of it or none."""
+    ensure_dir(path.parent)
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return StoredFile(path, len(data), hashlib.sha256(data).hexdigest())
+
+
+def check_free_space(path: Path, needed: int, reserve_bytes: int) -> None:
+    """Raise :class:`StorageFull` unless ``needed`` bytes fit above the reserve."""
+    ensure_dir(path)
+    free = shutil.disk_usage(path).free
+    if free - needed < reserve_bytes:
+        raise StorageFull(f"{free // 2**20} MiB free at {path}, reserve is"
+                          f" {reserve_bytes // 2**20} MiB")
+
+
+def uid_component(uid: str, what: str) -> str:
+    """A UID checked for use as a path component (no traversal, no odd characters)."""
+    value = str(uid).strip().rstrip("\x00")
+    if not UID(value).is_valid:
+        raise ValueError(f"{what} {value!r} is not a valid UID")
+    return value
+
+
+def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Where an instance lives: ``root/<study>/<series>/<sop>.dcm``."""
+    return (root / uid_component(study_uid, "StudyInstanceUID")
+            / uid_component(series_uid, "SeriesInstanceUID")
+            / f"{uid_component(sop_uid, 'SOPInstanceUID')}.dcm")
+
+
+def leftover_temp_files(root: Path) -> list[Path]:
+    """Temporary files a crash left behind; they were never acknowledged."""
+    return sorted(root.rglob(f"{TMP_PREFIX}*")) if root.exists() else []
