@@ -1,0 +1,165 @@
+"""Helpers for tests that run the real node as a subprocess and talk to it with real peers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+DCMTK_DIR = Path("/usr/bin")
+
+
+def dcmtk(tool: str) -> str:
+    """Path of a dcmtk program: pynetdicom installs look-alike scripts earlier on PATH."""
+    path = DCMTK_DIR / tool
+    if not path.exists():
+        raise FileNotFoundError(f"dcmtk's {tool} not found in {DCMTK_DIR}: apt-get install dcmtk")
+    return str(path)
+
+
+def dcmtk_env() -> dict[str, str]:
+    """dcmtk leaves Nagle on by default; small DIMSE messages then wait for delayed ACKs."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
+             what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; bounded in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def write_config(path: Path, port: int, data_dir: Path, extra_node: str = "",
+                 extra: str = "") -> Path:
+    path.write_text(f"""
+[node]
+ae_title = "HARMONISE"
+host = "127.0.0.1"
+port = {port}
+data_dir = "{data_dir}"
+series_timeout = 1.5
+sweep_interval = 0.2
+disk_reserve_mb = 1
+{extra_node}
+{extra}
+""")
+    return path
+
+
+class NodeProcess:
+    """``dicomnode serve`` in a subprocess, logging JSON lines to a file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NodeProcess:
+        before = len(self.events("node_listening")) if self.log.exists() else 0
+        self._log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(self.config)],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is not None or
+                 len(self.events("node_listening")) > before, 30, what="node to listen")
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if name is None or event.get("event") == name:
+                    out.append(event)
+        return out
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicomnode.cli", *args], capture_output=True,
+                          text=True, check=check, timeout=120)
+
+
+def status(config: Path) -> dict[str, dict[str, Any]]:
+    out = json.loads(cli("status", "--config", str(config), "--json").stdout)
+    return {s["series_uid"]: s for s in out["series"]}
+
+
+def ct_series(out: Path, count: int, size: int = 32, study_uid: str | None = None,
+              series_uid: str | None = None, seed: int = 0) -> list[Path]:
+    """A small but valid CT series (distinct pixels per slice) written as Part 10 files."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    paths = []
+    for i in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid])
+        ds.PatientName, ds.PatientID = "Synthetic^Test", "TEST-001"
+        ds.Modality, ds.Manufacturer = "CT", "SIEMENS"
+        ds.SeriesNumber, ds.InstanceNumber = 1, i + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.SliceThickness = 1.0
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
+        path = out / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def storescu(port: int, files: Sequence[Path], aet: str = "MODALITY", check: bool = True,
+             options: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """Send files with dcmtk's storescu (``options`` e.g. ``-xv`` to propose JPEG 2000)."""
+    return subprocess.run([dcmtk("storescu"), "-aet", aet, "-aec", "HARMONISE", "--required",
+                           *options, "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, check=check, timeout=300,
+                          env=dcmtk_env())
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None

@@ -1,0 +1,71 @@
+"""Config loading: the shipped file is valid; mistakes are one clear line naming key and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import ConfigError, load_config
+from tests.nodeutil import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_loads_and_resolves_paths_from_checkout():
+    config = load_config(ROOT / "conf" / "node.toml")
+    assert config.node.ae_title == "HARMONISE" and config.node.port == 11112
+    assert config.node.data_dir == ROOT / "var"
+    assert config.node.models_dir == ROOT / "models"
+    assert [r.name for r in config.routes] == [
+        "ct-sharp-to-smooth", "ct-ge-to-siemens", "mr-t1w-ge15-to-siemens3"]
+    assert config.peer("PACS").port == 4242
+
+
+def test_env_variable_overrides_default_path(tmp_path, monkeypatch):
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nae_title = "OTHER"\n')
+    monkeypatch.setenv("DICOMNODE_CONFIG", str(path))
+    config = load_config()
+    assert config.node.ae_title == "OTHER"
+    assert config.node.data_dir == tmp_path / "var"
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[node]\nae_titel = "X"\n', ["unknown key 'ae_titel'", "[node]"]),
+    ('[nodes]\n', ["unknown key 'nodes'"]),
+    ('[node]\nport = "eleven"\n', ["[node] port", "integer"]),
+    ('[node]\nport = 70000\n', ["port"]),
+    ('[node]\nseries_timeout = -1\n', ["series_timeout", "positive"]),
+    ('[node]\nunmatched = "drop"\n', ["unmatched", "archive"]),
+    ('[node]\nae_title = "A_TITLE_THAT_IS_TOO_LONG"\n', ["AE title"]),
+    ('[[peers]]\nae_title = "PACS"\n', ["host"]),
+    ('[[routes]]\nname = "r"\nmodel = "m"\n[routes.match]\nConvolutionKernal = "B7*"\n',
+     ["unknown key 'ConvolutionKernal'"]),
+    ('[[routes]]\nname = "r"\nmodel = "m"\nsend_to = ["NOWHERE"]\n', ["NOWHERE", "peers"]),
+    ('[[routes]]\nname = "r"\nmodel = "m"\ncolour = 1\n', ["unknown key 'colour'"]),
+    ('[node\n', ["not valid TOML"]),
+])
+def test_bad_config_is_one_clear_error(tmp_path, text, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+
+
+def test_cli_reports_config_error_as_one_line_exit_2(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[node]\nprot = 1\n')
+    out = cli("status", "--config", str(path), check=False)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "unknown key 'prot'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_config_file(tmp_path):
+    out = cli("serve", "--config", str(tmp_path / "nope.toml"), check=False)
+    assert out.returncode == 2 and "config file not found" in out.stderr

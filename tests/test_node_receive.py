@@ -1,0 +1,223 @@
+"""The node as a PACS team sees it: real dcmtk peers against ``dicomnode serve`` on loopback."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import JPEG2000Lossless, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from tests.nodeutil import (
+    NodeProcess,
+    ct_series,
+    dcmtk,
+    dcmtk_env,
+    free_port,
+    status,
+    storescu,
+    wait_for,
+    write_config,
+)
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var")
+    proc = NodeProcess(config, tmp_path / "node.log").start()
+    proc.port = port
+    yield proc
+    if proc.proc and proc.proc.poll() is None:
+        proc.stop()
+
+
+def index_rows(node: NodeProcess, sql: str) -> list[tuple]:
+    db = sqlite3.connect(Path(str(node.config).replace("node.toml", "var")) / "index.sqlite")
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_echo_with_dcmtk(node):
+    out = subprocess.run([dcmtk("echoscu"), "-aec", "HARMONISE", "127.0.0.1", str(node.port)],
+                         capture_output=True, text=True, timeout=30, env=dcmtk_env())
+    assert out.returncode == 0, out.stderr
+    assert node.events("association_accepted")
+
+
+def test_300_instance_series_completes_with_right_count(node, tmp_path):
+    files = ct_series(tmp_path / "in", 300, size=16)
+    storescu(node.port, files)
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    series = wait_for(lambda: (s := status(node.config).get(uid)) and s["state"] == "queued"
+                      and s, 30, what="series to complete")
+    assert series["instances"] == 300
+    complete = [e for e in node.events("series_complete") if e["series_uid"] == uid]
+    assert len(complete) == 1 and complete[0]["instances"] == 300
+    assert index_rows(node, f"SELECT COUNT(*) FROM jobs WHERE series_uid = '{uid}'") == [(1,)]
+    assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 300
+    # Logs carry UIDs, never the patient's name or ID.
+    log = node.log.read_text()
+    assert "Synthetic^Test" not in log and "TEST-001" not in log
+
+
+def test_two_series_interleaved_over_concurrent_associations(node, tmp_path):
+    a = ct_series(tmp_path / "a", 40, size=16, seed=1)
+    b = ct_series(tmp_path / "b", 40, size=16, seed=2)
+    results: list[subprocess.CompletedProcess[str]] = []
+    threads = [threading.Thread(target=lambda f=f: results.append(storescu(node.port, f)))
+               for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 2
+    uids = {str(dcmread(f[0]).SeriesInstanceUID) for f in (a, b)}
+    done = wait_for(lambda: (s := status(node.config)) and all(
+        s.get(u, {}).get("state") == "queued" for u in uids) and s, 30, what="both series")
+    assert {done[u]["instances"] for u in uids} == {40}
+    starts = [e for e in node.events("association_accepted") if e["calling_ae"] == "MODALITY"]
+    assert len(starts) == 2
+
+
+def test_malformed_instance_rejected_rest_of_association_stored(node, tmp_path):
+    files = ct_series(tmp_path / "in", 3, size=16)
+    datasets = [dcmread(f) for f in files]
+    del datasets[1].SeriesInstanceUID  # malformed: no series to file it under
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="HARMONISE")
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    assoc.release()
+    assert statuses[0] == 0x0000 and statuses[2] == 0x0000
+    assert statuses[1] == 0xC000
+    rejected = node.events("instance_rejected")
+    assert rejected and "SeriesInstanceUID" in rejected[0]["reason"]
+    uid = str(datasets[0].SeriesInstanceUID)
+    series = wait_for(lambda: status(node.config).get(uid), 10, what="series indexed")
+    assert series["instances"] == 2
+
+
+def test_unknown_calling_ae_rejected_known_peer_accepted(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var",
+                          extra_node="accept_any_loopback = false",
+                          extra='[[peers]]\nae_title = "CT1"\nhost = "127.0.0.1"\n')
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        echo = [dcmtk("echoscu"), "-aec", "HARMONISE", "127.0.0.1", str(port)]
+        bad = subprocess.run([*echo, "-aet", "INTRUDER"], capture_output=True, text=True,
+                             timeout=30, env=dcmtk_env())
+        good = subprocess.run([*echo, "-aet", "CT1"], capture_output=True, text=True,
+                              timeout=30, env=dcmtk_env())
+    finally:
+        assert node.stop() == 0
+    assert bad.returncode != 0
+    assert "Rejected" in bad.stderr or "rejected" in bad.stderr.lower()
+    assert "Calling AE Title Not Recognized" in bad.stderr
+    assert good.returncode == 0, good.stderr
+    rejected = node.events("association_rejected")
+    assert len(rejected) == 1 and rejected[0]["calling_ae"] == "INTRUDER"
+
+
+def test_kill_9_mid_series_then_resume(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var")
+    files = ct_series(tmp_path / "in", 60, size=16)
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    storescu(port, files[:30])
+    node.stop(signal.SIGKILL)
+    # Every instance that got Success is on disk and indexed.
+    spool = tmp_path / "var" / "spool"
+    assert len(list(spool.rglob("*.dcm"))) == 30
+    db = sqlite3.connect(tmp_path / "var" / "index.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM instances").fetchone() == (30,)
+    db.close()
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        storescu(port, files[30:])
+        series = wait_for(lambda: (s := status(config).get(uid)) and s["state"] == "queued"
+                          and s, 30, what="series to complete after restart")
+    finally:
+        assert node.stop() == 0
+    assert series["instances"] == 60
+    assert len([e for e in node.events("series_complete") if e["series_uid"] == uid]) == 1
+    db = sqlite3.connect(tmp_path / "var" / "index.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM jobs WHERE series_uid = ?", (uid,)).fetchone() == (1,)
+    db.close()
+
+
+def test_jpeg2000_instance_stored_byte_exact(node, tmp_path):
+    [path] = ct_series(tmp_path / "in", 1, size=64)
+    ds = dcmread(path)
+    ds.compress(JPEG2000Lossless)
+    j2k = tmp_path / "j2k.dcm"
+    ds.save_as(j2k, enforce_file_format=True)
+    storescu(node.port, [j2k], options=["-xv"])
+    stored = wait_for(lambda: list((tmp_path / "var" / "spool").rglob("*.dcm")), 10,
+                      what="stored file")
+    sent, kept = dcmread(j2k), dcmread(stored[0])
+    assert kept.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert kept.PixelData == sent.PixelData
+    # The data set after the file meta information is the same, byte for byte.
+    def body(p: Path) -> bytes:
+        raw = p.read_bytes()
+        meta = dcmread(p, stop_before_pixels=True).file_meta
+        return raw[132 + 12 + meta.FileMetaInformationGroupLength:]
+    assert body(stored[0]) == body(j2k)
+
+
+def test_duplicates_identical_is_noop_different_replaces(node, tmp_path):
+    [path] = ct_series(tmp_path / "in", 1, size=16)
+    storescu(node.port, [path])
+    storescu(node.port, [path])
+    ds = dcmread(path)
+    ds.PixelData = bytes(len(ds.PixelData))
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed, enforce_file_format=True)
+    storescu(node.port, [changed])
+    actions = [e["action"] for e in node.events("instance_stored")]
+    assert actions == ["stored", "duplicate", "replaced"]
+    stored = list((tmp_path / "var" / "spool").rglob("*.dcm"))
+    assert len(stored) == 1 and dcmread(stored[0]).PixelData == ds.PixelData
+
+
+def test_disk_reserve_refuses_with_a700_and_keeps_running(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var")
+    config.write_text(config.read_text().replace("disk_reserve_mb = 1",
+                                                 "disk_reserve_mb = 100000000"))
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        [path] = ct_series(tmp_path / "in", 1, size=16)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="HARMONISE")
+        assert assoc.send_c_store(dcmread(path)).Status == 0xA700
+        assoc.release()
+        assert subprocess.run([dcmtk("echoscu"), "-aec", "HARMONISE", "127.0.0.1", str(port)],
+                              timeout=30, env=dcmtk_env()).returncode == 0
+    finally:
+        assert node.stop() == 0
+    assert node.events("instance_refused_disk_full")
+    assert not list((tmp_path / "var" / "spool").rglob("*.dcm"))
+
+
+def test_sigterm_exits_zero_and_status_json_shape(node, tmp_path):
+    files = ct_series(tmp_path / "in", 5, size=16, series_uid=generate_uid())
+    storescu(node.port, files)
+    assert node.stop() == 0
+    assert node.events("node_stopped")
+    [series] = status(node.config).values()
+    assert set(series) >= {"series_uid", "state", "instances", "route", "error"}
+    assert series["instances"] == 5
