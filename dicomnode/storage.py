@@ -64,7 +64,7 @@ def atomic_write(path: Path, data: bytes) -> StoredFile:
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
+        os.fdatasync(fd)  # data and size; the rename + folder fsync make the name durable
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)

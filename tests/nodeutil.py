@@ -53,14 +53,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1
 
 
 def write_config(path: Path, port: int, data_dir: Path, extra_node: str = "",
-                 extra: str = "") -> Path:
+                 extra: str = "", series_timeout: float = 1.5) -> Path:
     path.write_text(f"""
 [node]
 ae_title = "HARMONISE"
 host = "127.0.0.1"
 port = {port}
 data_dir = "{data_dir}"
-series_timeout = 1.5
+series_timeout = {series_timeout}
 sweep_interval = 0.2
 disk_reserve_mb = 1
 {extra_node}
