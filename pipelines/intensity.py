@@ -1,0 +1,82 @@
+"""Intensity normalisation between real values (HU, MR signal) and the network's [-1, 1].
+
+A model folder's ``normalisation`` entry is one of:
+
+* ``{"kind": "hu_window", "low": -1024, "high": 3071}``: CT; ``low..high`` HU map linearly to
+  ``-1..1`` and values outside are clipped (``"clip": false`` keeps them).
+* ``{"kind": "percentile", "low": 0.5, "high": 99.5}``: MR; the volume's own ``low``/``high``
+  percentiles map to ``-1..1``, nothing is clipped unless ``"clip": true``.
+
+The inverse uses the same anchors, so a harmonised volume lands in the source's units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+KINDS = ("hu_window", "percentile")
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    kind: str
+    low: float
+    high: float
+    clip: bool
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], where: str = "normalisation") -> Normalisation:
+        """Validate a ``model.json`` normalisation entry; errors name the offending field."""
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where} must be an object, got {spec!r}")
+        unknown = set(spec) - {"kind", "low", "high", "clip"}
+        if unknown:
+            raise ValueError(f"{where}: unknown field '{sorted(unknown)[0]}'"
+                             " (known: kind, low, high, clip)")
+        kind = spec.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"{where}.kind must be one of {list(KINDS)}, got {kind!r}")
+        low, high = spec.get("low"), spec.get("high")
+        for name, value in (("low", low), ("high", high)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{where}.{name} must be a number, got {value!r}")
+        if not low < high:
+            raise ValueError(f"{where}: low ({low}) must be below high ({high})")
+        if kind == "percentile" and not 0 <= low < high <= 100:
+            raise ValueError(f"{where}: percentiles must lie in 0..100, got {low}..{high}")
+        clip = spec.get("clip", kind == "hu_window")
+        if not isinstance(clip, bool):
+            raise ValueError(f"{where}.clip must be true or false, got {clip!r}")
+        return cls(kind, float(low), float(high), clip)
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "low": self.low, "high": self.high, "clip": self.clip}
+
+    def anchors(self, volume: np.ndarray) -> tuple[float, float]:
+        """The real values that map to -1 and +1 for this volume."""
+        if self.kind == "hu_window":
+            return self.low, self.high
+        lo, hi = np.percentile(volume, [self.low, self.high])
+        if hi <= lo:  # a constant image: any positive width keeps it finite
+            hi = lo + 1.0
+        return float(lo), float(hi)
+
+
+def normalise(volume: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, tuple[float, float]]:
+    """Map real values to the network range; returns the anchors for :func:`denormalise`."""
+    lo, hi = norm.anchors(volume)
+    out = (volume.astype(np.float32) - lo) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
+    if norm.clip:
+        np.clip(out, -1.0, 1.0, out=out)
+    return out, (lo, hi)
+
+
+def denormalise(values: np.ndarray, anchors: tuple[float, float]) -> np.ndarray:
+    """Inverse of :func:`normalise` (up to clipping)."""
+    lo, hi = anchors
+    return ((values.astype(np.float32) + np.float32(1.0)) * np.float32((hi - lo) / 2.0)
+            + np.float32(lo))

@@ -1,0 +1,48 @@
+"""Tiny real generators for tests: a fixed 3x3 smoothing convolution, 2D or 3D."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipelines.model_folder import save_model_folder
+from pipelines.networks import GENERATORS, conv
+
+CT_NORM = {"kind": "hu_window", "low": -1024, "high": 3071}
+MR_NORM = {"kind": "percentile", "low": 0.5, "high": 99.5}
+
+
+class Smoother(nn.Module):
+    """Blends each pixel with its neighbourhood mean: a deterministic stand-in for a generator."""
+
+    def __init__(self, dims: int = 2, mix: float = 0.5, layers: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[conv(dims, 1, 1) for _ in range(layers)])
+        with torch.no_grad():
+            for layer in self.body:
+                layer.weight.fill_(1.0 / layer.weight[0, 0].numel())
+                layer.bias.zero_()
+        self.mix = mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - self.mix) * x + self.mix * self.body(x)
+
+
+def register() -> None:
+    GENERATORS.setdefault("test-smoother", Smoother)
+
+
+def make_model(models_dir: Path, name: str = "smooth", *, modality: str = "CT", dims: int = 2,
+               layers: int = 1, version: str = "1.0") -> Path:
+    """Write a model folder holding a :class:`Smoother`."""
+    register()
+    params = {"dims": dims, "layers": layers}
+    return save_model_folder(
+        models_dir / name, Smoother(**params), name=name, version=version,
+        architecture="test-smoother", params=params,
+        source={"name": f"{modality.lower()}-sharp", "Modality": modality},
+        target={"name": f"{modality.lower()}-smooth", "Modality": modality},
+        normalisation=CT_NORM if modality == "CT" else MR_NORM,
+        training={"epochs": 0}, validation={"psnr": {"before": 30.0, "after": 31.0}})
