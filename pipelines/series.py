@@ -1,0 +1,284 @@
+"""Series I/O: group DICOM files by series, and turn one series into a checked volume.
+
+A volume is only built when it is geometrically sound: one orientation, one image size,
+one pixel spacing, no two images at the same position, monochrome pixels. Localisers mixed
+into a series are split off with a warning; anything else is a :class:`SeriesError` whose
+message is one line a PACS admin can act on. Gaps in the slice spacing are warnings.
+Enhanced (multi-frame) images are read through their per-frame functional groups.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+
+from pipelines.errors import PipelineError
+
+log = structlog.get_logger(component="series")
+
+GAP_TOLERANCE = 0.1  # fraction of the median spacing a step may deviate before it is a gap
+
+
+class SeriesError(PipelineError):
+    """A series that cannot become one volume; the message is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2D image of a series: a single-frame instance, or one frame of a multi-frame one."""
+
+    path: Path
+    dataset: Dataset  # header only
+    frame: int | None  # 0-based frame index in a multi-frame instance, None for single-frame
+    position: tuple[float, float, float]
+    orientation: tuple[float, ...]  # the six ImageOrientationPatient values
+    pixel_spacing: tuple[float, float]
+    slope: float
+    intercept: float
+    localiser: bool
+
+    @property
+    def normal(self) -> np.ndarray:
+        o = np.asarray(self.orientation)
+        return np.cross(o[:3], o[3:])
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A series as an array of real values with its geometry.
+
+    ``array`` is float32 (slices, rows, cols); ``spacing`` is (slice, row, col) in mm;
+    ``origin`` is the patient-space position of voxel (0, 0, 0); row ``a`` of ``direction``
+    is the unit vector along array axis ``a`` (slice normal, column direction, row direction).
+    ``frames`` lists the source image behind each slice, in slice order.
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: np.ndarray
+    direction: np.ndarray
+    frames: tuple[Frame, ...]
+    padding: np.ndarray | None  # True where the source held PixelPaddingValue
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def datasets(self) -> tuple[Dataset, ...]:
+        return tuple(f.dataset for f in self.frames)
+
+
+def find_series(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
+    """Every DICOM image file under ``root``, grouped by SeriesInstanceUID (sorted paths)."""
+    groups: dict[str, list[Path]] = {}
+    base = Path(root)
+    paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+    for path in paths:
+        if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+            continue
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if uid:
+            groups.setdefault(uid, []).append(path)
+    return dict(sorted(groups.items()))
+
+
+def read_headers(files: Iterable[str | os.PathLike[str]]) -> list[Dataset]:
+    """The files' datasets without pixel data (enough for routing)."""
+    out = []
+    for path in files:
+        try:
+            out.append(dcmread(path, stop_before_pixels=True))
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise SeriesError(f"{Path(path).name}: not readable as DICOM: {exc}") from None
+    return out
+
+
+def _first(ds: Dataset, group: str, keyword: str, frame: int | None) -> object:
+    """A functional-group attribute: per-frame if present there, else shared, else top level."""
+    if frame is not None:
+        for seq_kw in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+            items = ds.get(seq_kw)
+            if not items:
+                continue
+            item = items[frame] if seq_kw.startswith("Per") else items[0]
+            inner = item.get(group)
+            if inner and keyword in inner[0]:
+                return inner[0].get(keyword)
+    return ds.get(keyword)
+
+
+def _frames_of(path: Path, ds: Dataset) -> list[Frame]:
+    where = path.name
+    multi = "PerFrameFunctionalGroupsSequence" in ds
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if count > 1 and not multi:
+        raise SeriesError(f"{where}: {count} frames without per-frame functional groups")
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    frames = []
+    for index in range(count) if multi else [None]:
+        position = _first(ds, "PlanePositionSequence", "ImagePositionPatient", index)
+        orientation = _first(ds, "PlaneOrientationSequence", "ImageOrientationPatient", index)
+        spacing = _first(ds, "PixelMeasuresSequence", "PixelSpacing", index)
+        if not position or not orientation or len(orientation) != 6:
+            raise SeriesError(f"{where}: no ImagePositionPatient/ImageOrientationPatient"
+                              " (cannot place the image in space)")
+        if not spacing or len(spacing) != 2:
+            raise SeriesError(f"{where}: no PixelSpacing")
+        slope = _first(ds, "PixelValueTransformationSequence", "RescaleSlope", index)
+        intercept = _first(ds, "PixelValueTransformationSequence", "RescaleIntercept", index)
+        frame_type = image_type
+        if multi:
+            for kw in ("CTImageFrameTypeSequence", "MRImageFrameTypeSequence"):
+                value = _first(ds, kw, "FrameType", index)
+                if value:
+                    frame_type = [str(v).upper() for v in value]
+        frames.append(Frame(
+            path=path, dataset=ds, frame=index,
+            position=tuple(float(v) for v in position),
+            orientation=tuple(float(v) for v in orientation),
+            pixel_spacing=(float(spacing[0]), float(spacing[1])),
+            slope=float(slope if slope not in (None, "") else 1.0),
+            intercept=float(intercept if intercept not in (None, "") else 0.0),
+            localiser="LOCALIZER" in frame_type))
+    return frames
+
+
+def _rounded(values: Sequence[float]) -> str:
+    """Values as text at 1e-4 precision (-0 folded into 0), for grouping and for messages."""
+    return "\\".join(f"{round(v, 4) + 0.0:g}" for v in values)
+
+
+def _describe(counter: Counter[object], unit: str = "image") -> str:
+    return ", ".join(f"{k} ({n} {unit}{'s' if n != 1 else ''})" for k, n in counter.most_common())
+
+
+def check_frames(frames: Sequence[Frame]) -> tuple[list[Frame], list[str]]:
+    """Validate and sort frames along the slice normal; returns them and any warnings.
+
+    Raises :class:`SeriesError` for what would make the volume wrong: non-monochrome pixels,
+    mixed SOP classes, image sizes, orientations, pixel spacings or frames of reference,
+    and two images at one position.
+    """
+    warnings: list[str] = []
+    if not frames:
+        raise SeriesError("no images in series")
+    for f in frames:
+        photometric = str(f.dataset.get("PhotometricInterpretation", ""))
+        if photometric not in ("MONOCHROME1", "MONOCHROME2") or \
+                int(f.dataset.get("SamplesPerPixel", 1)) != 1:
+            shown = photometric or "<absent>"
+            raise SeriesError(f"{f.path.name}: PhotometricInterpretation {shown} is not"
+                              " monochrome")
+    localisers = [f for f in frames if f.localiser]
+    if localisers:
+        frames = [f for f in frames if not f.localiser]
+        if not frames:
+            raise SeriesError("only localiser images in series")
+        warnings.append(f"split off {len(localisers)} localiser image(s)")
+    checks = (
+        ("SOP classes", lambda f: str(f.dataset.SOPClassUID)),
+        ("image sizes", lambda f: f"{f.dataset.Rows}x{f.dataset.Columns}"),
+        ("frames of reference", lambda f: str(f.dataset.get("FrameOfReferenceUID", ""))),
+        ("orientations", lambda f: _rounded(f.orientation)),
+        ("pixel spacings", lambda f: _rounded(f.pixel_spacing)),
+    )
+    for label, key in checks:
+        seen = Counter(key(f) for f in frames)
+        if len(seen) > 1:
+            raise SeriesError(f"mixed {label}: {_describe(seen)}")
+    normal = frames[0].normal
+    along = np.array([np.dot(f.position, normal) for f in frames])
+    order = np.argsort(along, kind="stable")
+    frames = [frames[i] for i in order]
+    along = along[order]
+    steps = np.diff(along)
+    if len(steps):
+        dupes = np.flatnonzero(steps < 1e-3)
+        if len(dupes):
+            where = along[dupes[0]]
+            raise SeriesError(f"duplicate slice positions: {len(dupes) + 1} images at"
+                              f" {where:.3f} mm along the normal (several echoes, phases or"
+                              " copies in one series?)")
+        median = float(np.median(steps))
+        uneven = np.flatnonzero(np.abs(steps - median) > GAP_TOLERANCE * median + 1e-3)
+        if len(uneven):
+            i = int(uneven[0])
+            warnings.append(f"uneven slice spacing: {steps[i]:.3f} mm between slices {i} and"
+                            f" {i + 1} (median {median:.3f} mm; {len(uneven)} such step(s))")
+    return frames, warnings
+
+
+def _decode(ds: Dataset, path: Path) -> np.ndarray:
+    """Stored values as (frames, rows, cols), whatever the transfer syntax."""
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # decoders raise many types; the reason is what matters
+        syntax = ds.file_meta.get("TransferSyntaxUID", "?") if "file_meta" in ds else "?"
+        raise SeriesError(f"{path.name}: cannot decode pixel data ({syntax}): {exc}") from None
+    return pixels.reshape(-1, *pixels.shape[-2:])
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    if "PixelPaddingValue" not in ds:
+        return None
+    a, b = int(ds.PixelPaddingValue), int(ds.get("PixelPaddingRangeLimit", ds.PixelPaddingValue))
+    lo, hi = min(a, b), max(a, b)
+    return (stored >= lo) & (stored <= hi)
+
+
+def load_series(files: Iterable[str | os.PathLike[str]]) -> Volume:
+    """Read, check, sort, decode and rescale one series into a :class:`Volume`.
+
+    The datasets kept in ``frames`` have their pixel data removed.
+    """
+    frames: list[Frame] = []
+    for name in files:
+        path = Path(name)
+        try:
+            ds = dcmread(path)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise SeriesError(f"{path.name}: not readable as DICOM: {exc}") from None
+        if "PixelData" not in ds:
+            raise SeriesError(f"{path.name}: not an image (no PixelData)")
+        frames.extend(_frames_of(path, ds))
+    frames, warnings = check_frames(frames)
+    decoded: dict[Path, np.ndarray] = {}
+    for f in frames:
+        if f.path not in decoded:
+            decoded[f.path] = _decode(f.dataset, f.path)
+            del f.dataset.PixelData
+    rows, cols = int(frames[0].dataset.Rows), int(frames[0].dataset.Columns)
+    array = np.empty((len(frames), rows, cols), dtype=np.float32)
+    masks = []
+    for i, f in enumerate(frames):
+        stored = decoded[f.path][f.frame or 0]
+        np.multiply(stored, np.float32(f.slope), out=array[i], casting="unsafe")
+        array[i] += np.float32(f.intercept)
+        masks.append(_padding_mask(f.dataset, stored))
+    padding = None if all(m is None for m in masks) else np.stack(
+        [m if m is not None else np.zeros((rows, cols), bool) for m in masks])
+    first = frames[0]
+    orientation = np.asarray(first.orientation)
+    positions = [np.dot(f.position, first.normal) for f in frames]
+    steps = np.diff(positions)
+    thickness = float(first.dataset.get("SliceThickness") or 1.0)
+    slice_spacing = float(np.median(steps)) if len(steps) else thickness
+    for message in warnings:
+        log.warning("series_warning", series_uid=str(first.dataset.get("SeriesInstanceUID", "")),
+                    reason=message)
+    return Volume(
+        array=array,
+        spacing=(slice_spacing, first.pixel_spacing[0], first.pixel_spacing[1]),
+        origin=np.asarray(first.position, dtype=float),
+        direction=np.stack([first.normal, orientation[3:], orientation[:3]]),
+        frames=tuple(frames), padding=padding, warnings=tuple(warnings))

@@ -1,0 +1,183 @@
+"""Small, standard-conformant CT and MR series for tests and the benchmark (pydicom only).
+
+The images are an ellipse phantom with a brighter insert and seeded noise, so a smoothing
+generator visibly changes them. ``edit(ds, index)`` lets a test break one thing on purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def phantom(slices: int, size: int, seed: int = 0, low: float = -1000.0,
+            soft: float = 40.0, insert: float = 700.0, noise: float = 20.0) -> np.ndarray:
+    """Real values (slices, size, size): air, a soft-tissue ellipse and a bright insert."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(np.linspace(-1, 1, slices), np.linspace(-1, 1, size),
+                          np.linspace(-1, 1, size), indexing="ij")
+    vol = np.full((slices, size, size), low, dtype=np.float32)
+    vol[(x / 0.8) ** 2 + (y / 0.6) ** 2 <= 1] = soft
+    vol[((x - 0.3) / 0.2) ** 2 + (y / 0.2) ** 2 + (z / 1.5) ** 2 <= 1] = insert
+    return vol + rng.normal(0, noise, vol.shape).astype(np.float32)
+
+
+def _base(modality: str, study_uid: str, series_uid: str, frame_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Test^Phantom"
+    ds.PatientID = "PHANTOM01"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate, ds.StudyTime = "20240102", "101500"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = "ACC1"
+    ds.StudyDescription = "Phantom study"
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 3
+    ds.SeriesDate, ds.SeriesTime = "20240102", "101600"
+    ds.PatientPosition = "HFS"
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.InstitutionName = "Test Hospital"
+    ds.StationName = "SCANNER1"
+    ds.DeviceSerialNumber = "SN123"
+    ds.BodyPartExamined = "CHEST" if modality == "CT" else "HEAD"
+    return ds
+
+
+def write_series(out_dir: Path, *, modality: str = "CT", slices: int = 8, size: int = 64,
+                 manufacturer: str = "SIEMENS", model: str = "SOMATOM", kernel: str = "B70f",
+                 description: str | None = None, seed: int = 0, spacing: float = 2.0,
+                 pixel_spacing: float = 0.8, orientation: tuple[float, ...] = AXIAL,
+                 signed: bool = False, field_strength: float = 3.0,
+                 syntax: str = ExplicitVRLittleEndian, series_uid: str | None = None,
+                 edit: Callable[[Dataset, int], None] | None = None) -> list[Path]:
+    """Write one single-frame series as ``out_dir/IMG0001.dcm``...; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = generate_uid(entropy_srcs=["study", str(seed)])
+    series_uid = series_uid or generate_uid(entropy_srcs=["series", modality, kernel, str(seed),
+                                                          str(out_dir)])
+    frame_uid = generate_uid(entropy_srcs=["frame", str(seed)])
+    if modality == "CT":
+        real = phantom(slices, size, seed)
+        intercept = -1024.0 if not signed else 0.0
+    else:
+        real = phantom(slices, size, seed, low=0.0, soft=400.0, insert=900.0, noise=15.0)
+        real = np.clip(real, 0, None)
+        intercept = 0.0
+    stored = np.clip(np.rint(real - intercept), -2048 if signed else 0, 4095)
+    stored = stored.astype(np.int16 if signed else np.uint16)
+    o = np.asarray(orientation)
+    normal = np.cross(o[:3], o[3:])
+    paths = []
+    for i in range(slices):
+        ds = _base(modality, study_uid, series_uid, frame_uid)
+        ds.SOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[series_uid, str(i)])
+        ds.Manufacturer = manufacturer
+        ds.ManufacturerModelName = model
+        ds.SoftwareVersions = "VB10"
+        ds.SeriesDescription = description or (f"Thorax {kernel}" if modality == "CT"
+                                               else "t1_mprage_sag")
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if modality == "CT" else "OTHER"]
+        ds.InstanceNumber = i + 1
+        ds.ContentDate, ds.ContentTime = "20240102", f"1016{i % 60:02d}"
+        ds.AcquisitionNumber = 1
+        corner = np.array([-size * pixel_spacing / 2, -size * pixel_spacing / 2, 0.0])
+        position = corner + normal * i * spacing
+        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+        ds.ImageOrientationPatient = list(orientation)
+        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
+        ds.SliceThickness = spacing
+        ds.SliceLocation = round(float(np.dot(position, normal)), 4)
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = int(signed)
+        if modality == "CT":
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, 1, "HU"
+            ds.KVP = 120
+            ds.ConvolutionKernel = kernel
+        else:
+            ds.ScanningSequence, ds.SequenceVariant = "GR", ["SP", "MP"]
+            ds.ScanOptions, ds.MRAcquisitionType = "", "3D"
+            ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = 2300, 2.98, 1
+            ds.MagneticFieldStrength = field_strength
+        ds.WindowCenter, ds.WindowWidth = (40, 400) if modality == "CT" else (500, 1000)
+        ds.LossyImageCompression = "00"
+        ds.BurnedInAnnotation = "NO"
+        ds.PixelData = stored[i].tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if edit:
+            edit(ds, i)
+        if syntax != ExplicitVRLittleEndian:
+            ds.compress(syntax)
+        path = out_dir / f"IMG{i + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_enhanced_ct(path: Path, *, slices: int = 6, size: int = 32, spacing: float = 2.5,
+                      seed: int = 0) -> Path:
+    """One Enhanced CT instance, frames in reverse slice order, rescale per frame."""
+    real = phantom(slices, size, seed)
+    uid = generate_uid(entropy_srcs=["enhanced", str(seed)])
+    ds = _base("CT", generate_uid(), uid, generate_uid())
+    ds.SOPClassUID = EnhancedCTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.Manufacturer = "SIEMENS"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.NumberOfFrames = slices
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [0.7, 0.7], spacing
+    orient = Dataset()
+    orient.ImageOrientationPatient = list(AXIAL)
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    shared.PlaneOrientationSequence = DicomSequence([orient])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    per_frame, frames = [], []
+    for k in reversed(range(slices)):
+        item, pos, trans = Dataset(), Dataset(), Dataset()
+        pos.ImagePositionPatient = [0.0, 0.0, k * spacing]
+        slope, intercept = (0.5, -1000.0) if k % 2 else (1.0, -1024.0)
+        trans.RescaleSlope, trans.RescaleIntercept, trans.RescaleType = slope, intercept, "HU"
+        item.PlanePositionSequence = DicomSequence([pos])
+        item.PixelValueTransformationSequence = DicomSequence([trans])
+        per_frame.append(item)
+        frames.append(np.rint((real[k] - intercept) / slope).astype(np.int16))
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    ds.PixelData = np.stack(frames).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -1,0 +1,142 @@
+"""Series grouping and loading: decoding, sorting, rescale, and every rejection reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from pipelines.series import SeriesError, find_series, load_series
+from tests.dicom_factory import phantom, write_enhanced_ct, write_series
+
+
+def expected_ct(slices=8, size=64, seed=0):
+    return np.clip(np.rint(phantom(slices, size, seed) + 1024), 0, 4095) - 1024
+
+
+def test_find_series_groups_by_uid_and_skips_other_files(tmp_path):
+    a = write_series(tmp_path / "a" / "deep", seed=1)
+    b = write_series(tmp_path / "b", modality="MR", slices=3)
+    (tmp_path / "notes.txt").write_text("not dicom")
+    (tmp_path / ".partial.tmp").write_bytes(b"DICM")
+    groups = find_series(tmp_path)
+    assert sorted(map(sorted, groups.values())) == sorted([sorted(a), sorted(b)])
+
+
+def test_slices_sorted_along_normal_with_real_values_and_geometry(tmp_path):
+    files = write_series(tmp_path, edit=lambda ds, i: setattr(ds, "InstanceNumber", 8 - i))
+    volume = load_series(reversed(files))
+    np.testing.assert_array_equal(volume.array, expected_ct())
+    assert volume.array.dtype == np.float32
+    assert volume.spacing == (2.0, 0.8, 0.8)
+    np.testing.assert_allclose(volume.origin, [-25.6, -25.6, 0.0])
+    np.testing.assert_allclose(volume.direction, [[0, 0, 1], [0, 1, 0], [1, 0, 0]])
+    assert [f.path for f in volume.frames] == files
+    assert "PixelData" not in volume.datasets[0] and volume.warnings == ()
+
+
+def test_oblique_stack_sorts_by_projection_on_normal(tmp_path):
+    c, s = np.cos(0.3), np.sin(0.3)
+    files = write_series(tmp_path, orientation=(1.0, 0.0, 0.0, 0.0, c, s), slices=4)
+    volume = load_series(files[::-1])
+    np.testing.assert_allclose(volume.direction[0], [0, -s, c], atol=1e-6)
+    assert volume.spacing[0] == pytest.approx(2.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
+def test_compressed_series_decode_to_the_same_values(tmp_path, syntax):
+    volume = load_series(write_series(tmp_path, syntax=syntax, slices=3))
+    np.testing.assert_array_equal(volume.array, expected_ct(slices=3))
+
+
+def test_signed_pixels_and_padding_mask(tmp_path):
+    def pad(ds, i):
+        ds.PixelPaddingValue = -2000
+        arr = np.frombuffer(ds.PixelData, np.int16).copy()
+        arr[:5] = -2000
+        ds.PixelData = arr.tobytes()
+    volume = load_series(write_series(tmp_path, signed=True, slices=2, edit=pad))
+    assert volume.padding is not None and volume.padding.sum() == 10
+    assert volume.padding[0, 0, :5].all()
+    assert volume.array[0, 0, 0] == -2000
+
+
+def test_enhanced_multiframe_uses_per_frame_groups(tmp_path):
+    volume = load_series([write_enhanced_ct(tmp_path / "e.dcm", slices=6, size=32)])
+    assert volume.array.shape == (6, 32, 32)
+    assert volume.spacing == (2.5, 0.7, 0.7)
+    assert [f.frame for f in volume.frames] == [5, 4, 3, 2, 1, 0]
+    np.testing.assert_allclose(volume.array, phantom(6, 32, 0), atol=0.51)
+
+
+def test_localiser_is_split_off_with_a_warning(tmp_path):
+    def localiser(ds, i):
+        if i == 0:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    volume = load_series(write_series(tmp_path, edit=localiser))
+    assert volume.array.shape[0] == 7
+    assert volume.warnings == ("split off 1 localiser image(s)",)
+
+
+def test_gap_is_a_warning(tmp_path):
+    def gap(ds, i):
+        if i >= 4:
+            ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 4]
+    volume = load_series(write_series(tmp_path, edit=gap))
+    assert volume.array.shape[0] == 8
+    assert "uneven slice spacing: 6.000 mm between slices 3 and 4" in volume.warnings[0]
+
+
+def _rgb(ds, i):
+    ds.PhotometricInterpretation, ds.SamplesPerPixel = "RGB", 3
+
+
+def _oblique_slice(ds, i):
+    if i == 2:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]
+
+
+def _small_slice(ds, i):
+    if i == 1:
+        ds.Rows = ds.Columns = 32
+        ds.PixelData = ds.PixelData[: 32 * 32 * 2]
+
+
+def _duplicate(ds, i):
+    if i == 3:
+        ds.ImagePositionPatient = [-25.6, -25.6, 4.0]
+
+
+def _spacing(ds, i):
+    if i == 0:
+        ds.PixelSpacing = [0.5, 0.5]
+
+
+def _no_position(ds, i):
+    del ds.ImagePositionPatient
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (_rgb, "PhotometricInterpretation RGB is not monochrome"),
+    (_oblique_slice, "mixed orientations: 1\\0\\0\\0\\1\\0 (7 images), 1\\0\\0\\0\\0.8\\0.6"
+                     " (1 image)"),
+    (_small_slice, "mixed image sizes: 64x64 (7 images), 32x32 (1 image)"),
+    (_duplicate, "duplicate slice positions: 2 images at 4.000 mm"),
+    (_spacing, "mixed pixel spacings"),
+    (_no_position, "no ImagePositionPatient/ImageOrientationPatient"),
+])
+def test_rejections_say_why(tmp_path, edit, reason):
+    with pytest.raises(SeriesError) as info:
+        load_series(write_series(tmp_path, edit=edit))
+    assert reason in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unreadable_and_empty_series_are_rejected(tmp_path):
+    bad = tmp_path / "x.dcm"
+    bad.write_bytes(b"nonsense")
+    with pytest.raises(SeriesError, match="not readable as DICOM"):
+        load_series([bad])
+    with pytest.raises(SeriesError, match="no images"):
+        load_series([])
