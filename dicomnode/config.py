@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pipelines.inference import InferenceSettings
 from pipelines.routing import Route, RoutingError, parse_routes
 
 ENV_CONFIG = "DICOMNODE_CONFIG"
@@ -42,15 +43,6 @@ class NodeSettings:
     unmatched: str = "archive"  # archive | ignore
     log_level: str = "info"
     sweep_interval: float = 1.0
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    device: str = "auto"  # auto | cpu | cuda
-    batch_size: int = 8
-    patch_size: int = 0  # 0 = whole slices; >0 = square tiles with overlap
-    patch_overlap: int = 32
-    bf16: bool = True
 
 
 @dataclass(frozen=True)

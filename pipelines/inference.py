@@ -1,0 +1,129 @@
+"""Running a generator over a normalised volume: device, precision, batching and tiling.
+
+2D generators see slices (N, 1, H, W), whole or in ``patch_size`` tiles; 3D generators see
+(N, 1, D, H, W) patches (``patch_size`` 0 = the whole volume at once). ``batch_size`` tiles
+go through per forward pass, which bounds memory. Overlapping tiles are blended with
+:mod:`pipelines.tiling` weights, so there are no seams. CPU runs under bf16 autocast when the
+CPU has native bf16 (AVX512-BF16 or AMX), CUDA under AMP (bf16, or fp16 where bf16 is
+missing); ``bf16 = false`` keeps everything in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.errors import InferenceError
+from pipelines.tiling import tile_weight, tiles
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The ``[inference]`` table of the node's config (documented in conf/node.toml)."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 8
+    patch_size: int = 0  # 0 = whole slices; >0 = square tiles with overlap
+    patch_overlap: int = 32
+    bf16: bool = True
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is an error."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise InferenceError("[inference] device = 'cuda' but no CUDA device is available")
+    if setting not in ("cpu", "cuda"):
+        raise InferenceError(f"[inference] device must be auto, cpu or cuda, got {setting!r}")
+    return torch.device(setting)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (otherwise bf16 autocast is slower than fp32)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast_dtype(device: torch.device, bf16: bool) -> torch.dtype | None:
+    """The reduced precision to autocast to on ``device``, or None for fp32."""
+    if not bf16:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def _precision(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), max(1, size)):
+        yield items[i:i + size]
+
+
+def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
+                  settings: InferenceSettings = InferenceSettings(), *,
+                  name: str = "generator") -> np.ndarray:
+    """Apply ``generator`` to a normalised (slices, rows, cols) volume; same shape, float32.
+
+    Raises :class:`InferenceError` (with ``name`` in the message) for anything the generator
+    does wrong: an exception, a wrong output shape, non-finite values, running out of memory.
+    """
+    if volume.ndim != 3:
+        raise InferenceError(f"expected a (slices, rows, cols) volume, got shape {volume.shape}")
+    if dims not in (2, 3):
+        raise InferenceError(f"{name}: dims must be 2 or 3, got {dims}")
+    device = resolve_device(settings.device)
+    dtype = autocast_dtype(device, settings.bf16)
+    if settings.threads > 0 and device.type == "cpu":
+        torch.set_num_threads(settings.threads)
+    generator.to(device)
+    shape = volume.shape if dims == 3 else volume.shape[1:]
+    size = settings.patch_size or max(shape)
+    grid = tiles(shape, [size] * len(shape), settings.patch_overlap)
+    # 2D: every (slice, tile) pair is one network input; 3D: every patch is one.
+    jobs = [(s, k) for s in range(volume.shape[0]) for k in range(len(grid))] if dims == 2 \
+        else [(None, k) for k in range(len(grid))]
+    blend = len(grid) > 1
+    out = np.zeros(volume.shape, dtype=np.float32)
+    weight_sum = np.zeros(volume.shape, dtype=np.float32) if blend else None
+    weights = [tile_weight(shape, t, settings.patch_overlap) for t in grid] if blend else []
+    try:
+        with torch.inference_mode(), _precision(device, dtype):
+            for batch in _batches(jobs, settings.batch_size):
+                index = [(s, *grid[k]) if s is not None else grid[k] for s, k in batch]
+                x = torch.from_numpy(np.stack([volume[i] for i in index])[:, None]).to(device)
+                y = generator(x)
+                if y.shape != x.shape:
+                    raise InferenceError(f"{name}: output shape {tuple(y.shape)} differs from"
+                                         f" input {tuple(x.shape)}")
+                result = y[:, 0].float().cpu().numpy()
+                if not np.isfinite(result).all():
+                    raise InferenceError(f"{name}: produced NaN or infinite values")
+                for (_, k), i, r in zip(batch, index, result, strict=True):
+                    if blend:
+                        out[i] += r * weights[k]
+                        weight_sum[i] += weights[k]
+                    else:
+                        out[i] = r
+    except InferenceError:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        raise InferenceError(f"{name}: out of GPU memory; lower [inference] batch_size or"
+                             " set patch_size") from None
+    except (RuntimeError, ValueError, TypeError, MemoryError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InferenceError(f"{name}: failed on {device.type}: {first}") from exc
+    if blend:
+        out /= np.maximum(weight_sum, np.float32(1e-12))
+    return out

@@ -1,0 +1,101 @@
+"""Inference runtime: tiles blend without seams, batching is invisible, failures are clear."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipelines.errors import InferenceError
+from pipelines.inference import InferenceSettings, autocast_dtype, run_generator
+from pipelines.intensity import Normalisation, denormalise, normalise
+from pipelines.tiling import tile_starts, tiles
+from tests.model_factory import Smoother
+
+FP32 = dict(bf16=False, device="cpu")
+
+
+@pytest.fixture
+def volume():
+    return np.random.default_rng(0).uniform(-1, 1, (4, 40, 52)).astype(np.float32)
+
+
+def test_tiles_cover_every_pixel_with_the_requested_overlap():
+    assert tile_starts(64, 32, 16) == [0, 16, 32]
+    assert tile_starts(70, 32, 16) == [0, 16, 32, 38]
+    assert tile_starts(20, 32, 8) == [0]
+    covered = np.zeros((40, 52), int)
+    for t in tiles((40, 52), (16, 16), 8):
+        covered[t] += 1
+    assert covered.min() >= 1
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_tiled_equals_whole_image(volume, dims):
+    model = Smoother(dims=dims, layers=2)
+    whole = run_generator(model, volume, dims, InferenceSettings(**FP32))
+    tiled = run_generator(model, volume, dims,
+                          InferenceSettings(patch_size=16, patch_overlap=8, batch_size=3, **FP32))
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    assert not np.allclose(whole, volume)  # the generator did something
+
+
+def test_batch_size_does_not_change_the_result(volume):
+    model = Smoother(layers=2)
+    a = run_generator(model, volume, 2, InferenceSettings(batch_size=1, **FP32))
+    b = run_generator(model, volume, 2, InferenceSettings(batch_size=64, **FP32))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bf16_autocast_stays_close_to_fp32(volume):
+    if autocast_dtype(torch.device("cpu"), True) is None:
+        pytest.skip("CPU has no native bf16")
+    model = Smoother(layers=2)
+    fp32 = run_generator(model, volume, 2, InferenceSettings(**FP32))
+    bf16 = run_generator(model, volume, 2, InferenceSettings(device="cpu", bf16=True))
+    np.testing.assert_allclose(bf16, fp32, atol=2e-2)
+
+
+class Broken(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x):
+        if self.mode == "raise":
+            raise RuntimeError("kernel exploded\ntraceback noise")
+        if self.mode == "shape":
+            return x[..., 1:]
+        return x * float("nan")
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("raise", "m1: failed on cpu: kernel exploded"),
+    ("shape", "m1: output shape"),
+    ("nan", "m1: produced NaN"),
+])
+def test_failing_generator_raises_a_clear_error(volume, mode, message):
+    with pytest.raises(InferenceError) as info:
+        run_generator(Broken(mode), volume, 2, InferenceSettings(**FP32), name="m1")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cuda_requested_without_cuda_is_an_error(volume):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(InferenceError, match="no CUDA device"):
+        run_generator(Smoother(), volume, 2, InferenceSettings(device="cuda"))
+
+
+def test_normalisation_round_trips():
+    real = np.linspace(-1500, 3500, 101, dtype=np.float32)
+    ct = Normalisation.from_spec({"kind": "hu_window", "low": -1024, "high": 3071})
+    norm, anchors = normalise(real, ct)
+    assert norm.min() == -1 and norm.max() == 1
+    inside = (real >= -1024) & (real <= 3071)
+    np.testing.assert_allclose(denormalise(norm, anchors)[inside], real[inside], atol=1e-3)
+    mr = Normalisation.from_spec({"kind": "percentile", "low": 1, "high": 99})
+    norm, anchors = normalise(real, mr)
+    np.testing.assert_allclose(denormalise(norm, anchors), real, atol=1e-3)
+    assert norm.max() > 1  # not clipped
