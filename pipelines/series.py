@@ -223,7 +223,8 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # decoders raise many types; the reason is what matters
-        syntax = ds.file_meta.get("TransferSyntaxUID", "?") if "file_meta" in ds else "?"
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID", "?") if meta is not None else "?"
         raise SeriesError(f"{path.name}: cannot decode pixel data ({syntax}): {exc}") from None
     return pixels.reshape(-1, *pixels.shape[-2:])
 

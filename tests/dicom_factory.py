@@ -14,6 +14,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    JPEG2000,
     CTImageStorage,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
@@ -132,7 +133,11 @@ def write_series(out_dir: Path, *, modality: str = "CT", slices: int = 8, size: 
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         if edit:
             edit(ds, i)
-        if syntax != ExplicitVRLittleEndian:
+        if syntax == JPEG2000:  # lossy: record it as a scanner would
+            ds.compress(syntax, j2k_cr=[10])
+            ds.LossyImageCompression, ds.LossyImageCompressionRatio = "01", 10
+            ds.LossyImageCompressionMethod = "ISO_15444_1"
+        elif syntax != ExplicitVRLittleEndian:
             ds.compress(syntax)
         path = out_dir / f"IMG{i + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)

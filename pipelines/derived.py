@@ -1,0 +1,308 @@
+"""The derived series (CONTRACT "Derived series"): harmonised pixels in a new series that a
+PACS accepts as is and an auditor can trace to its source instances and model.
+
+Each derived instance is a copy of its source instance's header (patient, study, frame of
+reference, geometry, acquisition) with: new deterministic UIDs, DERIVED/SECONDARY image
+type, derivation description, source image and series references, contributing equipment
+(acquiring scanner DCM 109101 and this software DCM 109102), the source's stored pixel
+representation, and a documented private block. Source private elements are dropped: they
+describe the source pixels, not these. Files are Explicit VR Little Endian, written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    generate_uid,
+)
+
+from pipelines.errors import PipelineError
+from pipelines.series import SeriesError, Volume
+
+MANUFACTURER = "dicomnode"
+PRIVATE_GROUP = 0x0011
+PRIVATE_CREATOR = "DICOMNODE HARMONISATION 1"
+# element offset -> (VR, keyword, description); the block's own documentation, written into
+# every instance's Private Data Element Characteristics Sequence.
+PRIVATE_ELEMENTS: dict[int, tuple[str, str, str]] = {
+    0x10: ("LO", "ModelName", "Name of the harmonisation model (model.json name)"),
+    0x11: ("LO", "ModelVersion", "Version of the harmonisation model"),
+    0x12: ("LO", "ModelWeightsSHA256", "sha256 of the model's weights file, hex"),
+    0x13: ("LO", "RouteName", "Routing rule that selected the model (empty when chosen by hand)"),
+    0x14: ("UT", "HarmonisationParameters",
+           "JSON: architecture, intensity normalisation and its anchors for this series"),
+}
+LOSSY_SYNTAXES = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1",
+                  JPEGLSNearLossless: "ISO_14495_1"}
+# Elements that describe the source's encoding or integrity and would be wrong on a copy.
+_DROP = ("SmallestImagePixelValue", "LargestImagePixelValue", "IconImageSequence",
+         "DigitalSignaturesSequence", "MACParametersSequence", "EncryptedAttributesSequence",
+         "OriginalAttributesSequence", "StorageMediaFileSetUID", "DataSetTrailingPadding",
+         "PixelDataProviderURL", "DeviceUID",
+         "DerivationCodeSequence", "PrivateDataElementCharacteristicsSequence",
+         "SmallestPixelValueInSeries", "LargestPixelValueInSeries")
+
+
+class WriteError(PipelineError):
+    """The derived series could not be built or written."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who made the derived series, with what; the same for every instance of it."""
+
+    model_name: str
+    model_version: str
+    weights_sha256: str
+    software_version: str
+    route: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    when: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def description(self) -> str:
+        via = f" via route {self.route}" if self.route else ""
+        return (f"Harmonised by dicomnode {self.software_version} with model {self.model_name}"
+                f" version {self.model_version} (weights sha256 {self.weights_sha256}){via}")
+
+
+def derived_series_uid(source_series_uid: str, weights_sha256: str) -> str:
+    """Same source series and weights, same UID: re-processing replaces, never duplicates."""
+    return generate_uid(entropy_srcs=["dicomnode-series", source_series_uid, weights_sha256])
+
+
+def derived_instance_uid(source_sop_uid: str, weights_sha256: str) -> str:
+    return generate_uid(entropy_srcs=["dicomnode-instance", source_sop_uid, weights_sha256])
+
+
+def stored_range(ds: Dataset) -> tuple[int, int]:
+    """The values BitsStored and PixelRepresentation can hold."""
+    bits = int(ds.BitsStored)
+    if int(ds.PixelRepresentation):
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def to_stored(real: np.ndarray, ds: Dataset, padding: np.ndarray | None = None) -> np.ndarray:
+    """Real values back to ``ds``'s stored pixels: inverse rescale, round, clip to range.
+
+    Pixels that held PixelPaddingValue in the source get it back unchanged.
+    """
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    lo, hi = stored_range(ds)
+    values = np.clip(np.rint((real.astype(np.float64) - intercept) / slope), lo, hi)
+    if padding is not None and "PixelPaddingValue" in ds:
+        values[padding] = int(ds.PixelPaddingValue)
+    bits = int(ds.BitsAllocated)
+    dtype = np.dtype(f"{'i' if int(ds.PixelRepresentation) else 'u'}{bits // 8}")
+    return values.astype(dtype)
+
+
+def _code(value: str, meaning: str, scheme: str = "DCM") -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _acquisition_datetime(ds: Dataset) -> str | None:
+    if ds.get("AcquisitionDateTime"):
+        return str(ds.AcquisitionDateTime)
+    for date_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"), ("SeriesDate", "SeriesTime"),
+                             ("StudyDate", "StudyTime")):
+        if ds.get(date_kw):
+            return f"{ds.get(date_kw)}{ds.get(time_kw) or ''}"
+    return None
+
+
+def _equipment(source: Dataset, provenance: Provenance, stamp: str) -> DicomSequence:
+    """Existing contributors, the acquiring scanner (once) and this software."""
+    items = [copy.deepcopy(i) for i in source.get("ContributingEquipmentSequence") or []]
+    purposes = {str(c.CodeValue) for i in items for c in i.get("PurposeOfReferenceCodeSequence")
+                or []}
+    if "109101" not in purposes:
+        scanner = Dataset()
+        scanner.PurposeOfReferenceCodeSequence = DicomSequence(
+            [_code("109101", "Acquisition Equipment")])
+        scanner.Manufacturer = source.get("Manufacturer", "")
+        for kw in ("InstitutionName", "StationName", "ManufacturerModelName",
+                   "DeviceSerialNumber", "SoftwareVersions"):
+            if source.get(kw):
+                setattr(scanner, kw, source.get(kw))
+        acquired = _acquisition_datetime(source)
+        if acquired:
+            scanner.ContributionDateTime = acquired
+        scanner.ContributionDescription = "Acquisition of the source images"
+        items.append(scanner)
+    software = Dataset()
+    software.PurposeOfReferenceCodeSequence = DicomSequence(
+        [_code("109102", "Processing Equipment")])
+    software.Manufacturer = MANUFACTURER
+    software.ManufacturerModelName = provenance.model_name[:64]
+    software.SoftwareVersions = [f"dicomnode {provenance.software_version}"[:64],
+                                 f"{provenance.model_name} {provenance.model_version}"[:64]]
+    software.ContributionDateTime = stamp
+    software.ContributionDescription = provenance.description()
+    items.append(software)
+    return DicomSequence(items)
+
+
+def _private_block(ds: Dataset, provenance: Provenance) -> None:
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    values = {0x10: provenance.model_name, 0x11: provenance.model_version,
+              0x12: provenance.weights_sha256, 0x13: provenance.route or "",
+              0x14: json.dumps(provenance.parameters, sort_keys=True)}
+    definitions = []
+    for offset, (vr, keyword, description) in PRIVATE_ELEMENTS.items():
+        block.add_new(offset, vr, values[offset])
+        item = Dataset()
+        item.PrivateDataElement = offset
+        item.PrivateDataElementValueMultiplicity = 1
+        item.PrivateDataElementValueRepresentation = vr
+        item.PrivateDataElementName = description
+        item.PrivateDataElementKeyword = keyword
+        item.PrivateDataElementDescription = description
+        definitions.append(item)
+    characteristics = Dataset()
+    characteristics.PrivateGroupReference = PRIVATE_GROUP
+    characteristics.PrivateCreatorReference = PRIVATE_CREATOR
+    characteristics.PrivateDataElementDefinitionSequence = DicomSequence(definitions)
+    characteristics.BlockIdentifyingInformationStatus = "SAFE"
+    ds.PrivateDataElementCharacteristicsSequence = DicomSequence([characteristics])
+
+
+def _series_description(source: Dataset, model_name: str) -> str:
+    suffix = f" [harmonised: {model_name}]"
+    base = str(source.get("SeriesDescription") or source.get("Modality") or "").strip()
+    return (base[: max(0, 64 - len(suffix))] + suffix)[-64:].strip()
+
+
+def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
+                    sources: Sequence[Dataset], provenance: Provenance) -> Dataset:
+    """One derived instance from its source header (without pixel data) and stored pixels.
+
+    ``sources`` are all instances of the source series (for ReferencedSeriesSequence).
+    """
+    ds = copy.deepcopy(source)
+    ds.remove_private_tags()
+    for keyword in _DROP:
+        if keyword in ds:
+            delattr(ds, keyword)
+    stamp = provenance.when.strftime("%Y%m%d%H%M%S.%f+0000")
+    date, time = provenance.when.strftime("%Y%m%d"), provenance.when.strftime("%H%M%S.%f")
+    sha = provenance.weights_sha256
+    ds.SOPInstanceUID = derived_instance_uid(str(source.SOPInstanceUID), sha)
+    ds.SeriesInstanceUID = series_uid
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if source.Modality == "CT" else "OTHER"]
+    ds.SeriesDescription = _series_description(source, provenance.model_name)
+    if str(source.get("SeriesNumber", "")).strip():
+        ds.SeriesNumber = int(source.SeriesNumber) + 1000
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
+    ds.DerivationDescription = provenance.description()
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    ref.PurposeOfReferenceCodeSequence = DicomSequence(
+        [_code("121322", "Source image for image processing operation")])
+    ds.SourceImageSequence = DicomSequence([ref])
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = source.SeriesInstanceUID
+    instances = []
+    for s in sources:
+        item = Dataset()
+        item.ReferencedSOPClassUID = s.SOPClassUID
+        item.ReferencedSOPInstanceUID = s.SOPInstanceUID
+        instances.append(item)
+    series_ref.ReferencedInstanceSequence = DicomSequence(instances)
+    ds.ReferencedSeriesSequence = DicomSequence([series_ref])
+    ds.ContributingEquipmentSequence = _equipment(source, provenance, stamp)
+    meta = getattr(source, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax in LOSSY_SYNTAXES or source.get("LossyImageCompression") == "01":
+        ds.LossyImageCompression = "01"
+        if syntax in LOSSY_SYNTAXES and "LossyImageCompressionMethod" not in ds:
+            ds.LossyImageCompressionMethod = LOSSY_SYNTAXES[syntax]
+    elif syntax == JPEG2000 and "LossyImageCompression" not in ds:
+        ds.LossyImageCompression = "01"  # JPEG 2000 (not the lossless-only syntax) may be lossy
+        ds.LossyImageCompressionMethod = "ISO_15444_1"
+    _private_block(ds, provenance)
+    if pixels.shape != (int(ds.Rows), int(ds.Columns)):
+        raise WriteError(f"pixels of shape {pixels.shape} for a {ds.Rows}x{ds.Columns} image")
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds["PixelData"].VR = "OW" if int(ds.BitsAllocated) > 8 else "OB"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def write_atomic(ds: Dataset, path: Path) -> None:
+    """Temporary file in the target folder, fsync, rename: a crash leaves no half file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_writable(volume: Volume) -> None:
+    """Refuse, before any inference, a source this writer cannot derive from."""
+    if any(f.frame is not None for f in volume.frames):
+        raise SeriesError("writing derived enhanced (multi-frame) images is not supported;"
+                         " convert the source to single-frame images first")
+
+
+def write_derived_series(volume: Volume, harmonised: np.ndarray, provenance: Provenance,
+                         out_dir: Path) -> tuple[str, list[Path]]:
+    """Write ``out_dir/<derived series UID>/<SOP instance UID>.dcm`` for every slice.
+
+    Re-running replaces the same files (same UIDs) and removes instances a previous run
+    wrote that this one did not. Returns the derived series UID and the written paths.
+    """
+    check_writable(volume)
+    if harmonised.shape != volume.array.shape:
+        raise WriteError(f"harmonised shape {harmonised.shape} differs from the source's"
+                         f" {volume.array.shape}")
+    sources = volume.datasets
+    series_uid = derived_series_uid(str(sources[0].SeriesInstanceUID), provenance.weights_sha256)
+    folder = Path(out_dir) / series_uid
+    written: list[Path] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, source in enumerate(sources):
+            padding = volume.padding[i] if volume.padding is not None else None
+            pixels = to_stored(harmonised[i], source, padding)
+            ds = derive_instance(source, pixels, series_uid=series_uid, sources=sources,
+                                 provenance=provenance)
+            path = folder / f"{ds.SOPInstanceUID}.dcm"
+            write_atomic(ds, path)
+            written.append(path)
+        for stale in set(folder.glob("*.dcm")) - set(written):
+            stale.unlink()
+    except OSError as exc:
+        raise WriteError(f"cannot write derived series to {folder}: {exc}") from exc
+    return series_uid, written

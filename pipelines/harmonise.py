@@ -1,0 +1,176 @@
+"""One series in, one derived series out: route, load, normalise, infer, write.
+
+:func:`harmonise_series` is what the node's worker and ``dicomnode harmonise`` call. Problems
+with the series itself (no route, inconsistent tags, geometry a volume cannot hold) come back
+as an outcome with a one-line reason; problems with the model or the machine (bad weights,
+a generator that fails, a full disk) raise a :class:`~pipelines.errors.PipelineError`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import structlog
+
+from pipelines import software_version
+from pipelines.derived import Provenance, check_writable, write_derived_series
+from pipelines.errors import ModelError
+from pipelines.inference import InferenceSettings, run_generator
+from pipelines.intensity import denormalise, normalise
+from pipelines.model_folder import LoadedModel, load_model_folder, read_model_info
+from pipelines.routing import Route, RoutingDecision, route_series
+from pipelines.series import SeriesError, load_series, read_headers
+
+log = structlog.get_logger(component="harmonise")
+
+Status = Literal["harmonised", "unmatched", "rejected"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SeriesOutcome:
+    """What happened to one series; ``reason`` is one line fit for a status table."""
+
+    status: Status
+    series_uid: str
+    reason: str
+    route: str | None = None
+    model: ModelRef | None = None
+    derived_series_uid: str | None = None
+    outputs: tuple[Path, ...] = ()
+    warnings: tuple[str, ...] = ()
+    seconds: dict[str, float] = field(default_factory=dict)  # load, inference, write
+
+
+class ModelCache:
+    """Loaded models by folder, weights sha256 and weights file stat; least recently used out.
+
+    A changed or tampered weights file changes the key, so it is verified again on load.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, folder: Path) -> LoadedModel:
+        info = read_model_info(folder)
+        try:
+            stat = info.weights_path.stat()
+        except OSError:
+            raise ModelError(f"{info.weights_path}: weights file missing") from None
+        key = (str(folder.resolve()), info.weights_sha256, stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            model = load_model_folder(folder)
+            self._models[key] = model
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+            return model
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+MODELS = ModelCache()
+
+
+def choose_route(headers: Sequence, routes: Sequence[Route], route_name: str | None
+                 ) -> RoutingDecision | Route | None:
+    """The named route (``ValueError`` if unknown), else the routing decision."""
+    if route_name is None:
+        return route_series(headers, routes)
+    for route in routes:
+        if route.name == route_name:
+            return route
+    raise ValueError(f"no route named '{route_name}' (known: "
+                     f"{', '.join(r.name for r in routes) or 'none'})")
+
+
+def _model_modality(model: LoadedModel) -> str | None:
+    value = model.info.source.get("Modality")
+    return str(value) if value else None
+
+
+def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_dir: Path,
+                     out_dir: Path, options: InferenceSettings | None = None,
+                     route_name: str | None = None, model_name: str | None = None,
+                     cache: ModelCache = MODELS) -> SeriesOutcome:
+    """Route, harmonise and write one series (all of ``files`` belong to it).
+
+    ``route_name`` forces a route, ``model_name`` a model (no routing at all). Raises
+    :class:`~pipelines.errors.PipelineError` subclasses for model and runtime failures,
+    ``ValueError`` for an unknown ``route_name``.
+    """
+    try:
+        headers = read_headers(files)
+    except SeriesError as exc:
+        return SeriesOutcome("rejected", "", str(exc))
+    uid = str(headers[0].get("SeriesInstanceUID", "")) if headers else ""
+    bound = log.bind(series_uid=uid)
+    route: Route | None = None
+    if model_name is None:
+        choice = choose_route(headers, routes, route_name)
+        if isinstance(choice, RoutingDecision):
+            if choice.inconsistent and choice.route is None:
+                keys = ", ".join(choice.conflicts)
+                return SeriesOutcome("rejected", uid, f"routing tags differ across instances:"
+                                     f" {keys} (series flagged, not routed)")
+            if choice.route is None:
+                return SeriesOutcome("unmatched", uid, "no route matches")
+            choice = choice.route
+        route = choice
+        model_name = route.model
+    model = cache.get(Path(models_dir) / model_name)
+    info = model.info
+    ref = ModelRef(info.name, info.version, info.weights_sha256)
+    route_label = route.name if route else None
+    expected, modality = _model_modality(model), str(headers[0].get("Modality", ""))
+    if expected and modality and expected.upper() != modality.upper():
+        return SeriesOutcome("rejected", uid, f"model '{info.name}' is for {expected},"
+                             f" series is {modality}", route_label, ref)
+    started = time.perf_counter()
+    try:
+        volume = load_series(files)
+        check_writable(volume)
+    except SeriesError as exc:
+        return SeriesOutcome("rejected", uid, str(exc), route_label, ref)
+    loaded = time.perf_counter()
+    normalised, anchors = normalise(volume.array, info.normalisation)
+    settings = options or InferenceSettings()
+    output = denormalise(run_generator(model.generator, normalised, info.dims, settings,
+                                       name=f"model '{info.name}'"), anchors)
+    inferred = time.perf_counter()
+    provenance = Provenance(
+        model_name=info.name, model_version=info.version, weights_sha256=info.weights_sha256,
+        software_version=software_version(), route=route_label,
+        parameters={"architecture": info.architecture, "params": info.params,
+                    "normalisation": info.normalisation.to_spec(), "anchors": list(anchors)})
+    derived_uid, paths = write_derived_series(volume, output, provenance, out_dir)
+    written = time.perf_counter()
+    seconds = {"load": loaded - started, "inference": inferred - loaded,
+               "write": written - inferred}
+    bound.info("series_harmonised", derived_series_uid=derived_uid, model=info.name,
+               model_version=info.version, route=route_label, instances=len(paths),
+               **{f"{k}_s": round(v, 3) for k, v in seconds.items()})
+    reason = f"harmonised {len(paths)} images with {info.name} {info.version}"
+    if volume.warnings:
+        reason += f" ({'; '.join(volume.warnings)})"
+    return SeriesOutcome("harmonised", uid, reason, route_label, ref, derived_uid,
+                         tuple(paths), volume.warnings, seconds)
+
