@@ -3,6 +3,8 @@
 A new architecture is one ``nn.Module`` class and one line in :data:`GENERATORS`.
 Every generator maps a normalised image batch (N, C, H, W) or (N, C, D, H, W) to the
 same shape, so the runtime can tile, batch and blend without knowing which it runs.
+No generator uses batch or instance normalisation: their statistics would depend on the
+tile or batch the runtime happens to feed, and tiles would no longer blend seamlessly.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,30 +24,120 @@ def conv(dims: int, cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn
     return cls(cin, cout, kernel, stride=stride, padding=kernel // 2, padding_mode=mode)
 
 
+def _zero_last(layer: nn.Module) -> None:
+    """Zero the output conv so an untrained residual generator is the identity."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al. 2018), as used by CVS-CT.
+
+    Channel attention (shared MLP over average- and max-pooled features) followed by
+    spatial attention (a 7x7 conv over channel-wise average and max); it lets a small
+    convolutional generator weigh scanner-wide properties that local filters miss.
+    """
+
+    def __init__(self, features: int, dims: int = 2, reduction: int = 8) -> None:
+        super().__init__()
+        hidden = max(features // reduction, 4)
+        self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, features))
+        # zero padding: reflection cannot pad a 7x7 kernel on the U-Net's smallest maps
+        self.spatial = (nn.Conv2d if dims == 2 else nn.Conv3d)(2, 1, 7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        weights = self.mlp(flat.mean(-1)) + self.mlp(flat.amax(-1))
+        x = x * torch.sigmoid(weights).view(*weights.shape, *([1] * (x.dim() - 2)))
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(pooled))
+
+
 class PlainResidualCNN(nn.Module):
     """CHAIMELEON's "plain CNN": stacked 3x3 convs, LeakyReLU(0.1), no BN, global residual.
 
     The network predicts the difference between the input and the target kernel's image,
     so an untrained network is the identity, which is the safe starting point for CT.
+    ``cbam`` > 0 inserts that many CBAM blocks evenly among the hidden layers (CVS-CT).
     """
 
     def __init__(self, channels: int = 1, features: int = 64, blocks: int = 12,
-                 dims: int = 2) -> None:
+                 dims: int = 2, cbam: int = 0) -> None:
         super().__init__()
+        hidden = blocks - 2
+        if not 0 <= cbam <= hidden:
+            raise ValueError(f"cbam must be between 0 and blocks - 2 ({hidden}), got {cbam}")
+        after = {round((i + 1) * hidden / (cbam + 1)) for i in range(cbam)} if cbam else set()
         layers: list[nn.Module] = [conv(dims, channels, features), nn.LeakyReLU(0.1)]
-        for _ in range(blocks - 2):
+        for i in range(1, hidden + 1):
             layers += [conv(dims, features, features), nn.LeakyReLU(0.1)]
+            if i in after:
+                layers.append(CBAM(features, dims))
         layers.append(conv(dims, features, channels))
         self.body = nn.Sequential(*layers)
-        nn.init.zeros_(self.body[-1].weight)
-        nn.init.zeros_(self.body[-1].bias)
+        _zero_last(self.body[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
 
 
+class _DoubleConv(nn.Sequential):
+    def __init__(self, dims: int, cin: int, cout: int, attention: bool) -> None:
+        layers = [conv(dims, cin, cout), nn.LeakyReLU(0.1), conv(dims, cout, cout),
+                  nn.LeakyReLU(0.1)]
+        super().__init__(*layers, *([CBAM(cout, dims)] if attention else []))
+
+
+class ResidualUNet(nn.Module):
+    """U-Net with a global residual: average-pool down, resize + conv up.
+
+    Upsampling is interpolation followed by a convolution, never a transposed
+    convolution, whose uneven kernel overlap paints checkerboards into flat tissue.
+    The wider receptive field suits MR (smooth bias fields, contrast changes) where the
+    plain CNN's 25-pixel view is too local. Inputs of any size are padded to a multiple
+    of ``2**levels`` and cropped back.
+    """
+
+    def __init__(self, channels: int = 1, features: int = 32, levels: int = 3,
+                 dims: int = 2, cbam: bool = False) -> None:
+        super().__init__()
+        self.dims, self.levels = dims, levels
+        widths = [features * 2 ** min(i, 3) for i in range(levels + 1)]
+        self.down = nn.ModuleList([_DoubleConv(dims, channels, widths[0], False)])
+        self.down.extend(_DoubleConv(dims, widths[i], widths[i + 1], cbam and i + 1 == levels)
+                         for i in range(levels))
+        self.up_conv = nn.ModuleList(conv(dims, widths[i + 1], widths[i])
+                                     for i in reversed(range(levels)))
+        self.merge = nn.ModuleList(_DoubleConv(dims, 2 * widths[i], widths[i], cbam)
+                                   for i in reversed(range(levels)))
+        self.out = conv(dims, widths[0], channels, kernel=1)
+        _zero_last(self.out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        step = 2 ** self.levels
+        pad: list[int] = []
+        for s in reversed(size):
+            pad += [0, (-s) % step]
+        h = F.pad(x, pad, mode="reflect" if self.dims == 2 else "replicate") if any(pad) else x
+        pool = F.avg_pool2d if self.dims == 2 else F.avg_pool3d
+        mode = "bilinear" if self.dims == 2 else "trilinear"
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h if i == 0 else pool(h, 2))
+            skips.append(h)
+        for up, merge, skip in zip(self.up_conv, self.merge, reversed(skips[:-1]), strict=True):
+            h = up(F.interpolate(h, size=skip.shape[2:], mode=mode, align_corners=False))
+            h = merge(torch.cat([h, skip], dim=1))
+        h = self.out(h)
+        crop = (slice(None), slice(None), *(slice(0, s) for s in size))
+        return x + h[crop]
+
+
 GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "plain": PlainResidualCNN,
+    "unet": ResidualUNet,
 }
 
 
@@ -64,3 +157,8 @@ def build_generator(architecture: str, params: dict[str, Any] | None = None) -> 
 def spatial_dims(params: dict[str, Any] | None) -> int:
     """2 or 3: how many spatial axes a generator built with ``params`` expects."""
     return int((params or {}).get("dims", 2))
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Trainable parameters: what the model folder reports and the size budget limits."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

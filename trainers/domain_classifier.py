@@ -1,0 +1,90 @@
+"""A small scanner (domain) classifier, trained here on the data at hand.
+
+It serves twice: ``evaluate`` trains one on unharmonised source vs target images and
+reports its accuracy on harmonised images (0.5 = indistinguishable for two domains),
+and unpaired training uses a frozen one as the feature network of the Gram texture
+loss. No pretrained VGG weights exist offline, and a network trained to tell these
+scanners apart has, by construction, features that see exactly their texture
+differences (noise grain, sharpness, contrast), which is what the loss must match.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.data import PatchSampler
+
+
+class DomainClassifier(nn.Module):
+    """Three conv stages (3x3 conv, LeakyReLU, 2x average pool), global pool, linear.
+
+    Global mean and standard-deviation pooling make it patch-size agnostic and hand the
+    head texture energy (noise grain) directly; :meth:`features` exposes the stage outputs
+    for Gram matrices.
+    """
+
+    def __init__(self, channels: int = 1, features: int = 16, dims: int = 2,
+                 classes: int = 2) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.pool = nn.AvgPool2d(2) if dims == 2 else nn.AvgPool3d(2)
+        widths = [channels, features, features * 2, features * 4]
+        self.stages = nn.ModuleList(
+            nn.Sequential(conv(widths[i], widths[i + 1], 3, padding=1), nn.LeakyReLU(0.2),
+                          conv(widths[i + 1], widths[i + 1], 3, padding=1), nn.LeakyReLU(0.2))
+            for i in range(3))
+        self.head = nn.Linear(2 * widths[-1], classes)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x if i == 0 else self.pool(x))
+            maps.append(x)
+        return maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.features(x)[-1].flatten(2)
+        return self.head(torch.cat([flat.mean(-1), flat.std(-1)], dim=1))
+
+
+def train_classifier(samplers: list[PatchSampler], steps: int = 300, batch: int = 32,
+                     lr: float = 1e-3, features: int = 16, seed: int = 0,
+                     device: str | torch.device = "cpu") -> DomainClassifier:
+    """Fit a classifier with one class per sampler (class i = images of sampler i)."""
+    torch.manual_seed(seed)
+    dims = samplers[0].dims
+    model = DomainClassifier(features=features, dims=dims, classes=len(samplers)).to(device)
+    optim = torch.optim.Adam(model.parameters(), lr=lr)
+    per_class = max(batch // len(samplers), 1)
+    labels = torch.arange(len(samplers)).repeat_interleave(per_class).to(device)
+    model.train()
+    for _ in range(steps):
+        x = torch.cat([s.sample(per_class)[0] for s in samplers]).to(device)
+        loss = F.cross_entropy(model(x), labels)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def balanced_accuracy(model: DomainClassifier, patches: list[torch.Tensor],
+                      chunk: int = 64) -> float:
+    """Mean over classes of the fraction of ``patches[label]`` predicted as ``label``.
+
+    Balanced, so unequal numbers of images per domain cannot skew it: 0.5 is chance
+    for two domains.
+    """
+    device = next(model.parameters()).device
+    scores = []
+    for label, batch in enumerate(patches):
+        right = sum(int((model(part.to(device)).argmax(1) == label).sum())
+                    for part in torch.split(batch, chunk))
+        scores.append(right / max(len(batch), 1))
+    return float(np.mean(scores))

@@ -1,0 +1,159 @@
+"""Training options: one dataclass per mode, the single source for defaults and ``--help``.
+
+Each field's ``metadata`` carries its help text (and choices); :func:`add_arguments`
+turns a dataclass into argparse options and :func:`from_args` back into the dataclass,
+so the CLI, the Python API and ``model.json``'s training summary cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - argparse's word
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default),
+                     metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class CommonOptions:
+    """What every training mode shares: data, model folder, budget, optimisation."""
+
+    source: Path | None = _opt(None, "folder of source-domain DICOM series")
+    target: Path | None = _opt(None, "folder of target-domain DICOM series")
+    name: str = _opt("", "model name: the folder written under --models-dir")
+    models_dir: Path = _opt(Path("models"), "where the model folder is written")
+    version: str = _opt("", "model version (default: next free 1.N for this name)")
+    architecture: str = _opt("plain", "generator architecture (pipelines.networks registry)")
+    dims: int = _opt(2, "2 (slices) or 3 (volumes)", choices=(2, 3))
+    param: dict[str, Any] = _opt({}, "generator parameter KEY=VALUE (repeatable), e.g."
+                                 " features=32 blocks=8 cbam=2")
+    patch: int = _opt(64, "patch edge in pixels (3D: depth min(patch, slices))")
+    batch: int = _opt(16, "patches per step")
+    steps: int = _opt(2000, "optimiser steps (the learning rate decays over the last half)")
+    minutes: float = _opt(0.0, "wall-clock budget in minutes; 0 = none (stops cleanly)")
+    lr: float = _opt(2e-4, "Adam learning rate")
+    seed: int = _opt(0, "random seed (patches, initialisation, held-out split)")
+    holdout: float = _opt(0.2, "fraction of series held out for validation and the report")
+    val_every: int = _opt(100, "validate every N steps; the best validation score is kept")
+    device: str = _opt("auto", "auto (CUDA when present) | cpu | cuda",
+                       choices=("auto", "cpu", "cuda"))
+    resume: bool = _opt(False, "continue from the checkpoint in --workdir")
+    workdir: Path | None = _opt(None, "checkpoints and logs (default: runs/NAME)")
+    progress: bool = _opt(True, "show a progress bar with losses and ETA")
+    force: bool = _opt(False, "replace an existing model folder of this name")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir or Path("runs") / self.name
+
+
+@dataclass
+class PairedOptions(CommonOptions):
+    """Paired training: the same raw data reconstructed in two kernels."""
+
+    l1: float = _opt(1.0, "weight of the L1 loss")
+    ssim: float = _opt(0.5, "weight of the SSIM loss (0 = off)")
+    tolerance: float = _opt(0.01, "slice position tolerance (mm) when pairing slices")
+
+
+@dataclass
+class UnpairedOptions(CommonOptions):
+    """CycleGAN: two generators, two PatchGAN discriminators."""
+
+    architecture: str = _opt("unet", "generator architecture (pipelines.networks registry)")
+    gan: str = _opt("lsgan", "adversarial loss", choices=("lsgan", "wgan-gp"))
+    cycle: float = _opt(10.0, "weight of the cycle-consistency L1 loss")
+    identity: float = _opt(0.5, "weight of the identity L1 loss")
+    ssim: float = _opt(0.0, "weight of the SSIM loss between input and output (0 = off)")
+    gram: float = _opt(0.0, "weight of the Gram texture (domain) loss (0 = off)")
+    gp: float = _opt(10.0, "gradient penalty weight (wgan-gp)")
+    disc_features: int = _opt(32, "PatchGAN width of its first layer")
+    disc_layers: int = _opt(3, "PatchGAN stride-2 stages (3 = 70 px patches at 2D)")
+    pool: int = _opt(50, "image pool size (Shrivastava et al.); 0 = off")
+    feature_steps: int = _opt(300, "training steps of the Gram loss's feature network")
+
+
+@dataclass
+class SiteOptions(UnpairedOptions, PairedOptions):
+    """Per-site retraining from the node's own data, for one route (paired or unpaired)."""
+
+    route: str = _opt("", "route name in the node config")
+    config: Path | None = _opt(None, "node config (default: $DICOMNODE_CONFIG or conf/node.toml)")
+    mode: str = _opt("auto", "auto (paired when series share a frame of reference) | paired"
+                     " | unpaired", choices=("auto", "paired", "unpaired"))
+
+
+def _base_type(annotation: Any) -> Any:
+    """``Path | None`` -> Path: the type argparse converts a string to."""
+    hint = typing.get_origin(annotation)
+    if hint in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] | None = None,
+                  ) -> None:
+    """Add one ``--option`` per dataclass field (``--no-x`` for true-by-default flags)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if skip and f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        elif typing.get_origin(kind) is dict:
+            parser.add_argument(flag, action="append", type=_key_value, default=None,
+                                metavar="KEY=VALUE", help=help_text)
+        else:
+            shown = f" (default: {default})" if default not in (None, "") else ""
+            parser.add_argument(flag, type=kind, default=default,
+                                choices=f.metadata.get("choices"), help=help_text + shown)
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build the options dataclass from parsed arguments (unknown attributes ignored)."""
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if f.name == "param":
+            value = dict(value or [])
+        values[f.name] = value
+    return cls(**values)
+
+
+def summary(options: Any) -> dict[str, Any]:
+    """JSON-ready options for ``model.json``'s training summary (paths as strings)."""
+    out = {}
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
