@@ -15,6 +15,9 @@ from dicomnode.errors import UserError
 COMMANDS = (
     "serve",
     "status",
+    "route",
+    "harmonise",
+    "models",
 )
 
 

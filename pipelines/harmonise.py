@@ -127,10 +127,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     if model_name is None:
         choice = choose_route(headers, routes, route_name)
         if isinstance(choice, RoutingDecision):
-            if choice.inconsistent and choice.route is None:
-                keys = ", ".join(choice.conflicts)
-                return SeriesOutcome("rejected", uid, f"routing tags differ across instances:"
-                                     f" {keys} (series flagged, not routed)")
+            if choice.flagged:
+                return SeriesOutcome("rejected", uid, choice.summary())
             if choice.route is None:
                 return SeriesOutcome("unmatched", uid, "no route matches")
             choice = choice.route

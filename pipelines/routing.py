@@ -125,21 +125,33 @@ class RuleVerdict:
 
 @dataclass(frozen=True)
 class RoutingDecision:
-    """The outcome for one series: the chosen route (or None) and every rule's verdict."""
+    """The outcome for one series: the chosen route (or None) and every rule's verdict.
+
+    ``flagged`` is set when instances disagree on a tag that decides a rule (some instances
+    would match it, some not): the series is then routed nowhere rather than guessed.
+    """
 
     route: Route | None
     verdicts: tuple[RuleVerdict, ...]
     conflicts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    flagged: str | None = None
 
     @property
     def inconsistent(self) -> bool:
-        return bool(self.conflicts)
+        return self.flagged is not None
+
+    def summary(self) -> str:
+        """One line: the route, or why there is none."""
+        if self.route is not None:
+            return f"route {self.route.name} (model {self.route.model})"
+        if self.flagged:
+            return f"flagged: {self.flagged}"
+        return "no route matches"
 
     def explain(self) -> list[str]:
         lines = []
         for keyword, values in self.conflicts.items():
-            lines.append(f"  ! {keyword} differs across instances: {', '.join(values)}"
-                         " (series flagged, not routed)")
+            lines.append(f"  ! {keyword} differs across instances: {', '.join(values)}")
         for verdict in self.verdicts:
             mark = "matched" if verdict.matched else "no"
             lines.append(f"  {verdict.route.name}: {mark}: {'; '.join(verdict.reasons)}")
@@ -220,34 +232,54 @@ def series_values(datasets: Sequence[Any], keywords: Iterable[str]) -> tuple[
     return values, conflicts
 
 
-def evaluate(conditions: Sequence[Condition], values: Mapping[str, str | None]) -> tuple[
-        bool, list[str]]:
-    """Whether all conditions hold for these values, with one reason per condition."""
-    ok, reasons = True, []
-    for cond in conditions:
-        value = values.get(cond.keyword)
-        hit = cond.test(value)
-        ok &= hit
-        shown = "<absent>" if value is None else repr(value)
-        reasons.append(f"{cond.keyword}={shown} {'matches' if hit else 'does not match'}"
-                       f" {cond.describe()}")
-    if not conditions:
-        reasons.append("no conditions (matches everything)")
-    return ok, reasons
+def _test(cond: Condition, values: Mapping[str, str | None],
+          conflicts: Mapping[str, tuple[str, ...]]) -> tuple[bool | None, str]:
+    """True / False, or None when instances disagree on whether the condition holds."""
+    if cond.keyword in conflicts:
+        seen = [None if v == "<absent>" else v for v in conflicts[cond.keyword]]
+        hits = [cond.test(v) for v in seen]
+        if all(hits) or not any(hits):
+            verdict = "all match" if hits[0] else "none match"
+            return hits[0], f"{cond.keyword} values {list(conflicts[cond.keyword])}: {verdict}" \
+                f" {cond.describe()}"
+        split = ", ".join(f"{v or '<absent>'!r} {'matches' if h else 'does not'}"
+                          for v, h in zip(seen, hits, strict=True))
+        return None, f"{cond.keyword} differs across instances ({split} {cond.describe()})"
+    value = values.get(cond.keyword)
+    hit = cond.test(value)
+    shown = "<absent>" if value is None else repr(value)
+    return hit, (f"{cond.keyword}={shown} {'matches' if hit else 'does not match'}"
+                 f" {cond.describe()}")
+
+
+def evaluate(conditions: Sequence[Condition], values: Mapping[str, str | None],
+             conflicts: Mapping[str, tuple[str, ...]] | None = None) -> tuple[
+        bool | None, list[str]]:
+    """Whether all conditions hold (None: undecidable), with one reason per condition."""
+    results = [_test(c, values, conflicts or {}) for c in conditions]
+    reasons = [r for _, r in results] or ["no conditions (matches everything)"]
+    hits = [h for h, _ in results]
+    if False in hits:
+        return False, reasons
+    return (None if None in hits else True), reasons
 
 
 def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDecision:
-    """Choose the first route whose ``match`` holds for this series' instances."""
+    """Choose the first route whose ``match`` holds for this series' instances.
+
+    A rule that instances disagree on (some would match it, some not) stops routing: the
+    series is flagged instead of falling through to a later, possibly wrong, rule.
+    """
     keywords = {c.keyword for r in routes for c in r.match}
     values, conflicts = series_values(datasets, sorted(keywords))
     verdicts: list[RuleVerdict] = []
     for route in routes:
-        ok, reasons = evaluate(route.match, values)
-        bad = [c.keyword for c in route.match if c.keyword in conflicts]
-        if bad:
-            ok = False
-            reasons.append(f"inconsistent across instances: {', '.join(bad)}")
-        verdicts.append(RuleVerdict(route, ok, tuple(reasons)))
+        ok, reasons = evaluate(route.match, values, conflicts)
+        verdicts.append(RuleVerdict(route, bool(ok), tuple(reasons)))
+        if ok is None:
+            why = next(r for r in reasons if "differs across instances" in r)
+            return RoutingDecision(None, tuple(verdicts), conflicts,
+                                   flagged=f"rule '{route.name}' undecidable: {why}")
         if ok:
             return RoutingDecision(route, tuple(verdicts), conflicts)
     return RoutingDecision(None, tuple(verdicts), conflicts)

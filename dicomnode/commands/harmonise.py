@@ -1,0 +1,66 @@
+"""``dicomnode harmonise IN OUT``: route and harmonise every series under IN, offline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dicomnode.config import load_config
+from dicomnode.errors import UserError
+from dicomnode.log import configure
+from pipelines.errors import PipelineError
+from pipelines.harmonise import harmonise_series
+from pipelines.model_folder import MODEL_JSON
+from pipelines.series import find_series
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("harmonise", help="harmonise every series under IN into OUT (offline)",
+                       description="Route and harmonise every series under IN; write the"
+                       " derived series under OUT/<derived series UID>/. Exit status 1 when"
+                       " any series is rejected or fails, with one line each on stderr.")
+    p.add_argument("input", metavar="IN", help="folder with DICOM files (searched recursively)")
+    p.add_argument("output", metavar="OUT", help="folder for the derived series")
+    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
+                   " conf/node.toml)")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--route", metavar="NAME", help="use this route for every series")
+    choice.add_argument("--model", metavar="NAME", help="use this model for every series,"
+                        " without routing")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure("warning")
+    source = Path(args.input)
+    if not source.exists():
+        raise UserError(f"{source}: no such file or folder")
+    if args.route and args.route not in {r.name for r in config.routes}:
+        raise UserError(f"no route named '{args.route}' in {config.path} (known: "
+                        f"{', '.join(r.name for r in config.routes) or 'none'})")
+    models_dir = config.node.models_dir
+    if args.model and not (models_dir / args.model / MODEL_JSON).is_file():
+        raise UserError(f"no model '{args.model}' in {models_dir}")
+    groups = find_series(source)
+    if not groups:
+        raise UserError(f"{source}: no DICOM series found")
+    failures = 0
+    for uid, files in groups.items():
+        try:
+            outcome = harmonise_series(files, routes=config.routes, models_dir=models_dir,
+                                       out_dir=Path(args.output), options=config.inference,
+                                       route_name=args.route, model_name=args.model)
+        except PipelineError as exc:
+            failures += 1
+            print(f"{uid}: failed: {exc}", file=sys.stderr)
+            continue
+        if outcome.status == "harmonised":
+            print(f"{uid}: harmonised -> {outcome.derived_series_uid}: {outcome.reason}")
+        elif outcome.status == "unmatched":
+            print(f"{uid}: unmatched: {outcome.reason} (left out)")
+        else:
+            failures += 1
+            print(f"{uid}: rejected: {outcome.reason}", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,52 @@
+"""``dicomnode route``: which route each series under a folder takes, and why."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dicomnode.config import load_config
+from dicomnode.errors import UserError
+from pipelines.routing import route_series
+from pipelines.series import SeriesError, find_series, read_headers
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("route", help="show the route each series under DIR takes",
+                       description="For every series found under DIR, print the route it"
+                       " matches (or none); with --explain, why each rule did or did not.")
+    p.add_argument("dir", metavar="DIR", help="folder with DICOM files (searched recursively)")
+    p.add_argument("--explain", action="store_true",
+                   help="also print every rule's verdict, condition by condition")
+    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
+                   " conf/node.toml)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    root = Path(args.dir)
+    if not root.exists():
+        raise UserError(f"{root}: no such file or folder")
+    groups = find_series(root)
+    if not groups:
+        raise UserError(f"{root}: no DICOM series found")
+    if not config.routes:
+        print(f"note: {config.path} has no [[routes]]; every series is unmatched")
+    for uid, files in groups.items():
+        try:
+            headers = read_headers(files)
+        except SeriesError as exc:
+            print(f"{uid}: unreadable: {exc}")
+            continue
+        first = headers[0]
+        decision = route_series(headers, config.routes)
+        verdict = decision.summary()
+        if decision.route is None and not decision.flagged:
+            verdict += f" (unmatched = {config.node.unmatched})"
+        label = f"{first.get('Modality', '?')} '{first.get('SeriesDescription', '')}'"
+        print(f"{uid}  {label}  ({len(files)} instances): {verdict}")
+        if args.explain:
+            for line in decision.explain():
+                print(line)
+    return 0

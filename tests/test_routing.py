@@ -1,0 +1,123 @@
+"""Routing rules: every pattern kind, first match wins, inconsistent series are flagged."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom import Dataset
+
+from dicomnode.cli import main
+from pipelines.routing import RoutingError, parse_routes, route_series
+from tests.dicom_factory import write_series
+
+
+def ds(**tags):
+    d = Dataset()
+    for k, v in tags.items():
+        setattr(d, k, v)
+    return d
+
+
+def rule(name="r", **match):
+    return {"name": name, "model": "m", "match": match}
+
+
+def matches(pattern, **tags) -> bool:
+    keyword = next(iter(tags))
+    routes = parse_routes([rule(**{keyword: pattern})])
+    return route_series([ds(**tags)], routes).route is not None
+
+
+@pytest.mark.parametrize("keyword, pattern, value, expected", [
+    ("ConvolutionKernel", "B7*", "b70f", True),
+    ("ConvolutionKernel", "B7?", "B70f", False),
+    ("ConvolutionKernel", ["B6*", "LUNG"], "lung", True),
+    ("ConvolutionKernel", ["B6*", "LUNG"], "B30f", False),
+    ("MagneticFieldStrength", ">=2.5", "3", True),
+    ("MagneticFieldStrength", ">=2.5", "1.5", False),
+    ("RepetitionTime", "<1000", "980.5", True),
+    ("MagneticFieldStrength", "1.4..1.6", "1.5", True),
+    ("MagneticFieldStrength", "1.4..1.6", "1.61", False),
+    ("MagneticFieldStrength", 1.5, "1.5", True),
+    ("SeriesDescription", "re:t1", "Ax T1 FSE", True),
+    ("SeriesDescription", "re:^t1$", "Ax T1 FSE", False),
+    ("SeriesDescription", ">=2.5", "not a number", False),
+])
+def test_pattern_kinds(keyword, pattern, value, expected):
+    assert matches(pattern, **{keyword: value}) is expected
+
+
+def test_multivalued_element_matches_joined_or_single_value():
+    assert matches("LOCALIZER", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    assert matches("ORIGINAL\\PRIMARY*", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])
+    assert not matches("DERIVED", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])
+
+
+def test_absent_tag_never_matches():
+    assert matches("*", ConvolutionKernel="B70f")
+    routes = parse_routes([rule(ConvolutionKernel="*")])
+    decision = route_series([ds(Modality="CT")], routes)
+    assert decision.route is None
+    assert "ConvolutionKernel=<absent> does not match *" in decision.explain()[0]
+
+
+def test_first_match_wins_and_explain_says_why_earlier_rules_failed():
+    routes = parse_routes([rule("a", Modality="MR"), rule("b", Modality="CT"),
+                           rule("c", Modality="CT")])
+    decision = route_series([ds(Modality="CT")], routes)
+    assert decision.route.name == "b"
+    assert decision.explain() == ["  a: no: Modality='CT' does not match MR",
+                                  "  b: matched: Modality='CT' matches CT"]
+    assert decision.summary() == "route b (model m)"
+
+
+def test_inconsistent_series_is_flagged_not_guessed():
+    routes = parse_routes([rule("sharp", Modality="CT", ConvolutionKernel="B7*"),
+                           rule("any-ct", Modality="CT")])
+    series = [ds(Modality="CT", ConvolutionKernel="B70f"), ds(Modality="CT",
+                                                              ConvolutionKernel="B30f")]
+    decision = route_series(series, routes)
+    assert decision.route is None and decision.inconsistent
+    assert "rule 'sharp' undecidable: ConvolutionKernel differs across instances" in \
+        decision.summary()
+    assert decision.explain()[0] == "  ! ConvolutionKernel differs across instances: B30f, B70f"
+
+
+def test_disagreement_that_decides_nothing_does_not_block_routing():
+    routes = parse_routes([rule("mr", Modality="MR", ConvolutionKernel="B7*"),
+                           rule("ct", Modality="CT", ConvolutionKernel="B*")])
+    series = [ds(Modality="CT", ConvolutionKernel="B70f"), ds(Modality="CT",
+                                                              ConvolutionKernel="B30f")]
+    decision = route_series(series, routes)
+    assert decision.route.name == "ct" and not decision.inconsistent
+
+
+@pytest.mark.parametrize("raw, message", [
+    ([rule(Kernel="B7*")], "unknown key 'Kernel' (not a DICOM keyword)"),
+    ([rule(SeriesDescription="re:(")], "bad regular expression"),
+    ([rule(MagneticFieldStrength="3..1")], "low end above its high end"),
+    ([rule(Modality=[])], "empty pattern list"),
+    ([rule(Modality=True)], "pattern must be a string or number"),
+    ([rule("x"), rule("x")], "route name used twice"),
+    ([{"name": "x", "model": "m", "sendto": []}], "unknown key 'sendto'"),
+    ([{"name": "x"}], "'model' must be a non-empty string"),
+])
+def test_bad_rules_are_named(raw, message):
+    with pytest.raises(RoutingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_routes(raw, source="node.toml")
+
+
+def test_route_explain_command(tmp_path, capsys):
+    write_series(tmp_path / "in" / "ct", kernel="B70f")
+    write_series(tmp_path / "in" / "ge", kernel="STANDARD", manufacturer="GE", seed=2)
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\nunmatched = "ignore"\n'
+                      '[[routes]]\nname = "sharp"\nmodel = "m"\n[routes.match]\n'
+                      'Modality = "CT"\nConvolutionKernel = ["B6*", "B7*"]\n')
+    assert main(["route", "--explain", str(tmp_path / "in"), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "'Thorax B70f'  (8 instances): route sharp (model m)" in out
+    assert "'Thorax STANDARD'  (8 instances): no route matches (unmatched = ignore)" in out
+    assert "  sharp: no: Modality='CT' matches CT; ConvolutionKernel='STANDARD' does not" \
+           " match B6* | B7*" in out
+    assert main(["route", "--explain", str(tmp_path / "none"), "--config", str(config)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
