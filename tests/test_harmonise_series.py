@@ -1,0 +1,162 @@
+"""harmonise_series outcomes and failures, the model cache, and the offline commands."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from dicomnode.cli import main
+from pipelines.errors import InferenceError, ModelError
+from pipelines.harmonise import ModelCache, harmonise_series
+from pipelines.inference import InferenceSettings
+from pipelines.model_folder import WEIGHTS_FILE, save_model_folder
+from pipelines.networks import GENERATORS
+from pipelines.routing import parse_routes
+from tests.dicom_factory import write_series
+from tests.model_factory import CT_NORM, make_model
+
+ROUTES = parse_routes([{"name": "ct", "model": "smooth", "match": {"Modality": "CT",
+                                                                    "ConvolutionKernel": "B7*"}}])
+FAST = InferenceSettings(device="cpu", bf16=False)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    make_model(tmp_path / "models", "smooth")
+    return tmp_path, write_series(tmp_path / "in" / "ct", slices=3, size=32)
+
+
+def run(tmp_path, files, **kw):
+    kw.setdefault("routes", ROUTES)
+    return harmonise_series(files, models_dir=tmp_path / "models", out_dir=tmp_path / "out",
+                            options=FAST, cache=ModelCache(), **kw)
+
+
+def test_harmonised_outcome_names_route_model_and_outputs(setup):
+    tmp_path, files = setup
+    outcome = run(tmp_path, files)
+    assert outcome.status == "harmonised" and outcome.route == "ct"
+    assert outcome.model.name == "smooth" and outcome.model.version == "1.0"
+    assert len(outcome.model.sha256) == 64
+    assert all(p.parent.name == outcome.derived_series_uid for p in outcome.outputs)
+    assert set(outcome.seconds) == {"load", "inference", "write"}
+    assert outcome.reason == "harmonised 3 images with smooth 1.0"
+
+
+def test_unmatched_series(tmp_path):
+    files = write_series(tmp_path / "in", kernel="B30f", slices=2, size=16)
+    outcome = run(tmp_path, files)
+    assert (outcome.status, outcome.reason) == ("unmatched", "no route matches")
+    assert not (tmp_path / "out").exists()
+
+
+def test_inconsistent_routing_tags_are_rejected(tmp_path):
+    def mixed(ds, i):
+        ds.ConvolutionKernel = "B70f" if i else "B30f"
+    files = write_series(tmp_path / "in", slices=2, size=16, edit=mixed)
+    outcome = run(tmp_path, files)
+    assert outcome.status == "rejected"
+    assert "ConvolutionKernel differs across instances" in outcome.reason
+
+
+def test_bad_geometry_is_rejected_with_the_series_reason(setup):
+    tmp_path, _ = setup
+    def dup(ds, i):
+        ds.ImagePositionPatient = [0, 0, 0]
+    files = write_series(tmp_path / "dup", slices=2, size=16, edit=dup)
+    outcome = run(tmp_path, files)
+    assert outcome.status == "rejected" and outcome.reason.startswith("duplicate slice positions")
+    assert outcome.model.name == "smooth"
+
+
+def test_model_for_another_modality_is_rejected(setup):
+    tmp_path, _ = setup
+    files = write_series(tmp_path / "mr", modality="MR", slices=2, size=16)
+    outcome = run(tmp_path, files, model_name="smooth")
+    assert (outcome.status, outcome.reason) == ("rejected", "model 'smooth' is for CT, series"
+                                                " is MR")
+
+
+def test_forced_route_and_model(setup):
+    tmp_path, _ = setup
+    files = write_series(tmp_path / "soft", kernel="B30f", slices=2, size=16)
+    assert run(tmp_path, files, route_name="ct").status == "harmonised"
+    forced = run(tmp_path, files, model_name="smooth")
+    assert forced.status == "harmonised" and forced.route is None
+    with pytest.raises(ValueError, match="no route named 'nope'"):
+        run(tmp_path, files, route_name="nope")
+
+
+def test_tampered_weights_raise_model_error(setup):
+    tmp_path, files = setup
+    with (tmp_path / "models" / "smooth" / WEIGHTS_FILE).open("ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(ModelError, match="does not match model.json"):
+        run(tmp_path, files)
+
+
+class Exploding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(nn.init.ones_(nn.Parameter(__import__("torch").empty(1))))
+
+    def forward(self, x):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+def test_failing_model_raises_a_clear_inference_error(setup, monkeypatch):
+    tmp_path, files = setup
+    monkeypatch.setitem(GENERATORS, "exploding", Exploding)
+    save_model_folder(tmp_path / "models" / "smooth", Exploding(), name="smooth", version="2",
+                      architecture="exploding", params={}, source={}, target={},
+                      normalisation=CT_NORM)
+    with pytest.raises(InferenceError, match="model 'smooth': failed on cpu: CUDA error"):
+        run(tmp_path, files)
+
+
+def test_model_cache_reuses_and_reloads_on_new_weights(tmp_path):
+    folder = make_model(tmp_path, "smooth")
+    cache = ModelCache(capacity=1)
+    first = cache.get(folder)
+    assert cache.get(folder) is first
+    make_model(tmp_path, "smooth", layers=2)
+    assert cache.get(folder) is not first
+    assert cache.get(make_model(tmp_path, "other")) is not None  # evicts, within capacity
+
+
+def config_for(tmp_path, route_kernel="B7*"):
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\nmodels_dir = "{tmp_path / "models"}"\n[inference]\nbf16 = false\n'
+                    f'[[routes]]\nname = "ct"\nmodel = "smooth"\n[routes.match]\n'
+                    f'ConvolutionKernel = "{route_kernel}"\n')
+    return str(path)
+
+
+def test_harmonise_command_reports_each_series(setup, capsys):
+    tmp_path, _ = setup
+    write_series(tmp_path / "in" / "soft", kernel="B30f", slices=2, size=16)
+    config = config_for(tmp_path)
+    assert main(["harmonise", str(tmp_path / "in"), str(tmp_path / "cli-out"),
+                 "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "harmonised -> " in out and "unmatched: no route matches (left out)" in out
+    def dup(ds, i):
+        ds.ImagePositionPatient = [0, 0, 0]
+    write_series(tmp_path / "in" / "dup", slices=2, size=16, edit=dup)
+    assert main(["harmonise", str(tmp_path / "in"), str(tmp_path / "cli-out"),
+                 "--config", config, "--model", "smooth"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ": rejected: duplicate slice positions" in err[0]
+    assert main(["harmonise", str(tmp_path / "in"), str(tmp_path / "x"), "--config", config,
+                 "--route", "nope"]) == 2
+    assert "no route named 'nope'" in capsys.readouterr().err
+
+
+def test_models_list_command(tmp_path, capsys):
+    make_model(tmp_path / "models", "smooth")
+    make_model(tmp_path / "models", "mr", modality="MR", version="2.1")
+    assert main(["models", "list", "--models-dir", str(tmp_path / "models")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[:3] for line in lines] == [
+        ["mr", "2.1", "mr-sharp -> mr-smooth"], ["smooth", "1.0", "ct-sharp -> ct-smooth"]]
+    assert all(len(line.split("\t")[3]) == 12 for line in lines)
