@@ -1,0 +1,372 @@
+"""The outbox: durable, exactly-once delivery of harmonised series to peers by C-STORE.
+
+One ``outbox`` row per (instance, destination) lives in the node's SQLite index, so the
+queue survives restarts and ``kill -9``. A row moves
+
+    pending --claim--> sending --Success/Warning--> sent
+                          \\--failure--> pending (next_attempt = now + backoff)
+                                          or failed (queued longer than max_age_hours)
+
+Each transition is its own committed transaction: rows are claimed (``sending``) before
+the association opens, and a row is marked ``sent`` in the commit that immediately
+follows the peer's Success/Warning response. After a crash, ``recover`` puts ``sending``
+rows back to ``pending``. The only way a peer can receive an instance twice is the
+crash window between the peer's response arriving and that one commit (a few
+milliseconds per instance); every other interruption leaves the row unsent or sent.
+A ``sent`` row is never sent again unless ``dicomnode resend`` asks for it, or the
+instance's content changes (a re-harmonised series with other bytes under the same UID).
+
+Retries back off exponentially per row: ``retry_initial * 2**(attempts-1)`` seconds,
+capped at ``retry_max_interval``; a failed attempt on a row first queued more than
+``max_age_hours`` ago makes it ``failed`` with the last error. Series states follow the
+rows: when every row of a derived series is ``sent`` the derived series and its source
+become ``sent``; when rows are ``failed`` and none is left to try, both become ``failed``
+with the error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+from pynetdicom.status import code_to_category
+
+from dicomnode import index as ix
+from dicomnode.config import Config
+from dicomnode.index import Index
+from dicomnode.log import get_logger
+
+log = get_logger("outbox")
+
+PENDING, SENDING, SENT, FAILED = "pending", "sending", "sent", "failed"
+OUTBOX_STATES = (PENDING, SENDING, SENT, FAILED)
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+SEND_ERROR_PREFIX = "send to "
+BATCH = 200  # instances per association
+MAX_CONTEXTS = 128  # presentation contexts one association may propose
+
+
+# --- queueing -------------------------------------------------------------------------
+
+def enqueue_series(index: Index, series_uid: str, destinations: Sequence[str],
+                   now: float | None = None) -> int:
+    """Queue every instance of ``series_uid`` for each peer AE title in ``destinations``.
+
+    Returns the number of instance-sends queued. Idempotent: an instance already queued
+    or sent with the same content is not queued again (a re-run of the same job sends
+    nothing twice); one whose stored bytes changed since it was queued is queued anew.
+    """
+    now = time.time() if now is None else now
+    dests = list(dict.fromkeys(d.strip() for d in destinations if d and d.strip()))
+    if not dests:
+        return 0
+    queued = 0
+    with index.transaction() as db:
+        rows = db.execute("SELECT sop_instance_uid, sha256 FROM instances WHERE series_uid = ?",
+                          (series_uid,)).fetchall()
+        for row in rows:
+            for dest in dests:
+                old = db.execute("SELECT state, sha256 FROM outbox WHERE sop_instance_uid = ?"
+                                 " AND destination = ?",
+                                 (row["sop_instance_uid"], dest)).fetchone()
+                if old is None:
+                    db.execute(
+                        "INSERT INTO outbox (sop_instance_uid, series_uid, destination, sha256,"
+                        " state, created, next_attempt, updated) VALUES (?,?,?,?,?,?,?,?)",
+                        (row["sop_instance_uid"], series_uid, dest, row["sha256"], PENDING,
+                         now, now, now))
+                    queued += 1
+                elif old["sha256"] != row["sha256"] or old["state"] == FAILED:
+                    _requeue(db, "sop_instance_uid = ? AND destination = ?",
+                             (row["sop_instance_uid"], dest), now, sha256=row["sha256"])
+                    queued += 1
+    if queued:
+        _reopen_series(index, [series_uid])
+    log.info("sends_queued", series_uid=series_uid, destinations=dests, instances=len(rows),
+             queued=queued)
+    return queued
+
+
+def _requeue(db: Any, where: str, args: tuple[Any, ...], now: float,
+             sha256: str | None = None) -> int:
+    sets = "state = ?, attempts = 0, created = ?, next_attempt = ?, updated = ?, error = NULL," \
+           " status = NULL, sent_at = NULL"
+    values: list[Any] = [PENDING, now, now, now]
+    if sha256 is not None:
+        sets += ", sha256 = ?"
+        values.append(sha256)
+    return db.execute(f"UPDATE outbox SET {sets} WHERE {where}", (*values, *args)).rowcount
+
+
+def _reopen_series(index: Index, series_uids: Iterable[str]) -> None:
+    """A series with sends to do again is 'archived' (derived) / 'harmonised' (source)."""
+    for uid in series_uids:
+        index.set_series_state(uid, ix.ARCHIVED, only_if=[ix.SENT, ix.FAILED], error=None)
+        src = index.series(uid)
+        if src is not None and src["source_series_uid"]:
+            _source_state(index, src["source_series_uid"], ix.HARMONISED, None)
+
+
+def _source_state(index: Index, uid: str, state: str, error: str | None) -> None:
+    row = index.series(uid)
+    if row is None:
+        return
+    # a source that failed for another reason (e.g. its harmonisation) keeps that reason
+    if row["state"] == ix.FAILED and not (row["error"] or "").startswith(SEND_ERROR_PREFIX):
+        return
+    index.set_series_state(uid, state, only_if=[ix.HARMONISED, ix.SENT, ix.FAILED], error=error)
+
+
+def resend(index: Index, *, series_uid: str | None = None, destination: str | None = None,
+           states: Sequence[str] = (SENT, FAILED, PENDING), now: float | None = None) -> int:
+    """Queue rows again (explicit operator request); returns how many were re-queued."""
+    now = time.time() if now is None else now
+    where, args = [f"state IN ({', '.join('?' * len(states))})"], list(states)
+    if series_uid:
+        where.append("series_uid = ?")
+        args.append(series_uid)
+    if destination:
+        where.append("destination = ?")
+        args.append(destination)
+    clause = " AND ".join(where)
+    with index.transaction() as db:
+        uids = [r["series_uid"] for r in db.execute(
+            f"SELECT DISTINCT series_uid FROM outbox WHERE {clause}", args)]
+        count = _requeue(db, clause, tuple(args), now)
+    _reopen_series(index, uids)
+    log.info("resend_requested", series_uid=series_uid, destination=destination, queued=count)
+    return count
+
+
+def recover(index: Index, now: float | None = None) -> int:
+    """After a crash or stop: rows left 'sending' were never confirmed; send them again."""
+    now = time.time() if now is None else now
+    with index.transaction() as db:
+        return db.execute("UPDATE outbox SET state = ?, next_attempt = ?, updated = ?"
+                          " WHERE state = ?", (PENDING, now, now, SENDING)).rowcount
+
+
+def summary(index: Index) -> dict[str, dict[str, dict[str, int]]]:
+    """``{series_uid: {destination: {state: count}}}`` for ``dicomnode status``."""
+    out: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(dict))
+    for r in index.db.execute("SELECT series_uid, destination, state, COUNT(*) AS n FROM outbox"
+                              " GROUP BY series_uid, destination, state"):
+        out[r["series_uid"]][r["destination"]][r["state"]] = r["n"]
+    return {k: dict(v) for k, v in out.items()}
+
+
+def last_errors(index: Index) -> dict[str, str]:
+    """The most recent send error of each series that has one."""
+    rows = index.db.execute("SELECT series_uid, destination, error FROM outbox WHERE error IS"
+                            " NOT NULL AND state != ? ORDER BY updated", (SENT,))
+    return {r["series_uid"]: f"{SEND_ERROR_PREFIX}{r['destination']}: {r['error']}"
+            for r in rows}
+
+
+# --- sending --------------------------------------------------------------------------
+
+def backoff(attempts: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
+    return min(maximum, initial * 2 ** max(0, min(attempts - 1, 60)))
+
+
+def store_contexts(items: Iterable[tuple[str, str]]) -> list[Any]:
+    """Presentation contexts for (SOP class, stored transfer syntax) pairs.
+
+    Each SOP class gets one uncompressed context; a class stored compressed also gets a
+    context offering exactly its stored syntax, so a peer that accepts it receives the
+    bytes as stored and one that does not gets them decompressed.
+    """
+    classes: dict[str, set[str]] = defaultdict(set)
+    for sop_class, ts in items:
+        classes[sop_class].add(ts)
+    contexts = []
+    for sop_class, syntaxes in classes.items():
+        for ts in sorted(syntaxes):
+            if UID(ts).is_compressed:
+                contexts.append(build_context(sop_class, [ts]))
+        contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
+    return contexts[:MAX_CONTEXTS]
+
+
+def fit_to_association(ds: Dataset, accepted: Sequence[Any], role: str = "scu") -> Dataset:
+    """Make ``ds`` sendable over one of the ``accepted`` contexts, decompressing if needed.
+
+    Raises ``ValueError`` when the peer accepted no context for the SOP class at all.
+    """
+    sop_class = str(ds.SOPClassUID)
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    usable = [cx for cx in accepted if cx.abstract_syntax == sop_class
+              and (cx.as_scu if role == "scu" else cx.as_scp)]
+    if not usable:
+        raise ValueError(f"peer accepted no presentation context for SOP class {sop_class}")
+    syntaxes = {UID(cx.transfer_syntax[0]) for cx in usable}
+    if ts in syntaxes or (not ts.is_compressed and any(not s.is_compressed for s in syntaxes)):
+        return ds
+    if any(not s.is_compressed for s in syntaxes) and ts.is_compressed:
+        ds.decompress()  # -> Explicit VR Little Endian
+        return ds
+    raise ValueError(f"peer accepted SOP class {sop_class} only in"
+                     f" {sorted(map(str, syntaxes))}, instance is {ts}")
+
+
+@dataclass
+class Outbox:
+    """Sends due outbox rows; ``dispatch`` is one pass, run by the node's scheduler."""
+
+    config: Config
+    index: Index
+
+    def dispatch(self, now: float | None = None) -> int:
+        """Try every due row once, one association per destination; returns rows tried."""
+        now = time.time() if now is None else now
+        dests = [r["destination"] for r in self.index.db.execute(
+            "SELECT DISTINCT destination FROM outbox WHERE state = ? AND next_attempt <= ?",
+            (PENDING, now))]
+        tried = 0
+        for dest in dests:
+            while True:
+                rows = self._claim(dest, now)
+                if not rows:
+                    break
+                tried += len(rows)
+                self._send(dest, rows)
+                if len(rows) < BATCH:
+                    break
+        return tried
+
+    def _claim(self, dest: str, now: float) -> list[Any]:
+        with self.index.transaction() as db:
+            return db.execute(
+                "UPDATE outbox SET state = ?, attempts = attempts + 1, updated = ? WHERE id IN"
+                " (SELECT id FROM outbox WHERE destination = ? AND state = ? AND next_attempt"
+                " <= ? ORDER BY id LIMIT ?) RETURNING *",
+                (SENDING, now, dest, PENDING, now, BATCH)).fetchall()
+
+    def _send(self, dest: str, rows: list[Any]) -> None:
+        cfg = self.config
+        node = cfg.node
+        peer = cfg.peer(dest)
+        info = {r["sop_instance_uid"]: self.index.instance(r["sop_instance_uid"]) for r in rows}
+        missing = [r for r in rows if info[r["sop_instance_uid"]] is None]
+        for r in missing:
+            self._failed_attempt(r, None, "instance no longer in the index", permanent=True)
+        rows = [r for r in rows if info[r["sop_instance_uid"]] is not None]
+        if not rows:
+            self._rollup({r["series_uid"] for r in missing})
+            return
+        if peer is None or peer.port is None:
+            reason = (f"peer {dest} is not in [[peers]]" if peer is None
+                      else f"peer {dest} has no port")
+            for r in rows:
+                self._failed_attempt(r, None, reason)
+            self._rollup({r["series_uid"] for r in rows + missing})
+            return
+        ae = AE(ae_title=node.ae_title)
+        ae.acse_timeout, ae.dimse_timeout = node.acse_timeout, node.dimse_timeout
+        ae.network_timeout = node.network_timeout
+        ae.connection_timeout = min(node.acse_timeout, 30.0)
+        contexts = store_contexts((i["sop_class_uid"], i["transfer_syntax"])
+                                  for i in info.values() if i is not None)
+        assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=dest,
+                             max_pdu=node.max_pdu_size)
+        if not assoc.is_established:
+            reason = (f"association with {dest} at {peer.host}:{peer.port} "
+                      f"{'rejected' if assoc.is_rejected else 'failed'}")
+            log.warning("send_association_failed", destination=dest, host=peer.host,
+                        port=peer.port, instances=len(rows), reason=reason)
+            for r in rows:
+                self._failed_attempt(r, None, reason)
+            self._rollup({r["series_uid"] for r in rows + missing})
+            return
+        sent = 0
+        try:
+            for i, r in enumerate(rows):
+                if not assoc.is_established:
+                    for rest in rows[i:]:
+                        self._failed_attempt(rest, None, f"association with {dest} lost")
+                    break
+                rec = info[r["sop_instance_uid"]]
+                try:
+                    ds = dcmread(node.data_dir / rec["path"])
+                    ds = fit_to_association(ds, assoc.accepted_contexts)
+                    ts = str(ds.file_meta.TransferSyntaxUID)
+                    rsp = assoc.send_c_store(ds)
+                except (OSError, ValueError, RuntimeError, AttributeError) as exc:
+                    self._failed_attempt(r, None, f"{type(exc).__name__}: {exc}")
+                    continue
+                code = int(rsp.Status) if "Status" in rsp else None
+                category = code_to_category(code) if code is not None else None
+                if category in ("Success", "Warning"):
+                    self._mark_sent(r, code, ts)
+                    sent += 1
+                else:
+                    reason = (f"status 0x{code:04X} ({category})" if code is not None
+                              else "no response (timeout or abort)")
+                    self._failed_attempt(r, code, reason)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        log.info("sends_done", destination=dest, tried=len(rows), sent=sent,
+                 series=sorted({r["series_uid"] for r in rows}))
+        self._rollup({r["series_uid"] for r in rows + missing})
+
+    def _mark_sent(self, row: Any, code: int, ts: str) -> None:
+        now = time.time()
+        with self.index.transaction() as db:
+            db.execute("UPDATE outbox SET state = ?, sent_at = ?, updated = ?, status = ?,"
+                       " transfer_syntax = ?, error = NULL WHERE id = ? AND state = ?",
+                       (SENT, now, now, code, ts, row["id"], SENDING))
+        log.debug("instance_sent", sop_instance_uid=row["sop_instance_uid"],
+                  destination=row["destination"], status=f"0x{code:04X}")
+
+    def _failed_attempt(self, row: Any, code: int | None, reason: str,
+                        permanent: bool = False) -> None:
+        now = time.time()
+        ob = self.config.outbox
+        expired = permanent or now - row["created"] >= ob.max_age_hours * 3600
+        delay = backoff(row["attempts"], ob.retry_initial, ob.retry_max_interval)
+        with self.index.transaction() as db:
+            db.execute("UPDATE outbox SET state = ?, next_attempt = ?, updated = ?, status = ?,"
+                       " error = ? WHERE id = ? AND state = ?",
+                       (FAILED if expired else PENDING, now + delay, now, code, reason,
+                        row["id"], SENDING))
+        if expired:
+            log.error("send_failed", sop_instance_uid=row["sop_instance_uid"],
+                      series_uid=row["series_uid"], destination=row["destination"],
+                      attempts=row["attempts"], reason=reason)
+        else:
+            log.warning("send_retry_scheduled", sop_instance_uid=row["sop_instance_uid"],
+                        series_uid=row["series_uid"], destination=row["destination"],
+                        attempts=row["attempts"], retry_in_s=round(delay, 3), reason=reason)
+
+    def _rollup(self, series_uids: Iterable[str]) -> None:
+        """Series state from its rows: all sent -> sent; failed and nothing left -> failed."""
+        for uid in series_uids:
+            counts = {r["state"]: r["n"] for r in self.index.db.execute(
+                "SELECT state, COUNT(*) AS n FROM outbox WHERE series_uid = ? GROUP BY state",
+                (uid,))}
+            if counts.get(PENDING) or counts.get(SENDING):
+                continue
+            series = self.index.series(uid)
+            if series is None:
+                continue
+            if counts.get(FAILED):
+                error = last_errors(self.index).get(uid, "send failed")
+                state = ix.FAILED
+            else:
+                error, state = None, ix.SENT
+            if self.index.set_series_state(uid, state, only_if=[ix.ARCHIVED, ix.SENT,
+                                                                 ix.FAILED], error=error):
+                log.info(f"series_{state}", series_uid=uid, instances=sum(counts.values()),
+                         error=error)
+            if series["source_series_uid"]:
+                _source_state(self.index, series["source_series_uid"], state, error)
