@@ -63,6 +63,27 @@ CREATE TABLE IF NOT EXISTS jobs (
     error       TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+
+-- Outbox (dicomnode.outbox): one row per (instance, destination) to deliver by C-STORE.
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    destination      TEXT NOT NULL,      -- peer AE title
+    sha256           TEXT NOT NULL,      -- content that was queued (a change re-queues)
+    state            TEXT NOT NULL,      -- pending | sending | sent | failed
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    created          REAL NOT NULL,      -- first queued: max_age_hours counts from here
+    next_attempt     REAL NOT NULL,
+    updated          REAL NOT NULL,
+    sent_at          REAL,
+    status           INTEGER,            -- last DIMSE status from the peer
+    transfer_syntax  TEXT,               -- what it went out as
+    error            TEXT,
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+CREATE INDEX IF NOT EXISTS outbox_series ON outbox(series_uid, destination);
 """
 
 # Series states, in the order a series normally moves through them.
