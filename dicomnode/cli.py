@@ -13,6 +13,7 @@ from dicomnode.errors import UserError
 
 # Each module defines ``register(subparsers)`` which adds its parser with ``func=run``.
 COMMANDS = (
+    "simulate",
     "serve",
     "status",
     "route",

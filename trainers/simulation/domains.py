@@ -82,7 +82,7 @@ def _mr(name: str, manufacturer: str, model: str, station: str, field_t: float, 
             "SoftwareVersions": "simulated", "MagneticFieldStrength": field_t,
             "RepetitionTime": tr, "EchoTime": te, "FlipAngle": flip,
             "ScanningSequence": scanning, "SequenceVariant": variant, "SequenceName": seq_name,
-            "ProtocolName": protocol, "SeriesDescription": protocol}
+            "ProtocolName": protocol, "SeriesDescription": protocol.upper().replace("_", " ")}
     if ti:
         tags["InversionTime"] = ti
     return MRDomain(name, field_t, sequence, tr, te, ti, flip, snr, kspace, apod, bias, scale,
@@ -103,12 +103,12 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
     _mr("ge-1.5t-t2w", "GE MEDICAL SYSTEMS", "SIGNA HDxt", "SIMMR01", 1.5, "SE", 4000, 100, 0,
         90, 24, 0.75, 0.3, 0.15, 900, 4.0, "T2", "SE", "SK", "fse-xl", "AX T2 FSE"),
     _mr("siemens-3t-t1w", "SIEMENS", "Prisma", "SIMMR02", 3.0, "IR-GRE", 2300, 2.98, 900, 9,
-        40, 1.0, 0.1, 0.35, 2500, 4.0, "T1", "GR\\IR", "SK\\SP\\MP", "*tfl3d1_16ns",
-        "t1_mprage_sag_p2"),
+        40, 1.0, 0.1, 0.35, 2500, 1.0, "T1", "GR\\IR", "SK\\SP\\MP", "*tfl3d1_16ns",
+        "t1_mprage_tra_p2"),
     _mr("siemens-3t-t2w", "SIEMENS", "Prisma", "SIMMR02", 3.0, "SE", 5000, 95, 0, 150, 36,
-        0.9, 0.15, 0.35, 2500, 4.0, "T2", "SE", "SK\\SP\\OSP", "*tse2d1_15", "t2_tse_tra"),
+        0.9, 0.15, 0.35, 2500, 3.0, "T2", "SE", "SK\\SP\\OSP", "*tse2d1_15", "t2_tse_tra"),
     _mr("philips-3t-t1w", "Philips Medical Systems", "Ingenia", "SIMMR03", 3.0, "GRE", 25, 4.6,
-        0, 30, 32, 0.85, 0.5, 0.3, 1400, 4.0, "T1", "GR", "SP", "T1FFE", "T1W_3D_FFE"),
+        0, 30, 32, 0.85, 0.5, 0.3, 1400, 1.0, "T1", "GR", "SP", "T1FFE", "T1W_3D_FFE"),
 )}
 
 
