@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.dicom_factory import write_series  # noqa: E402
 from tests.nodeutil import (  # noqa: E402
     NodeProcess,
-    ct_series,
     dcmtk,
     dcmtk_env,
     free_port,
@@ -69,7 +69,7 @@ def main() -> None:
             order = [("storescp", scp_port, "ANY-SCP"), ("dicomnode", node_port, "HARMONISE")]
             for name, port, called in order if r % 2 == 0 else order[::-1]:
                 folder = work / f"in-{name}-{r}"
-                ct_series(folder, args.count, size=args.size, seed=r)
+                write_series(folder, slices=args.count, size=args.size, seed=r)
                 seconds = send(port, folder, called)
                 rates[name].append(args.count / seconds)
                 shutil.rmtree(folder)

@@ -10,12 +10,14 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicomnode import archive, outbox
 from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.log import get_logger
 from dicomnode.receive import RejectedInstance, parse_header
 from dicomnode.scp import ScpContext, build_ae, event_handlers
 from dicomnode.storage import leftover_temp_files
+from dicomnode.worker import Worker
 
 log = get_logger("service")
 
@@ -68,7 +70,10 @@ class Node:
         log.info("node_recovered", **recovered, **reconciled)
         self.scheduler.add_job(self.sweep, "interval", seconds=cfg.node.sweep_interval,
                                id="series-completion", max_instances=1, coalesce=True)
+        outbox.schedule(self.scheduler, cfg, self.index)  # return path: sends and purge
+        archive.schedule(self.scheduler, cfg, self.index)
         self.scheduler.start()
+        self.add_worker("harmonise", Worker(cfg, self.index).step)
         ctx = ScpContext(cfg, self.index)
         self._server = self.ae.start_server((cfg.node.host, cfg.node.port), block=False,
                                             evt_handlers=event_handlers(ctx))

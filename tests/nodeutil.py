@@ -14,10 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
 DCMTK_DIR = Path("/usr/bin")
 
 
@@ -113,43 +109,6 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def status(config: Path) -> dict[str, dict[str, Any]]:
     out = json.loads(cli("status", "--config", str(config), "--json").stdout)
     return {s["series_uid"]: s for s in out["series"]}
-
-
-def ct_series(out: Path, count: int, size: int = 32, study_uid: str | None = None,
-              series_uid: str | None = None, seed: int = 0) -> list[Path]:
-    """A small but valid CT series (distinct pixels per slice) written as Part 10 files."""
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    study_uid = study_uid or generate_uid()
-    series_uid = series_uid or generate_uid()
-    paths = []
-    for i in range(count):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid])
-        ds.PatientName, ds.PatientID = "Synthetic^Test", "TEST-001"
-        ds.Modality, ds.Manufacturer = "CT", "SIEMENS"
-        ds.SeriesNumber, ds.InstanceNumber = 1, i + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing = [0.7, 0.7]
-        ds.SliceThickness = 1.0
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
-        path = out / f"{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def storescu(port: int, files: Sequence[Path], aet: str = "MODALITY", check: bool = True,

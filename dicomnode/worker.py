@@ -1,0 +1,106 @@
+"""The harmonise worker: takes completed series off the persistent queue and runs the pipeline.
+
+Each job ends ``done`` or ``failed`` with a reason that ``dicomnode status`` shows; an
+exception in a model fails that job only. Derived instances are staged, then stored
+through the same durable path as received ones (archive folder, index rows with
+``kind='derived'``), so a rerun after a crash finds identical bytes under identical
+UIDs and stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomnode import index as ix
+from dicomnode.config import Config
+from dicomnode.index import Index, Job
+from dicomnode.log import get_logger
+from dicomnode.outbox import enqueue_series
+from dicomnode.receive import parse_header, receive_instance
+from pipelines.harmonise import harmonise_series
+
+log = get_logger("worker")
+
+
+@dataclass
+class Worker:
+    config: Config
+    index: Index
+
+    @property
+    def staging(self) -> Path:
+        return self.config.node.data_dir / "staging"
+
+    def step(self) -> bool:
+        """Run one queued job; False when the queue was empty."""
+        job = self.index.claim_job()
+        if job is None:
+            return False
+        try:
+            self.run(job)
+        except Exception as exc:  # a failing model must not stop the node or other jobs
+            reason = f"{type(exc).__name__}: {exc}"
+            log.exception("job_failed", job=job.id, series_uid=job.series_uid, reason=reason)
+            self.index.set_series_state(job.series_uid, ix.FAILED, only_if=[ix.PROCESSING],
+                                        error=reason)
+            self.index.finish_job(job, ok=False, error=reason)
+        return True
+
+    def run(self, job: Job) -> None:
+        cfg = self.config
+        data_dir = cfg.node.data_dir
+        files = [data_dir / p for p in self.index.series_files(job.series_uid)]
+        staging = self.staging / str(job.id)
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("job_started", job=job.id, series_uid=job.series_uid, instances=len(files),
+                 attempt=job.attempts)
+        outcome = harmonise_series(files, routes=cfg.routes, models_dir=cfg.node.models_dir,
+                                   out_dir=staging, options=cfg.inference)
+        if outcome.status == "unmatched":
+            state = ix.UNMATCHED if cfg.node.unmatched == "archive" else ix.IGNORED
+            self.index.set_series_state(job.series_uid, state, only_if=[ix.PROCESSING],
+                                        error=None)
+            self.index.finish_job(job, ok=True)
+            log.info("series_unmatched", series_uid=job.series_uid, action=state,
+                     reason=outcome.reason)
+            return
+        if outcome.status != "harmonised":
+            self.index.set_series_state(job.series_uid, ix.FAILED, only_if=[ix.PROCESSING],
+                                        error=outcome.reason, route=outcome.route)
+            self.index.finish_job(job, ok=False, error=outcome.reason)
+            log.warning("series_rejected", series_uid=job.series_uid, reason=outcome.reason)
+            return
+        derived_uid = self._archive(outcome.outputs)
+        shutil.rmtree(staging, ignore_errors=True)
+        model = f"{outcome.model.name} {outcome.model.version}"
+        self.index.set_series_state(derived_uid, ix.ARCHIVED, source_series_uid=job.series_uid,
+                                    route=outcome.route, model=model)
+        reopened = not self.index.set_series_state(
+            job.series_uid, ix.HARMONISED, only_if=[ix.PROCESSING], route=outcome.route,
+            model=model, error=None)
+        destinations = next(r.send_to for r in cfg.routes if r.name == outcome.route)
+        queued = enqueue_series(self.index, derived_uid, destinations) if destinations else 0
+        self.index.finish_job(job, ok=True)
+        log.info("series_harmonised", series_uid=job.series_uid, derived_series_uid=derived_uid,
+                 route=outcome.route, model=outcome.model.name,
+                 weights_sha256=outcome.model.sha256, instances=len(outcome.outputs),
+                 sends_queued=queued, reopened_while_processing=reopened)
+
+    def _archive(self, files: Sequence[Path]) -> str:
+        """Store staged derived instances durably in the archive; returns their series UID."""
+        node = self.config.node
+        series_uids = set()
+        for path in files:
+            data = path.read_bytes()
+            record = parse_header(data)
+            receive_instance(data, record, index=self.index, data_dir=node.data_dir,
+                             root=self.config.archive_dir,
+                             reserve_bytes=node.disk_reserve_mb * 2**20,
+                             duplicate_policy="replace", kind="derived")
+            series_uids.add(record.series_uid)
+        if len(series_uids) != 1:
+            raise RuntimeError(f"pipeline wrote {len(series_uids)} series, expected one")
+        return series_uids.pop()

@@ -1,0 +1,134 @@
+"""A series sent with storescu comes out harmonised in the archive; failures stay contained."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from pydicom import dcmread
+
+from dicomnode.config import load_config
+from dicomnode.index import Index
+from dicomnode.receive import parse_header, receive_instance
+from dicomnode.worker import Worker
+from pipelines.model_folder import save_model_folder
+from pipelines.networks import PlainResidualCNN
+from tests.dicom_factory import write_series
+from tests.nodeutil import NodeProcess, free_port, status, storescu, wait_for, write_config
+
+ROUTES = """
+[[routes]]
+name = "ct-sharp"
+model = "ct-test"
+[routes.match]
+Modality = "CT"
+ConvolutionKernel = "B7*"
+
+[[routes]]
+name = "ct-broken"
+model = "ct-broken"
+[routes.match]
+Modality = "CT"
+ConvolutionKernel = "B9*"
+"""
+
+
+def make_plain_model(folder: Path, name: str) -> Path:
+    """A registered architecture the node subprocess can build: a small plain residual CNN."""
+    torch.manual_seed(0)
+    params = {"features": 4, "blocks": 3}
+    net = PlainResidualCNN(**params)
+    with torch.no_grad():  # not the identity: the output must visibly differ
+        net.body[-1].weight.normal_(0, 0.05)
+    return save_model_folder(
+        folder / name, net, name=name, version="1.0", architecture="plain", params=params,
+        source={"name": "siemens-b70f", "Modality": "CT"},
+        target={"name": "siemens-b30f", "Modality": "CT"},
+        normalisation={"kind": "hu_window", "low": -1024, "high": 3071})
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    models = tmp_path / "models"
+    make_plain_model(models, "ct-test")
+    broken = make_plain_model(models, "ct-broken")
+    weights = broken / "weights.pt"
+    weights.write_bytes(weights.read_bytes() + b"tampered")
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var",
+                          extra_node=f'models_dir = "{models}"', extra=ROUTES)
+    return tmp_path, port, config
+
+
+def derived_rows(config: Path) -> list[dict]:
+    return [s for s in status(config).values() if s["kind"] == "derived"]
+
+
+def test_storescu_series_comes_out_harmonised_and_failures_are_contained(setup):
+    tmp_path, port, config = setup
+    sharp = write_series(tmp_path / "sharp", slices=6, size=32, kernel="B70f", seed=1)
+    broken = write_series(tmp_path / "broken", slices=3, size=32, kernel="B90f", seed=2)
+    smooth = write_series(tmp_path / "smooth", slices=3, size=32, kernel="B30f", seed=3)
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        for files in (broken, sharp, smooth):
+            storescu(port, files)
+        uids = {name: str(dcmread(f[0]).SeriesInstanceUID)
+                for name, f in (("sharp", sharp), ("broken", broken), ("smooth", smooth))}
+        final = {"harmonised", "failed", "unmatched"}
+        rows = wait_for(lambda: (s := status(config)) and all(
+            s.get(u, {}).get("state") in final for u in uids.values()) and s, 60,
+            what="all three series processed")
+    finally:
+        assert node.stop() == 0
+    assert rows[uids["sharp"]]["state"] == "harmonised"
+    assert rows[uids["sharp"]]["route"] == "ct-sharp"
+    assert rows[uids["smooth"]]["state"] == "unmatched"
+    assert rows[uids["broken"]]["state"] == "failed"
+    assert "sha256" in rows[uids["broken"]]["error"]
+    [derived] = derived_rows(config)
+    assert derived["instances"] == 6 and derived["state"] == "archived"
+    out = sorted((tmp_path / "var" / "archive").rglob("*.dcm"))
+    assert len(out) == 6
+    ds, src = dcmread(out[0]), dcmread(sharp[0])
+    assert ds.SeriesDescription.endswith("[harmonised: ct-test]")
+    assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+    assert ds.StudyInstanceUID == src.StudyInstanceUID
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+    assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+    if shutil.which("dciodvfy"):
+        check = subprocess.run(["dciodvfy", str(out[0])], capture_output=True, text=True,
+                               timeout=60)
+        assert "Error" not in check.stderr, check.stderr
+
+
+def test_job_interrupted_by_crash_reruns_without_duplicates(setup):
+    tmp_path, _, config_path = setup
+    config = load_config(config_path)
+    files = write_series(tmp_path / "sharp", slices=4, size=32, kernel="B70f", seed=5)
+    index = Index(config.index_path)
+    for path in files:
+        data = path.read_bytes()
+        receive_instance(data, parse_header(data), index=index,
+                         data_dir=config.node.data_dir, root=config.spool_dir,
+                         reserve_bytes=0, duplicate_policy="replace")
+    assert index.complete_quiet_series(0.0)
+    worker = Worker(config, index)
+    assert worker.step()  # first run completes and archives
+    first = sorted(p.name for p in config.archive_dir.rglob("*.dcm"))
+    # A crash mid-job: the job was claimed (running) when the node died.
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    with index.transaction() as db:
+        db.execute("UPDATE jobs SET state = 'running'")
+        db.execute("UPDATE series SET state = 'processing' WHERE series_uid = ?", (uid,))
+    assert index.recover()["jobs_requeued"] == 1
+    assert worker.step()
+    assert not worker.step()  # nothing left
+    again = sorted(p.name for p in config.archive_dir.rglob("*.dcm"))
+    assert again == first and len(first) == 4
+    derived = [r for r in index.all_series(kind="derived")]
+    assert len(derived) == 1 and derived[0]["instances"] == 4
+    assert index.series(uid)["state"] == "harmonised"
