@@ -34,7 +34,7 @@ class NodeSettings:
     models_dir: Path = Path("models")
     accept_any_loopback: bool = True
     max_associations: int = 10
-    max_pdu_size: int = 0  # 0 = unlimited, as dcmtk offers
+    max_pdu_size: int = 1_048_576  # 0 = unlimited; large PDUs = fewer messages per image
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
