@@ -16,6 +16,7 @@ COMMANDS = (
     "simulate",
     "serve",
     "status",
+    "resend",
     "route",
     "harmonise",
     "models",

@@ -50,11 +50,13 @@ class OutboxSettings:
     retry_initial: float = 5.0
     retry_max_interval: float = 600.0
     max_age_hours: float = 72.0
+    poll_interval: float = 1.0  # seconds between looks for sends that are due
 
 
 @dataclass(frozen=True)
 class ArchiveSettings:
     original_retention_days: float = 30.0
+    purge_interval_hours: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -370,3 +370,14 @@ class Outbox:
                          error=error)
             if series["source_series_uid"]:
                 _source_state(self.index, series["source_series_uid"], state, error)
+
+
+def schedule(scheduler: Any, config: Config, index: Index) -> Outbox:
+    """Put rows a crash left 'sending' back to pending and dispatch every poll_interval."""
+    requeued = recover(index)
+    if requeued:
+        log.info("outbox_recovered", requeued=requeued)
+    outbox = Outbox(config, index)
+    scheduler.add_job(outbox.dispatch, "interval", seconds=config.outbox.poll_interval,
+                      id="outbox", max_instances=1, coalesce=True)
+    return outbox

@@ -33,6 +33,7 @@ from pynetdicom import sop_class as sc
 from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.log import get_logger
+from dicomnode.qr import add_qr_contexts, qr_handlers
 from dicomnode.receive import RejectedInstance, parse_header, receive_instance
 from dicomnode.storage import StorageFull
 
@@ -169,6 +170,7 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
         (evt.EVT_ABORTED, handle_closed, [ctx, "aborted"]),
         (evt.EVT_C_ECHO, handle_echo, [ctx]),
         (evt.EVT_C_STORE, handle_store, [ctx]),
+        *qr_handlers(ctx),
     ]
 
 
@@ -183,5 +185,7 @@ def build_ae(config: Config) -> AE:
     ae.network_timeout = node.network_timeout
     ae.add_supported_context(sc.Verification)
     for cls in STORAGE_CLASSES:
-        ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
+        # scp_role: a C-GET requestor acts as Storage SCP on our association
+        ae.add_supported_context(cls, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
+    add_qr_contexts(ae)
     return ae

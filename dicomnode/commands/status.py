@@ -6,6 +6,7 @@ import argparse
 import json
 from collections import Counter
 
+from dicomnode import outbox
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from dicomnode.index import Index
@@ -27,9 +28,12 @@ def run(args: argparse.Namespace) -> int:
                         " config yet")
     index = Index(config.index_path)
     rows = index.all_series()
+    sends, send_errors = outbox.summary(index), outbox.last_errors(index)
     series = [{"series_uid": r["series_uid"], "state": r["state"], "instances": r["instances"],
                "route": r["route"], "error": r["error"], "kind": r["kind"],
-               "modality": r["modality"]} for r in rows]
+               "modality": r["modality"], "source_series_uid": r["source_series_uid"],
+               "sends": sends.get(r["series_uid"], {}),
+               "send_error": send_errors.get(r["series_uid"])} for r in rows]
     if args.json:
         print(json.dumps({"series": series}, indent=2))
         return 0
@@ -37,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
     print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())) or "no series")
     for s in series:
         extra = f"  route={s['route']}" if s["route"] else ""
-        extra += f"  error={s['error']}" if s["error"] else ""
+        for dest, counts in s["sends"].items():
+            extra += f"  {dest}: " + ", ".join(f"{n} {state}" for state, n in
+                                                sorted(counts.items()))
+        error = s["error"] or s["send_error"]
+        extra += f"  error={error}" if error else ""
         print(f"{s['state']:<11} {s['instances']:>5}  {s['modality'] or '-':<3} {s['kind']:<8}"
               f" {s['series_uid']}{extra}")
     return 0

@@ -1,0 +1,72 @@
+"""``dicomnode resend``: send harmonised instances again, on an operator's explicit request.
+
+The outbox never sends a confirmed instance twice by itself; this command re-queues
+rows (sent, failed or still pending) in the node's index. A running node picks them up
+at its next poll; a stopped one when it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dicomnode import outbox
+from dicomnode.config import load_config
+from dicomnode.errors import UserError
+from dicomnode.index import Index
+from dicomnode.log import configure
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resend", help="send harmonised series to their peers again",
+                       description="Queue harmonised instances for C-STORE again: one series"
+                       " (its derived series UID, or the UID of the original it came from),"
+                       " or every failed send. With --to, a series goes to that peer even if"
+                       " its route never sent it there.")
+    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
+                   " conf/node.toml)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--series", metavar="UID", help="a derived series, or an original"
+                       " whose harmonised copies should be sent again")
+    which.add_argument("--failed", action="store_true", help="every send that failed")
+    p.add_argument("--to", metavar="AE", help="only this destination peer (AE title)")
+    p.set_defaults(func=run)
+
+
+def _derived_of(index: Index, uid: str) -> list[str]:
+    row = index.series(uid)
+    if row is None:
+        raise UserError(f"series {uid} is not in the index")
+    if row["kind"] == "derived":
+        return [uid]
+    derived = [r["series_uid"] for r in index.db.execute(
+        "SELECT series_uid FROM series WHERE kind = 'derived' AND source_series_uid = ?",
+        (uid,))]
+    if not derived:
+        raise UserError(f"series {uid} is an original without a harmonised copy")
+    return derived
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure("warning")
+    if not config.index_path.exists():
+        raise UserError(f"no index at {config.index_path}: the node has not run with this"
+                        " config yet")
+    to = args.to.strip() if args.to else None
+    if to is not None and (config.peer(to) is None or config.peer(to).port is None):
+        raise UserError(f"--to {to}: not a peer with a port in [[peers]] of {config.path}")
+    index = Index(config.index_path)
+    total = 0
+    if args.failed:
+        total = outbox.resend(index, destination=to, states=(outbox.FAILED,))
+    else:
+        for uid in _derived_of(index, args.series.strip()):
+            known = outbox.summary(index).get(uid, {})
+            if to is not None and to not in known:
+                total += outbox.enqueue_series(index, uid, [to])
+            elif not known:
+                raise UserError(f"series {uid} has no sends; name a peer with --to")
+            else:
+                total += outbox.resend(index, series_uid=uid, destination=to)
+    print(f"{total} instance send(s) queued")
+    return 0

@@ -1,0 +1,237 @@
+"""Query/Retrieve SCP: C-FIND, C-MOVE and C-GET over the node's index (originals and
+harmonised copies alike), Patient Root and Study Root.
+
+Handlers are generators of ``(event, ctx)`` as pynetdicom expects; matching is in
+:mod:`dicomnode.query`, the index access here. Every loop checks ``event.is_cancelled``
+so a C-CANCEL stops a query or retrieve between two responses/sub-operations.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pydicom import dcmread
+from pynetdicom import evt
+from pynetdicom import sop_class as sc
+
+from dicomnode.index import Index
+from dicomnode.log import get_logger
+from dicomnode.outbox import fit_to_association, store_contexts
+from dicomnode.query import (
+    LEVELS,
+    Query,
+    QueryError,
+    aggregate,
+    match,
+    parse_identifier,
+    response,
+)
+
+if TYPE_CHECKING:
+    from dicomnode.scp import ScpContext
+
+log = get_logger("qr")
+
+PENDING, CANCEL = 0xFF00, 0xFE00
+MOVE_DESTINATION_UNKNOWN = 0xA801
+UNABLE_TO_PROCESS = 0xC000
+
+FIND_CLASSES = (sc.PatientRootQueryRetrieveInformationModelFind,
+                sc.StudyRootQueryRetrieveInformationModelFind)
+MOVE_CLASSES = (sc.PatientRootQueryRetrieveInformationModelMove,
+                sc.StudyRootQueryRetrieveInformationModelMove)
+GET_CLASSES = (sc.PatientRootQueryRetrieveInformationModelGet,
+               sc.StudyRootQueryRetrieveInformationModelGet)
+PATIENT_ROOT = {str(c) for c in (FIND_CLASSES[0], MOVE_CLASSES[0], GET_CLASSES[0])}
+
+
+# --- index access ---------------------------------------------------------------------
+
+def _in(column: str, values: list[str]) -> tuple[str, list[str]]:
+    return f"{column} IN ({', '.join('?' * len(values))})", values
+
+
+def series_records(index: Index, query: Query) -> list[dict[str, Any]]:
+    """One record per indexed series (attributes of its first instance + instance count),
+    narrowed in SQL by the identifier's exact patient/study/series keys."""
+    where, args = ["s.instances > 0"], []
+    for keyword, column in (("StudyInstanceUID", "s.study_uid"),
+                            ("SeriesInstanceUID", "s.series_uid"),
+                            ("PatientID", "json_extract(i.attrs, '$.PatientID')")):
+        if LEVELS.index({"PatientID": "PATIENT", "StudyInstanceUID": "STUDY",
+                         "SeriesInstanceUID": "SERIES"}[keyword]) > LEVELS.index(query.level):
+            continue
+        values = query.unique_values(keyword)
+        if values:
+            clause, vals = _in(column, values)
+            where.append(clause)
+            args += vals
+    rows = index.db.execute(
+        "SELECT s.series_uid, s.study_uid, s.instances, i.attrs FROM series s JOIN instances i"
+        " ON i.sop_instance_uid = (SELECT sop_instance_uid FROM instances WHERE series_uid ="
+        " s.series_uid ORDER BY instance_number, sop_instance_uid LIMIT 1)"
+        f" WHERE {' AND '.join(where)} ORDER BY s.first_received", args).fetchall()
+    out = []
+    for r in rows:
+        rec = json.loads(r["attrs"])
+        rec["StudyInstanceUID"], rec["SeriesInstanceUID"] = r["study_uid"], r["series_uid"]
+        rec["NumberOfSeriesRelatedInstances"] = r["instances"]
+        out.append(rec)
+    return out
+
+
+def image_records(index: Index, query: Query) -> list[dict[str, Any]]:
+    """Instance records (with their index row under ``_row``) matching at IMAGE level."""
+    above = Query("SERIES", query.keys)
+    series = [s["SeriesInstanceUID"] for s in series_records(index, above)
+              if match(above, s)]
+    out = []
+    sops = query.unique_values("SOPInstanceUID")
+    for start in range(0, len(series), 500):
+        clause, args = _in("series_uid", series[start:start + 500])
+        if sops:
+            sop_clause, sop_args = _in("sop_instance_uid", sops)
+            clause, args = f"{clause} AND {sop_clause}", args + sop_args
+        for r in index.db.execute(f"SELECT * FROM instances WHERE {clause}"
+                                  " ORDER BY series_uid, instance_number, sop_instance_uid", args):
+            rec = json.loads(r["attrs"])
+            rec.update(SOPInstanceUID=r["sop_instance_uid"], SOPClassUID=r["sop_class_uid"],
+                       SeriesInstanceUID=r["series_uid"], _row=r)
+            if r["instance_number"] is not None:
+                rec["InstanceNumber"] = r["instance_number"]
+            if match(query, rec):
+                out.append(rec)
+    return out
+
+
+def find(index: Index, query: Query) -> list[dict[str, Any]]:
+    """Records at ``query.level`` that match the identifier."""
+    if query.level == "IMAGE":
+        return image_records(index, query)
+    records = aggregate(series_records(index, query), query.level)
+    return [r for r in records if match(query, r)]
+
+
+def retrieve_rows(index: Index, query: Query) -> list[Any]:
+    """Index rows of every instance under the entities the identifier selects."""
+    return [r["_row"] for r in image_records(index, Query("IMAGE", query.keys))]
+
+
+# --- handlers -------------------------------------------------------------------------
+
+def _model(event: evt.Event) -> str:
+    return "PATIENT" if str(event.request.AffectedSOPClassUID) in PATIENT_ROOT else "STUDY"
+
+
+def _calling(event: evt.Event) -> str:
+    return event.assoc.requestor.ae_title.strip()
+
+
+def handle_find(event: evt.Event, ctx: ScpContext) -> Iterator[tuple[int, Any]]:
+    started = time.monotonic()
+    try:
+        query = parse_identifier(event.identifier, _model(event))
+        records = find(ctx.index, query)
+    except QueryError as exc:
+        log.warning("find_refused", calling_ae=_calling(event), reason=str(exc))
+        yield exc.status, None
+        return
+    except Exception as exc:  # a malformed identifier or a broken row: refuse, keep running
+        log.exception("find_failed", calling_ae=_calling(event), reason=str(exc))
+        yield UNABLE_TO_PROCESS, None
+        return
+    log.info("find", calling_ae=_calling(event), level=query.level, model=_model(event),
+             keys=sorted(k.keyword for k in query.filters()), matches=len(records),
+             ms=round((time.monotonic() - started) * 1000, 1))
+    ae_title = ctx.config.node.ae_title
+    for rec in records:
+        if event.is_cancelled:
+            log.info("find_cancelled", calling_ae=_calling(event))
+            yield CANCEL, None
+            return
+        yield PENDING, response(query, rec, ae_title)
+
+
+def _load(ctx: ScpContext, row: Any, accepted: Any, role: str) -> Any:
+    """The dataset of one instance, fitted to the sub-operation association, or a reason."""
+    try:
+        ds = dcmread(ctx.data_dir / row["path"])
+        return fit_to_association(ds, accepted, role)
+    except (OSError, ValueError, RuntimeError, AttributeError) as exc:
+        log.warning("retrieve_instance_unavailable", sop_instance_uid=row["sop_instance_uid"],
+                    reason=f"{type(exc).__name__}: {exc}")
+        return f"unavailable: {exc}"  # pynetdicom counts a non-dataset as a failed sub-op
+
+
+def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
+    dest = str(event.move_destination or "").strip()
+    peer = ctx.config.peer(dest)
+    if peer is None or peer.port is None:
+        log.warning("move_destination_unknown", calling_ae=_calling(event), destination=dest)
+        yield None, None  # -> 0xA801 Move Destination Unknown
+        return
+    try:
+        query = parse_identifier(event.identifier, _model(event))
+        rows = retrieve_rows(ctx.index, query)
+    except Exception as exc:
+        status = exc.status if isinstance(exc, QueryError) else UNABLE_TO_PROCESS
+        log.warning("move_refused", calling_ae=_calling(event), destination=dest, reason=str(exc))
+        yield peer.host, peer.port
+        yield 1
+        yield status, None
+        return
+    store: dict[str, Any] = {}
+
+    def accepted(ev: evt.Event) -> None:
+        store["assoc"] = ev.assoc
+
+    node = ctx.config.node
+    yield peer.host, peer.port, {
+        "contexts": store_contexts((r["sop_class_uid"], r["transfer_syntax"]) for r in rows)
+        or None,
+        "evt_handlers": [(evt.EVT_ACCEPTED, accepted)], "max_pdu": node.max_pdu_size}
+    log.info("move", calling_ae=_calling(event), destination=dest, level=query.level,
+             instances=len(rows))
+    yield len(rows)
+    for row in rows:
+        if event.is_cancelled:
+            log.info("move_cancelled", calling_ae=_calling(event), destination=dest)
+            yield CANCEL, None
+            return
+        assoc = store.get("assoc")
+        yield PENDING, _load(ctx, row, assoc.accepted_contexts if assoc else [], "scu")
+
+
+def handle_get(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
+    try:
+        query = parse_identifier(event.identifier, _model(event))
+        rows = retrieve_rows(ctx.index, query)
+    except Exception as exc:
+        status = exc.status if isinstance(exc, QueryError) else UNABLE_TO_PROCESS
+        log.warning("get_refused", calling_ae=_calling(event), reason=str(exc))
+        yield 1
+        yield status, None
+        return
+    log.info("get", calling_ae=_calling(event), level=query.level, instances=len(rows))
+    yield len(rows)
+    for row in rows:
+        if event.is_cancelled:
+            log.info("get_cancelled", calling_ae=_calling(event))
+            yield CANCEL, None
+            return
+        yield PENDING, _load(ctx, row, event.assoc.accepted_contexts, "scu")
+
+
+def qr_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
+    return [(evt.EVT_C_FIND, handle_find, [ctx]),
+            (evt.EVT_C_MOVE, handle_move, [ctx]),
+            (evt.EVT_C_GET, handle_get, [ctx])]
+
+
+def add_qr_contexts(ae: Any) -> None:
+    """Patient Root and Study Root FIND / MOVE / GET, default transfer syntaxes."""
+    for cls in (*FIND_CLASSES, *MOVE_CLASSES, *GET_CLASSES):
+        ae.add_supported_context(cls)
