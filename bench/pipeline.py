@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import structlog
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -66,6 +67,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     settings = InferenceSettings(device=args.device, batch_size=args.batch_size,
                                  patch_size=args.patch_size, bf16=not args.no_bf16,
                                  threads=args.threads)

@@ -194,11 +194,25 @@ def _series_description(source: Dataset, model_name: str) -> str:
     return (base[: max(0, 64 - len(suffix))] + suffix)[-64:].strip()
 
 
+def series_reference(sources: Sequence[Dataset]) -> Dataset:
+    """The ReferencedSeriesSequence item listing every instance of the source series."""
+    ref = Dataset()
+    ref.SeriesInstanceUID = sources[0].SeriesInstanceUID
+    instances = []
+    for s in sources:
+        item = Dataset()
+        item.ReferencedSOPClassUID = s.SOPClassUID
+        item.ReferencedSOPInstanceUID = s.SOPInstanceUID
+        instances.append(item)
+    ref.ReferencedInstanceSequence = DicomSequence(instances)
+    return ref
+
+
 def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
-                    sources: Sequence[Dataset], provenance: Provenance) -> Dataset:
+                    series_ref: Dataset, provenance: Provenance) -> Dataset:
     """One derived instance from its source header (without pixel data) and stored pixels.
 
-    ``sources`` are all instances of the source series (for ReferencedSeriesSequence).
+    ``series_ref`` comes from :func:`series_reference` (built once per series).
     """
     ds = copy.deepcopy(source)
     ds.remove_private_tags()
@@ -223,15 +237,6 @@ def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
     ref.PurposeOfReferenceCodeSequence = DicomSequence(
         [_code("121322", "Source image for image processing operation")])
     ds.SourceImageSequence = DicomSequence([ref])
-    series_ref = Dataset()
-    series_ref.SeriesInstanceUID = source.SeriesInstanceUID
-    instances = []
-    for s in sources:
-        item = Dataset()
-        item.ReferencedSOPClassUID = s.SOPClassUID
-        item.ReferencedSOPInstanceUID = s.SOPInstanceUID
-        instances.append(item)
-    series_ref.ReferencedInstanceSequence = DicomSequence(instances)
     ds.ReferencedSeriesSequence = DicomSequence([series_ref])
     ds.ContributingEquipmentSequence = _equipment(source, provenance, stamp)
     meta = getattr(source, "file_meta", None)
@@ -291,13 +296,14 @@ def write_derived_series(volume: Volume, harmonised: np.ndarray, provenance: Pro
     series_uid = derived_series_uid(str(sources[0].SeriesInstanceUID), provenance.weights_sha256)
     folder = Path(out_dir) / series_uid
     written: list[Path] = []
+    reference = series_reference(sources)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for i, source in enumerate(sources):
             padding = volume.padding[i] if volume.padding is not None else None
             pixels = to_stored(harmonised[i], source, padding)
-            ds = derive_instance(source, pixels, series_uid=series_uid, sources=sources,
-                                 provenance=provenance)
+            ds = derive_instance(source, pixels, series_uid=series_uid,
+                                 series_ref=reference, provenance=provenance)
             path = folder / f"{ds.SOPInstanceUID}.dcm"
             write_atomic(ds, path)
             written.append(path)
