@@ -20,6 +20,8 @@ COMMANDS = (
     "route",
     "harmonise",
     "models",
+    "train",
+    "evaluate",
 )
 
 

@@ -1,4 +1,4 @@
-"""Training data: body masks, series pairing and patch sampling.
+"""Training data: series loading, body masks, pairing, held-out splits, patch sampling.
 
 Patches are drawn with their centre inside the body mask: air around the patient is
 half of every CT slice, carries no scanner texture worth learning, and would otherwise
@@ -7,12 +7,18 @@ dominate the pixel losses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+from pipelines.intensity import Normalisation
+from pipelines.routing import element_text
+from pipelines.series import SeriesError, Volume, find_series, load_series
 
 
 def body_mask(volume: np.ndarray, modality: str) -> np.ndarray:
@@ -105,3 +111,106 @@ class PatchSampler:
 
 def _batch(patches: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.stack(patches)))[:, None].float()
+
+
+DESCRIBE = ("Modality", "Manufacturer", "ManufacturerModelName", "ConvolutionKernel",
+            "MagneticFieldStrength", "SeriesDescription")
+
+
+@dataclass
+class Series:
+    """One loaded series: its volume (real values), body mask and identity."""
+
+    uid: str
+    files: list[Path]
+    volume: Volume
+    mask: np.ndarray
+
+    @property
+    def header(self) -> Any:
+        return self.volume.datasets[0]
+
+    @property
+    def modality(self) -> str:
+        return str(self.header.get("Modality", "")).upper()
+
+    @property
+    def frame_of_reference(self) -> str:
+        return str(self.header.get("FrameOfReferenceUID", ""))
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Slice positions (mm) along the slice normal, in array order."""
+        normal = self.volume.direction[0]
+        return np.array([np.dot(f.position, normal) for f in self.volume.frames])
+
+    def describe(self) -> dict[str, Any]:
+        """The domain description written into model.json (key DICOM tags)."""
+        out = {}
+        for keyword in DESCRIBE:
+            value = element_text(self.header, keyword)
+            if value is not None:
+                out[keyword] = value
+        return out
+
+
+def load_series_dir(root: Path, log: Callable[[str], None] = print) -> list[Series]:
+    """Every loadable series under ``root``; series that cannot be volumes are skipped
+    with their one-line reason (a site's archive always holds some localisers and junk)."""
+    found = []
+    for uid, files in find_series(root).items():
+        try:
+            volume = load_series(files)
+        except SeriesError as exc:
+            log(f"skipping series {uid}: {exc}")
+            continue
+        modality = str(volume.datasets[0].get("Modality", ""))
+        found.append(Series(uid, files, volume, body_mask(volume.array, modality)))
+    return found
+
+
+def normalisation_for(modality: str) -> Normalisation:
+    """CT: a fixed HU window (HU mean the same on every scanner); MR: per-volume
+    percentiles (MR signal has no absolute scale across scanners)."""
+    spec = {"kind": "hu_window", "low": -1024, "high": 3071} if modality.upper() == "CT" \
+        else {"kind": "percentile", "low": 0.5, "high": 99.5}
+    return Normalisation.from_spec(spec)
+
+
+@dataclass
+class Pair:
+    """Voxel-aligned source and target slices of one frame of reference."""
+
+    source: Series
+    target: Series
+    source_slices: list[int]
+    target_slices: list[int]
+
+
+def pair_series(sources: Sequence[Series], targets: Sequence[Series],
+                tolerance: float = 0.01) -> list[Pair]:
+    """Pairs of series sharing a FrameOfReferenceUID and image grid, matched slice by
+    slice on their position along the normal (the same raw data in two kernels)."""
+    pairs = []
+    for s in sources:
+        for t in targets:
+            if not s.frame_of_reference or s.frame_of_reference != t.frame_of_reference:
+                continue
+            if s.volume.array.shape[1:] != t.volume.array.shape[1:] or not np.allclose(
+                    s.volume.spacing[1:], t.volume.spacing[1:], atol=1e-3):
+                continue
+            matched = match_slices(s.positions, t.positions, tolerance)
+            if matched:
+                pairs.append(Pair(s, t, [i for i, _ in matched], [j for _, j in matched]))
+                break
+    return pairs
+
+
+def split_holdout(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices for training and held-out validation: whole series, at least one each."""
+    if count < 2:
+        raise ValueError("need at least two series per domain (one is held out for"
+                         " validation)")
+    order = np.random.default_rng(seed).permutation(count).tolist()
+    held = min(max(1, round(count * fraction)), count - 1)
+    return sorted(order[held:]), sorted(order[:held])

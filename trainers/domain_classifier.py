@@ -21,9 +21,13 @@ from trainers.data import PatchSampler
 class DomainClassifier(nn.Module):
     """Three conv stages (3x3 conv, LeakyReLU, 2x average pool), global pool, linear.
 
-    Global mean and standard-deviation pooling make it patch-size agnostic and hand the
-    head texture energy (noise grain) directly; :meth:`features` exposes the stage outputs
-    for Gram matrices.
+    One conv per stage keeps it cheap enough to train inside every ``evaluate`` on a CPU;
+    the first stage runs at full resolution, where noise grain lives.
+
+    Global mean and standard-deviation pooling of every stage make it patch-size agnostic
+    and hand the head texture energy at three scales (noise grain, edges) directly, on a
+    log scale so that a faint noise difference weighs like a strong one.
+    :meth:`features` exposes the stage outputs for Gram matrices.
     """
 
     def __init__(self, channels: int = 1, features: int = 16, dims: int = 2,
@@ -33,10 +37,9 @@ class DomainClassifier(nn.Module):
         self.pool = nn.AvgPool2d(2) if dims == 2 else nn.AvgPool3d(2)
         widths = [channels, features, features * 2, features * 4]
         self.stages = nn.ModuleList(
-            nn.Sequential(conv(widths[i], widths[i + 1], 3, padding=1), nn.LeakyReLU(0.2),
-                          conv(widths[i + 1], widths[i + 1], 3, padding=1), nn.LeakyReLU(0.2))
+            nn.Sequential(conv(widths[i], widths[i + 1], 3, padding=1), nn.LeakyReLU(0.2))
             for i in range(3))
-        self.head = nn.Linear(2 * widths[-1], classes)
+        self.head = nn.Linear(2 * sum(widths[1:]), classes)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = []
@@ -46,8 +49,11 @@ class DomainClassifier(nn.Module):
         return maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = self.features(x)[-1].flatten(2)
-        return self.head(torch.cat([flat.mean(-1), flat.std(-1)], dim=1))
+        stats = []
+        for maps in self.features(x):
+            flat = maps.flatten(2)
+            stats += [flat.mean(-1), torch.log(flat.std(-1) + 1e-4)]
+        return self.head(torch.cat(stats, dim=1))
 
 
 def train_classifier(samplers: list[PatchSampler], steps: int = 300, batch: int = 32,

@@ -33,8 +33,11 @@ class CommonOptions:
     source: Path | None = _opt(None, "folder of source-domain DICOM series")
     target: Path | None = _opt(None, "folder of target-domain DICOM series")
     name: str = _opt("", "model name: the folder written under --models-dir")
-    models_dir: Path = _opt(Path("models"), "where the model folder is written")
-    version: str = _opt("", "model version (default: next free 1.N for this name)")
+    source_domain: str = _opt("", "source domain name for model.json (default: from tags)")
+    target_domain: str = _opt("", "target domain name for model.json (default: from tags)")
+    models_dir: Path = _opt(Path("models"), "where the model folder is written (the CLI"
+                            " defaults to the node config's models_dir)")
+    version: str = _opt("1.0", "model version recorded in model.json")
     architecture: str = _opt("plain", "generator architecture (pipelines.networks registry)")
     dims: int = _opt(2, "2 (slices) or 3 (volumes)", choices=(2, 3))
     param: dict[str, Any] = _opt({}, "generator parameter KEY=VALUE (repeatable), e.g."
@@ -89,6 +92,8 @@ class UnpairedOptions(CommonOptions):
 class SiteOptions(UnpairedOptions, PairedOptions):
     """Per-site retraining from the node's own data, for one route (paired or unpaired)."""
 
+    architecture: str = _opt("", "generator architecture (default: the deployed model's,"
+                             " else plain for paired and unet for unpaired)")
     route: str = _opt("", "route name in the node config")
     config: Path | None = _opt(None, "node config (default: $DICOMNODE_CONFIG or conf/node.toml)")
     mode: str = _opt("auto", "auto (paired when series share a frame of reference) | paired"

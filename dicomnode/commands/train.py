@@ -1,0 +1,61 @@
+"""``dicomnode train paired|unpaired|site``: train a generator, write a model folder + report."""
+
+from __future__ import annotations
+
+import argparse
+
+from dicomnode.config import load_config
+from dicomnode.errors import UserError
+from dicomnode.log import configure
+from pipelines.errors import PipelineError
+from trainers.options import PairedOptions, SiteOptions, UnpairedOptions, add_arguments, from_args
+
+MODES = {
+    "paired": (PairedOptions, "paired residual CNN / U-Net: the same raw data in two kernels,"
+               " series matched by FrameOfReferenceUID and slice position"),
+    "unpaired": (UnpairedOptions, "CycleGAN (LSGAN or WGAN-GP, cycle, identity, optional SSIM,"
+                 " CBAM and Gram texture loss) on two unpaired sets of series"),
+    "site": (SiteOptions, "retrain a route's model from the node's own spool: the route's"
+             " match selects source series, its target table the reference series; writes a"
+             " new version next to the deployed one and compares them on held-out series"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a generator (paired, unpaired, or per site)",
+                       description="Train a harmonisation generator and write"
+                       " models_dir/NAME (model.json, weights, report/).")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    for mode, (cls, text) in MODES.items():
+        m = modes.add_parser(mode, help=text, description=text)
+        if mode != "site":
+            m.add_argument("--config", help="node config, for its models_dir (default:"
+                           " $DICOMNODE_CONFIG or conf/node.toml)")
+        add_arguments(m, cls, skip={"source", "target"} if mode == "site" else None)
+        m.set_defaults(func=run, models_dir=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainers.site import train_site
+    from trainers.train import TrainingError, train_paired, train_unpaired
+
+    configure("warning")  # progress goes to stderr; stdout stays machine-readable
+    cls = MODES[args.mode][0]
+    config = None
+    if args.models_dir is None or args.mode == "site":
+        config = load_config(args.config)
+        args.models_dir = args.models_dir or config.node.models_dir
+    options = from_args(cls, args)
+    try:
+        if args.mode == "paired":
+            outcome = train_paired(options)
+        elif args.mode == "unpaired":
+            outcome = train_unpaired(options)
+        else:
+            assert config is not None
+            outcome = train_site(options, routes=config.routes,
+                                 spool=config.spool_dir, models_dir=args.models_dir)
+    except (TrainingError, PipelineError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    print(outcome.folder)
+    return 0

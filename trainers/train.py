@@ -1,0 +1,264 @@
+"""From DICOM folders to a model folder and its report: what ``dicomnode train`` runs.
+
+Loading, pairing and splitting live in :mod:`trainers.data`, the optimisation in
+:mod:`trainers.loop` with a mode's step (:mod:`trainers.paired`, :mod:`trainers.unpaired`);
+this module wires them together and writes ``models_dir/NAME`` (CONTRACT model folder)
+with ``report/`` inside it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.inference import InferenceSettings, run_generator
+from pipelines.intensity import Normalisation, denormalise, normalise
+from pipelines.model_folder import save_model_folder
+from pipelines.networks import build_generator, count_parameters
+from trainers import report
+from trainers.data import (
+    PatchSampler,
+    Series,
+    load_series_dir,
+    normalisation_for,
+    pair_series,
+    split_holdout,
+)
+from trainers.domain_classifier import train_classifier
+from trainers.loop import FitResult, fit, seed_everything, select_device
+from trainers.metrics import data_range, image_metrics, metric_unit_name, metric_units
+from trainers.options import CommonOptions, PairedOptions, UnpairedOptions, summary
+from trainers.paired import PairedData, generator_params, paired_step
+from trainers.unpaired import UnpairedData, unpaired_step
+
+Log = Callable[[str], None]
+REPORT_SLICES = 3
+FEATURE_NET = {"architecture": "DomainClassifier", "features": 16}
+
+
+class TrainingError(ValueError):
+    """A problem with the training request or its data, phrased for the user."""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    folder: Path
+    best: dict[str, float]
+    result: FitResult
+    heldout: dict[str, Any]
+
+
+def _check_output(options: CommonOptions) -> Path:
+    if not options.name or "/" in options.name or options.name.startswith("."):
+        raise TrainingError(f"--name must be a plain folder name, got {options.name!r}")
+    folder = options.models_dir / options.name
+    if folder.exists() and not options.force:
+        raise TrainingError(f"{folder} exists; choose another --name, or --force to replace it")
+    for label, path in (("--source", options.source), ("--target", options.target)):
+        if path is None or not Path(path).is_dir():
+            raise TrainingError(f"{label} {path}: not a folder")
+    return folder
+
+
+def _load(path: Path, label: str, log: Log) -> list[Series]:
+    series = load_series_dir(path, log)
+    if not series:
+        raise TrainingError(f"{label} {path}: no loadable DICOM series")
+    modalities = {s.modality for s in series}
+    if len(modalities) > 1:
+        raise TrainingError(f"{label} {path}: mixed modalities {sorted(modalities)}")
+    return series
+
+
+def _domain(name: str, series: Sequence[Series]) -> dict[str, Any]:
+    tags = series[0].describe()
+    default = " ".join(str(tags[k]) for k in ("Manufacturer", "ConvolutionKernel",
+                                                "MagneticFieldStrength") if k in tags)
+    return {"name": name or default, **{k: v for k, v in tags.items()
+                                         if k != "SeriesDescription"}}
+
+
+def harmonise_array(generator: nn.Module, volume: np.ndarray, norm: Normalisation, dims: int,
+                    device: torch.device) -> np.ndarray:
+    """Real values in, real values out, exactly as the node's runtime does it."""
+    normalised, anchors = normalise(volume, norm)
+    settings = InferenceSettings(device=device.type, batch_size=4, bf16=False)
+    return denormalise(run_generator(generator, normalised, dims, settings), anchors)
+
+
+def _report_slices(depth: int) -> list[int]:
+    return sorted({int(round(f * (depth - 1))) for f in (0.3, 0.5, 0.7)})[:REPORT_SLICES]
+
+
+def _save(options: CommonOptions, folder: Path, result: FitResult, modality: str,
+          sources: Sequence[Series], targets: Sequence[Series], extra: dict[str, Any],
+          log: Log) -> nn.Module:
+    params = generator_params(options)
+    generator = build_generator(options.architecture, params)
+    generator.load_state_dict(result.generator_state)
+    generator.eval()
+    if folder.exists():
+        shutil.rmtree(folder)
+    training = {"mode": type(options).__name__.removesuffix("Options").lower(),
+                "options": summary(options), "steps": result.steps,
+                "seconds": round(result.seconds, 1), "stopped_by": result.stopped,
+                "best_step": result.best_step, "parameters": count_parameters(generator),
+                "source_series": len(sources), "target_series": len(targets), **extra}
+    save_model_folder(folder, generator, name=options.name, version=options.version,
+                      architecture=options.architecture, params=params,
+                      source=_domain(options.source_domain, sources),
+                      target=_domain(options.target_domain, targets),
+                      normalisation=normalisation_for(modality).to_spec(), training=training,
+                      validation={"best": result.best, "step": result.best_step})
+    log(f"wrote {folder} (best validation at step {result.best_step}: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in result.best.items()) + ")")
+    return generator
+
+
+def _write_report(folder: Path, result: FitResult, modality: str,
+                  rows: list[list[np.ndarray]], titles: list[str],
+                  hist: dict[str, np.ndarray], metrics: dict[str, Any]) -> None:
+    out = folder / "report"
+    out.mkdir(exist_ok=True)
+    report.plot_losses(result.history, out / "losses.png")
+    report.write_history(out / "history.csv", result.history)
+    window = report.display_window(modality, rows[0][-1])
+    report.plot_grid(rows, titles, out / "comparison.png", window)
+    report.plot_histograms(hist, out / "histograms.png", metric_unit_name(modality))
+    report.write_json(out / "metrics.json", metrics)
+
+
+def train_paired(options: PairedOptions, log: Log = print) -> TrainOutcome:
+    """Paired training on series matched by FrameOfReferenceUID and slice position."""
+    folder = _check_output(options)
+    sources = _load(options.source, "--source", log)
+    targets = _load(options.target, "--target", log)
+    return train_paired_series(options, sources, targets, folder, log)
+
+
+def train_paired_series(options: PairedOptions, sources: Sequence[Series],
+                        targets: Sequence[Series], folder: Path,
+                        log: Log = print) -> TrainOutcome:
+    """Paired training on already loaded series (``train site`` selects them itself)."""
+    pairs = pair_series(sources, targets, options.tolerance)
+    if len(pairs) < 2:
+        raise TrainingError(f"found {len(pairs)} source/target pair(s) sharing a"
+                            " FrameOfReferenceUID, image grid and slice positions; paired"
+                            " training needs at least 2 (use 'train unpaired' otherwise)")
+    modality = pairs[0].source.modality
+    norm = normalisation_for(modality)
+    arrays = []
+    for p in pairs:
+        src = normalise(p.source.volume.array, norm)[0][p.source_slices]
+        tgt = normalise(p.target.volume.array, norm)[0][p.target_slices]
+        mask = p.source.mask[p.source_slices] | p.target.mask[p.target_slices]
+        arrays.append((src, tgt, mask))
+    train_idx, val_idx = split_holdout(len(pairs), options.holdout, options.seed)
+    log(f"{len(pairs)} pairs: {len(train_idx)} for training, {len(val_idx)} held out")
+    pick = (lambda idx, k: [arrays[i][k] for i in idx])  # noqa: E731 - local shorthand
+    data = PairedData(pick(train_idx, 0), pick(train_idx, 1), pick(train_idx, 2),
+                      pick(val_idx, 0), pick(val_idx, 1), pick(val_idx, 2))
+    seed_everything(options.seed)
+    device = select_device(options.device)
+    result = fit(paired_step(data, options, device), options, log)
+    generator = _save(options, folder, result, modality, [p.source for p in pairs],
+                      [p.target for p in pairs], {"pairs": len(pairs)}, log)
+    rows, hist, before_m, after_m = [], {"before": [], "after": [], "target": []}, [], []
+    for i in val_idx:
+        p = pairs[i]
+        raw = p.source.volume.array[p.source_slices]
+        after = metric_units(harmonise_array(generator, raw, norm, options.dims, device),
+                             modality)
+        before = metric_units(raw, modality)
+        target = metric_units(p.target.volume.array[p.target_slices], modality)
+        mask = arrays[i][2]
+        peak = data_range(target, mask)
+        before_m.append(image_metrics(before, target, mask, peak))
+        after_m.append(image_metrics(after, target, mask, peak))
+        for name, img in (("before", before), ("after", after), ("target", target)):
+            hist[name].append(img[mask])
+        if len(rows) < REPORT_SLICES:
+            rows += [[before[z], after[z], target[z]] for z in _report_slices(len(before))]
+    heldout = {k: {"before": float(np.mean([m[k] for m in before_m])),
+                   "after": float(np.mean([m[k] for m in after_m]))} for k in before_m[0]}
+    _write_report(folder, result, modality, rows[:REPORT_SLICES],
+                  ["before (source)", "after (harmonised)", "target"],
+                  {k: np.concatenate(v) for k, v in hist.items()},
+                  {"heldout": heldout, "validation_best": result.best,
+                   "best_step": result.best_step, "steps": result.steps,
+                   "seconds": result.seconds, "data_range": "target max - min inside the mask"})
+    return TrainOutcome(folder, result.best, result, heldout)
+
+
+def train_unpaired(options: UnpairedOptions, log: Log = print) -> TrainOutcome:
+    """CycleGAN training on two unpaired sets of series."""
+    folder = _check_output(options)
+    sources = _load(options.source, "--source", log)
+    targets = _load(options.target, "--target", log)
+    modality = sources[0].modality
+    if targets[0].modality != modality:
+        raise TrainingError(f"source is {modality} but target is {targets[0].modality}")
+    return train_unpaired_series(options, sources, targets, folder, log)
+
+
+def train_unpaired_series(options: UnpairedOptions, sources: Sequence[Series],
+                          targets: Sequence[Series], folder: Path,
+                          log: Log = print) -> TrainOutcome:
+    """CycleGAN on already loaded series (``train site`` selects them from the spool)."""
+    modality = sources[0].modality
+    norm = normalisation_for(modality)
+    try:
+        s_train, s_val = split_holdout(len(sources), options.holdout, options.seed)
+        t_train, t_val = split_holdout(len(targets), options.holdout, options.seed + 1)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    log(f"source: {len(s_train)} series for training, {len(s_val)} held out; target:"
+        f" {len(t_train)} / {len(t_val)}")
+    src = [normalise(s.volume.array, norm)[0] for s in sources]
+    tgt = [normalise(t.volume.array, norm)[0] for t in targets]
+    data = UnpairedData([src[i] for i in s_train], [sources[i].mask for i in s_train],
+                        [tgt[i] for i in t_train], [targets[i].mask for i in t_train],
+                        [src[i] for i in s_val], [sources[i].mask for i in s_val],
+                        [tgt[i] for i in t_val], [targets[i].mask for i in t_val])
+    seed_everything(options.seed)
+    device = select_device(options.device)
+    log(f"training the Gram/validation feature network ({options.feature_steps} steps)")
+    samplers: list[PatchSampler] = list(data.samplers(options.patch, options.dims,
+                                                      options.seed + 11))
+    features = train_classifier(samplers, steps=options.feature_steps,
+                                features=FEATURE_NET["features"], seed=options.seed,
+                                device=device)
+    result = fit(unpaired_step(data, options, features, device), options, log)
+    feature_note = {**FEATURE_NET, "steps": options.feature_steps,
+                    "trained_on": "training patches of both domains, labelled by scanner",
+                    "why": "no pretrained VGG offline; a scanner classifier's features see"
+                           " exactly the texture that separates the scanners",
+                    "gram_layers": "all three conv stages"}
+    generator = _save(options, folder, result, modality, sources, targets,
+                      {"feature_network": feature_note}, log)
+    rows, hist = [], {"before": [], "after": [], "target": []}
+    for k, (i, j) in enumerate(zip(s_val, t_val * len(s_val), strict=False)):
+        raw = sources[i].volume.array
+        after = metric_units(harmonise_array(generator, raw, norm, options.dims, device),
+                             modality)
+        before = metric_units(raw, modality)
+        target = metric_units(targets[j].volume.array, modality)
+        hist["before"].append(before[sources[i].mask])
+        hist["after"].append(after[sources[i].mask])
+        hist["target"].append(target[targets[j].mask])
+        if k == 0:
+            zs, zt = _report_slices(len(before)), _report_slices(len(target))
+            rows = [[before[a], after[a], target[b]] for a, b in zip(zs, zt, strict=False)]
+    _write_report(folder, result, modality, rows,
+                  ["before (source)", "after (harmonised)", "target (other subject)"],
+                  {k: np.concatenate(v) for k, v in hist.items()},
+                  {"validation_best": result.best, "best_step": result.best_step,
+                   "steps": result.steps, "seconds": result.seconds})
+    return TrainOutcome(folder, result.best, result, {})
