@@ -16,6 +16,7 @@ bin width and slice thickness, then -log(counts / I0), including photon starvati
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -46,65 +47,75 @@ def kernel_response(kernel: CTKernel, f: torch.Tensor) -> torch.Tensor:
 
 
 def views_for(n: int) -> int:
-    """Angular samples over 180 degrees for an n-pixel grid (about pi/2 n, as scanners use)."""
-    return int(math.ceil(math.pi * n / 2 / 8) * 8)
+    """Parallel views over 180 degrees for an n-pixel grid: 576 at 512, as a scanner with
+    1152 fan-beam projections per rotation gives after rebinning."""
+    return int(math.ceil(1.125 * n / 8) * 8)
+
+
+@dataclass(frozen=True)
+class _Polar:
+    """Where each (view, frequency >= 0) sample of the projections lies on the half-plane
+    (rfft) k-grid of the 2n-padded image; the grid layout is unshifted (origin at index 0)."""
+
+    idx: torch.Tensor        # (4, views * h) flat indices of the bilinear corners
+    w: torch.Tensor          # (4, views * h) bilinear weights
+    mirrored: torch.Tensor   # (views, h) sample taken from the conjugate point (kx < 0)
+    apod: torch.Tensor       # (n, n) sinc^2 roll-off of k-space linear interpolation
+    crop: torch.Tensor       # (n,) indices of the image inside the wrapped padded grid
+    support: torch.Tensor    # detector bins that can cross the n x n image (wrapped order)
 
 
 @lru_cache(maxsize=4)
-def _polar(n: int, views: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear gather indices/weights of the polar samples on the padded (2n)^2 k-grid,
-    the de-apodisation map of that interpolation, for (views, 2n) samples."""
+def _polar(n: int, views: int) -> _Polar:
     m = 2 * n
+    h = m // 2 + 1
     theta = torch.arange(views, dtype=torch.float64) * math.pi / views
-    u = torch.arange(m, dtype=torch.float64) - m // 2
-    kx = m // 2 + u[None, :] * torch.cos(theta)[:, None]
-    ky = m // 2 + u[None, :] * torch.sin(theta)[:, None]
-    x0, y0 = kx.floor().clamp(0, m - 2), ky.floor().clamp(0, m - 2)
-    fx, fy = (kx - x0).clamp(0, 1), (ky - y0).clamp(0, 1)
-    base = (y0 * m + x0).long().flatten()
-    idx = torch.stack([base, base + 1, base + m, base + m + 1])
-    w = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
-    w = w.reshape(4, -1).float()
-    # Linear interpolation in k multiplies the object by sinc^2 of position / padded width.
+    u = torch.arange(h, dtype=torch.float64)
+    kx = u[None, :] * torch.cos(theta)[:, None]
+    ky = u[None, :] * torch.sin(theta)[:, None]
+    mirrored = kx < 0
+    kx, ky = torch.where(mirrored, -kx, kx), torch.where(mirrored, -ky, ky)
+    x0 = kx.floor().clamp(max=h - 2)
+    y0 = ky.floor()
+    fx, fy = (kx - x0).flatten(), (ky - y0).flatten()
+    x0, y0 = x0.long().flatten(), y0.long().flatten()
+    idx = torch.stack([(y0 + dy) % m * h + x0 + dx for dy in (0, 1) for dx in (0, 1)])
+    w = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]).float()
+    crop = (torch.arange(n) - n // 2) % m
     s = torch.sinc((torch.arange(n, dtype=torch.float64) - n // 2) / m) ** 2
-    return idx, w, (s[:, None] * s[None, :]).float()
-
-
-def _pad_centre(img: torch.Tensor, m: int) -> torch.Tensor:
-    n = img.shape[-1]
-    out = img.new_zeros(img.shape[0], m, m)
-    o = m // 2 - n // 2
-    out[:, o:o + n, o:o + n] = img
-    return out
+    reach = math.ceil(n / math.sqrt(2)) + 2
+    support = torch.cat([torch.arange(reach + 1), torch.arange(m - reach, m)])
+    return _Polar(idx, w, mirrored, (s[:, None] * s[None, :]).float(), crop, support)
 
 
 def project(mu: torch.Tensor, pixel: float, views: int) -> torch.Tensor:
-    """Line integrals (S, views, 2n) of attenuation ``mu`` (S, n, n, 1/mm), bins of ``pixel``."""
-    n = mu.shape[-1]
-    m = 2 * n
-    idx, w, apod = _polar(n, views)
-    spec = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(
-        _pad_centre(mu / apod, m), dim=(-2, -1))), dim=(-2, -1)).reshape(mu.shape[0], -1)
-    lines = (spec[:, idx] * w).sum(1).reshape(mu.shape[0], views, m)
-    p = torch.fft.fftshift(torch.fft.ifft(torch.fft.ifftshift(lines, dim=-1)), dim=-1)
-    return p.real * pixel
+    """Line integrals (S, views, 2n) of attenuation ``mu`` (S, n, n, 1/mm), bins of ``pixel``,
+    detector position t = 0 at bin 0 (wrapped order, as the FFTs want it)."""
+    s, n = mu.shape[0], mu.shape[-1]
+    m, pol = 2 * n, _polar(n, views)
+    padded = mu.new_zeros(s, m, m)
+    padded[:, pol.crop[:, None], pol.crop[None, :]] = mu / pol.apod
+    spec = torch.fft.rfft2(padded).reshape(s, -1)
+    lines = (spec[:, pol.idx] * pol.w).sum(1).reshape(s, views, -1)
+    lines = torch.where(pol.mirrored, lines.conj(), lines)
+    return torch.fft.irfft(lines, n=m) * pixel
 
 
 def fbp(sino: torch.Tensor, pixel: float, kernel: CTKernel) -> torch.Tensor:
     """Filtered back-projection (S, n, n) of parallel-beam line integrals (S, views, 2n)."""
     s, views, m = sino.shape
-    n = m // 2
-    idx, w, apod = _polar(n, views)
-    q = torch.fft.fftshift(torch.fft.fft(torch.fft.ifftshift(sino, dim=-1)), dim=-1)
-    u = (torch.arange(m) - m // 2).abs().float()
-    q = q * (u * kernel_response(kernel, u / (m // 2)) * math.pi / (views * pixel))
-    grid = torch.zeros(s, m * m, dtype=q.dtype)
-    vals = q.reshape(s, 1, -1) * w
-    grid.index_add_(1, idx.flatten(), vals.reshape(s, -1))
-    img = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(
-        grid.reshape(s, m, m), dim=(-2, -1))), dim=(-2, -1)).real
-    o = m // 2 - n // 2
-    return img[:, o:o + n, o:o + n] / apod
+    n, h = m // 2, m // 2 + 1
+    pol = _polar(n, views)
+    u = torch.arange(h, dtype=torch.float32)
+    q = torch.fft.rfft(sino) * (u * kernel_response(kernel, u / n) * math.pi / (views * pixel))
+    q = torch.where(pol.mirrored, q.conj(), q)
+    grid = torch.zeros(s, m * h, dtype=q.dtype)
+    grid.index_add_(1, pol.idx.flatten(), (q.reshape(s, 1, -1) * pol.w).reshape(s, -1))
+    grid = grid.view(s, m, h)
+    grid[:, :, 0] *= 2.0     # c2r keeps half of what lands on the self-conjugate columns
+    grid[:, :, -1] *= 2.0
+    img = torch.fft.irfft2(grid, s=(m, m))
+    return img[:, pol.crop[:, None], pol.crop[None, :]] / pol.apod
 
 
 def system_response(kernel: CTKernel, n: int) -> torch.Tensor:
@@ -127,8 +138,11 @@ def acquire(hu: torch.Tensor, pixel: float, domain: CTDomain,
     p = project(mu, pixel, views).clamp(min=0.0)
     i0 = (PHOTONS_PER_MAS_MM2 * (domain.kvp / 120.0) ** 2 * domain.mas / views
           * pixel * domain.slice_thickness)
+    support = _polar(n, views).support
+    p = p[..., support]
     counts = torch.poisson(i0 * torch.exp(-p), generator=generator).clamp(min=1.0)
-    noise = -torch.log(counts / i0) - p
+    noise = torch.zeros(hu.shape[0], views, 2 * n)
+    noise[..., support] = -torch.log(counts / i0) - p
     noise_hu = fbp(noise, pixel, domain.kernel) * (1000.0 / mw)
     clean = torch.fft.irfft2(torch.fft.rfft2(hu + 1000.0) * system_response(domain.kernel, n),
                              s=(n, n)) - 1000.0

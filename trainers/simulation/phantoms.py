@@ -12,6 +12,7 @@ Procedural phantoms (chest, head) draw every size, position and texture from a s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,9 @@ class Grid:
         """Index ranges (z, y, x) of the samples inside the box [lo, hi] (xyz order, mm)."""
         out = []
         for axis, a, b in zip((self.z, self.y, self.x), lo[::-1], hi[::-1], strict=True):
-            i0 = int(torch.searchsorted(axis, torch.tensor(float(a))))
-            i1 = int(torch.searchsorted(axis, torch.tensor(float(b)), right=True))
+            values = axis.numpy()
+            i0 = int(np.searchsorted(values, a))
+            i1 = int(np.searchsorted(values, b, side="right"))
             if i1 <= i0:
                 return None
             out.append(slice(i0, i1))
@@ -55,8 +57,11 @@ def _occupancy(r2: torch.Tensor, radius: float, pixel: float) -> torch.Tensor:
     return (r2.neg_().add_(1.0).mul_(0.5 * radius / pixel).add_(0.5)).clamp_(0.0, 1.0)
 
 
+Value = float | Callable[[tuple[slice, slice, slice]], torch.Tensor]
+
+
 def _paint(vol: torch.Tensor, occ: torch.Tensor, value: float | torch.Tensor) -> None:
-    vol.add_(occ * (value - vol))
+    vol.lerp_(value if torch.is_tensor(value) else torch.tensor(value), occ)
 
 
 class Painter:
@@ -71,8 +76,10 @@ class Painter:
         return (self.g.x[xs].view(1, 1, -1), self.g.y[ys].view(1, -1, 1),
                 self.g.z[zs].view(-1, 1, 1))
 
-    def ellipsoid(self, centre, radii, value, keep: bool = False) -> torch.Tensor | None:
-        """An ellipsoid; ``keep``: return its occupancy volume (to confine later shapes)."""
+    def ellipsoid(self, centre, radii, value: Value, keep: bool = False) -> torch.Tensor | None:
+        """An ellipsoid; ``keep``: return its occupancy volume (to confine later shapes).
+
+        ``value``: HU, or a function of the block (index ranges) for textured tissue."""
         c, r = np.asarray(centre, float), np.asarray(radii, float)
         box = self.g.block(c - r - 2 * self.g.pixel, c + r + 2 * self.g.pixel)
         if box is None:
@@ -80,7 +87,7 @@ class Painter:
         x, y, z = self._coords(box)
         r2 = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2
         occ = _occupancy(r2, float(min(r[:2])), self.g.pixel)
-        _paint(self.vol[box], occ, value[box] if torch.is_tensor(value) else value)
+        _paint(self.vol[box], occ, value(box) if callable(value) else value)
         if not keep:
             return None
         full = torch.zeros_like(self.vol)
@@ -105,9 +112,12 @@ class Painter:
             return
         x, y, z = self._coords(box)
         d = b - a
+        dd = max(float(d @ d), 1e-9)
         px, py, pz = x - a[0], y - a[1], z - a[2]
-        t = ((px * d[0] + py * d[1] + pz * d[2]) / max(float(d @ d), 1e-9)).clamp(0.0, 1.0)
-        r2 = ((px - t * d[0]) ** 2 + (py - t * d[1]) ** 2 + (pz - t * d[2]) ** 2) / radius**2
+        # |p - t d|^2 = |p|^2 - t (2 p.d - t |d|^2), from separable terms: few block-size ops
+        pd = (px * d[0] + py * d[1]) + pz * d[2]
+        t = (pd / dd).clamp_(0.0, 1.0)
+        r2 = ((px * px + py * py) + pz * pz).sub_(t * (2.0 * pd - t * dd)).div_(radius**2)
         occ = _occupancy(r2, radius, self.g.pixel)
         if within is not None:
             occ = occ * within[box]
@@ -155,6 +165,7 @@ class ChestPhantom:
         self.heart_r = (rng.uniform(50, 62), rng.uniform(42, 52), rng.uniform(48, 58))
         self.spine_y = self.b - rng.uniform(70, 80)
         self.nodules = [self._nodule() for _ in range(int(rng.integers(1, 4)))]
+        self.trees = {side: self._trees(side, c, r) for side, c, r in self._lungs()}
 
     def _lungs(self):
         ca, cb = self.a - self.fat - self.muscle, self.b - self.fat - self.muscle
@@ -167,6 +178,19 @@ class ChestPhantom:
         centre = np.asarray(c) + u * np.asarray(r)
         kind = self.rng.choice(["solid", "part-solid", "calcified"], p=[0.6, 0.3, 0.1])
         return centre, float(self.rng.uniform(3, 12)), str(kind)
+
+    def _hilum(self, side: int, r) -> tuple[float, float, float]:
+        return (side * 0.22 * r[0] / 0.44, 0.0, 15.0)
+
+    def _trees(self, side: int, c, r) -> list:
+        """Vascular trees of one lung: five trunks from the hilum."""
+        segs = []
+        for k, d0 in enumerate(([side, -0.3, 0.6], [side, 0.2, -0.7], [side, 0.6, 0.1],
+                                [side, -0.6, -0.2], [side, 0.4, 0.6])):
+            segs += self._tree(np.random.default_rng(self.seeds[2] + k + 10 * (side + 1)),
+                               self._hilum(side, r), d0, 5.5, 30.0, 7, np.asarray(c),
+                               np.asarray(r))
+        return segs
 
     def _tree(self, rng, start, direction, radius, length, depth, lung_c, lung_r):
         """Branching segments (a, b, radius, generation) that stay inside the lung."""
@@ -195,16 +219,12 @@ class ChestPhantom:
             p.prism((0, 0), (scale_a, scale_b), hu + 6.0 * tex, power=2.4)
         lung_mask = torch.zeros_like(p.vol)
         for side, c, r in self._lungs():
-            occ = p.ellipsoid(c, r, self.lung_hu + 30.0 * grid.y.view(1, -1, 1) / self.b
-                              + 15.0 * tex, keep=True)
+            occ = p.ellipsoid(c, r, lambda box: self.lung_hu + 15.0 * tex[box] + 30.0
+                              * grid.y[box[1]].view(1, -1, 1) / self.b, keep=True)
             if occ is not None:
                 lung_mask = torch.maximum(lung_mask, occ)
-            hilum = (side * 0.22 * r[0] / 0.44, 0.0, 15.0)
-            trees = []
-            for k, d0 in enumerate(([side, -0.3, 0.6], [side, 0.2, -0.7], [side, 0.6, 0.1],
-                                    [side, -0.6, -0.2], [side, 0.4, 0.6])):
-                trees += self._tree(np.random.default_rng(self.seeds[2] + k + 10 * (side + 1)),
-                                    hilum, d0, 5.5, 30.0, 7, np.asarray(c), np.asarray(r))
+            hilum = self._hilum(side, r)
+            trees = self.trees[side]
             for a0, b0, rad, _ in trees:
                 p.capsule(a0, b0, rad, 40.0, within=lung_mask)
             for a0, b0, rad, gen in trees:       # bronchi run beside the arteries
@@ -229,12 +249,12 @@ class ChestPhantom:
         self._spine_and_ribs(p, rng)
         for centre, r, kind in self.nodules:
             if kind == "part-solid":
-                p.ellipsoid(centre, (r, r, r), -450.0 + 60.0 * tex)
+                p.ellipsoid(centre, (r, r, r), lambda box: -450.0 + 60.0 * tex[box])
                 p.ellipsoid(centre, (r / 2.5,) * 3, 25.0)
             elif kind == "calcified":
                 p.ellipsoid(centre, (r / 2,) * 3, 450.0)
             else:
-                p.ellipsoid(centre, (r, r * 0.85, r * 1.1), 25.0 + 25.0 * tex)
+                p.ellipsoid(centre, (r, r * 0.85, r * 1.1), lambda box: 25.0 + 25.0 * tex[box])
         return p.vol
 
     def _spine_and_ribs(self, p: Painter, rng: np.random.Generator) -> None:
@@ -283,9 +303,8 @@ class HeadPhantom:
         p.ellipsoid((0, 0, 0), r - s * 0.3, 450.0)                           # diploe
         p.ellipsoid((0, 0, 0), r - s * 0.7, 1000.0)                          # inner table
         p.ellipsoid((0, 0, 0), r - s, 8.0)                                   # CSF space
-        p.ellipsoid((0, 0, 0), r - s - 2.5, 38.0 + 1.5 * tex)               # grey matter
-        wm = 28.0 + 1.0 * tex
-        p.ellipsoid((0, 0, 0), (r - s - 2.5) * 0.78, wm)                     # white matter
+        p.ellipsoid((0, 0, 0), r - s - 2.5, lambda box: 38.0 + 1.5 * tex[box])   # grey matter
+        p.ellipsoid((0, 0, 0), (r - s - 2.5) * 0.78, lambda box: 28.0 + tex[box])  # white
         sulci = (tex > 1.2).float() * (p.vol > 30).float() * (p.vol < 45).float()
         _paint(p.vol, sulci, 8.0)
         v = self.vent
