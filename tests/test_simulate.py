@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import structlog
 from scipy import ndimage
 
 from dicomnode.cli import main
@@ -18,6 +19,13 @@ from trainers.simulation.preview import read_series
 CT_DOMAINS = [n for n, d in DOMAINS.items() if d.modality == "CT"]
 MR_DOMAINS = [n for n, d in DOMAINS.items() if d.modality == "MR"]
 needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="no dciodvfy")
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    """The CLI points structlog at pytest's captured stderr, which closes after the test."""
+    yield
+    structlog.reset_defaults()
 
 
 def _verify(path: Path) -> list[str]:

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from dicomnode.errors import UserError
+from dicomnode.log import configure
 from trainers.simulation import DOMAINS, key_tags, simulate_series
 from trainers.simulation.preview import read_series, save_preview
 
@@ -52,6 +53,7 @@ def _list() -> int:
 def run(args: argparse.Namespace) -> int:
     if args.list:
         return _list()
+    configure("warning" if args.preview else "info")     # JSON lines on stderr
     missing = [f"--{k}" for k in ("modality", "domain", "out") if getattr(args, k) is None]
     if missing:
         raise UserError(f"{', '.join(missing)} required (or --list)")

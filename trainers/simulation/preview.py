@@ -39,10 +39,10 @@ def save_preview(series: dict[str, np.ndarray], out: Path, slice_index: int | No
     first = series[names[0]]
     k = len(first) // 2 if slice_index is None else slice_index
     fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.6), squeeze=False)
-    vmin, vmax = (-1000, 400) if modality == "CT" else (0, float(np.percentile(first, 99.5)))
     for col, name in enumerate(names):
         img = series[name][k]
-        axes[0, col].imshow(img, cmap="gray", vmin=vmin, vmax=vmax)
+        vmax = 400.0 if modality == "CT" else float(np.percentile(img, 99.5)) or 1.0
+        axes[0, col].imshow(img, cmap="gray", vmin=-1000 if modality == "CT" else 0, vmax=vmax)
         axes[0, col].set_title(name, fontsize=9)
         if modality == "MR":       # vendor scales differ: compare after matching medians
             img = img * np.median(first[k][first[k] > 0]) / max(

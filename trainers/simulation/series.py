@@ -168,7 +168,8 @@ def simulate_series(modality: str, domain: str, out_dir: Path | str, subject: in
         domain=dom, subject=subject, seed=seed, pixel=geo.pixel, positions=geo.positions(),
         slice_spacing=geo.spacing, body_part=body_part,
         study_uid=generate_uid(entropy_srcs=["study", key, domain]),
-        series_uid=generate_uid(entropy_srcs=["series", key, domain, str(noise_seed)]),
+        series_uid=generate_uid(entropy_srcs=["series", key, domain, str(noise_seed),
+                                              "enhanced" if enhanced else "single-frame"]),
         frame_of_reference_uid=generate_uid(entropy_srcs=["frame-of-reference", key]),
         series_number=100 + index, date="20250101", time=f"{8 + index // 6:02d}{index % 6}000")
     writer = write_enhanced if enhanced else write_single_frames
