@@ -142,6 +142,8 @@ def fit(step: Step, options: CommonOptions, log: Callable[[str], None] = print) 
             m.train()
         for k, v in metrics.items():
             history.setdefault(f"val_{k}", []).append((at, float(v)))
+        line = f"step {at} validation: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        (tqdm.write if options.progress else log)(line)
         if _better(metrics[step.score], best.get(step.score), step.higher):
             best, best_step = dict(metrics), at
             best_state = copy.deepcopy(step.modules[step.generator].state_dict())

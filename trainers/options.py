@@ -96,7 +96,7 @@ class SiteOptions(UnpairedOptions, PairedOptions):
                              " else plain for paired and unet for unpaired)")
     route: str = _opt("", "route name in the node config")
     config: Path | None = _opt(None, "node config (default: $DICOMNODE_CONFIG or conf/node.toml)")
-    mode: str = _opt("auto", "auto (paired when series share a frame of reference) | paired"
+    pairing: str = _opt("auto", "auto (paired when series share a frame of reference) | paired"
                      " | unpaired", choices=("auto", "paired", "unpaired"))
 
 

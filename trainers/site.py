@@ -100,13 +100,18 @@ def train_site(options: SiteOptions, routes: Sequence[Route], spool: Path, model
             options.param = {k: v for k, v in deployed.params.items() if k != "dims"}
             options.dims = deployed.dims
         else:
-            options.architecture = "plain" if options.mode == "paired" else "unet"
+            options.architecture = "plain" if options.pairing == "paired" else "unet"
     options = dataclasses.replace(options, name=folder.name, version=version,
                                   models_dir=models_dir, force=False)
     s_train, s_test = split_holdout(len(sources), options.holdout, options.seed + 101)
-    t_train, t_test = split_holdout(len(targets), options.holdout, options.seed + 102)
+    held_frames = {sources[i].frame_of_reference for i in s_test}
+    t_test = [i for i, t in enumerate(targets) if t.frame_of_reference in held_frames]
+    if t_test:  # paired data: hold out the same subjects on both sides
+        t_train = [i for i in range(len(targets)) if i not in t_test]
+    else:
+        t_train, t_test = split_holdout(len(targets), options.holdout, options.seed + 102)
     pick = (lambda items, idx: [items[i] for i in idx])  # noqa: E731
-    mode = options.mode
+    mode = options.pairing
     if mode == "auto":
         mode = "paired" if len(pair_series(pick(sources, s_train), pick(targets, t_train),
                                            options.tolerance)) >= 2 else "unpaired"

@@ -1,0 +1,139 @@
+"""``dicomnode train paired|unpaired|site`` end to end on tiny simulated series."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import trainers.evaluate as evaluate_module
+from dicomnode.cli import main
+from pipelines.model_folder import load_model_folder, read_model_info
+from trainers.simulation import simulate_series
+
+SIZE, SLICES = 48, 4
+TINY = ["--patch", "32", "--batch", "2", "--steps", "4", "--val-every", "2", "--no-progress",
+        "--device", "cpu"]
+
+
+def simulate(root: Path, modality: str, domain: str, subjects: range) -> Path:
+    for s in subjects:
+        simulate_series(modality, domain, root / f"{domain}-{s}", subject=s, slices=SLICES,
+                        size=SIZE, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ct")
+    simulate(root / "sharp", "CT", "siemens-b70f", range(3))
+    simulate(root / "smooth", "CT", "siemens-b30f", range(3))
+    return root
+
+
+@pytest.fixture()
+def fast_evaluate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluate_module, "CLASSIFIER_STEPS", 5)
+    monkeypatch.setattr(evaluate_module, "ROIS", 6)
+    monkeypatch.setattr(evaluate_module, "TEST_PATCHES", 8)
+
+
+def test_train_paired_writes_a_loadable_model_folder(ct: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    rc = main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(ct / "smooth"),
+               "--name", "k", "--models-dir", str(models), "--workdir", str(tmp_path / "run"),
+               "--param", "features=4", "--param", "blocks=3", "--source-domain",
+               "siemens-b70f", *TINY])
+    assert rc == 0
+    info = read_model_info(models / "k")
+    assert info.architecture == "plain" and info.params == {"features": 4, "blocks": 3,
+                                                              "dims": 2}
+    assert info.source["name"] == "siemens-b70f" and info.source["ConvolutionKernel"] == "B70f"
+    assert info.normalisation.kind == "hu_window"
+    assert info.training["steps"] == 4 and info.training["pairs"] == 3
+    assert "psnr" in info.validation["best"]
+    load_model_folder(models / "k")  # sha256 verified
+    for name in ("losses.png", "comparison.png", "histograms.png", "metrics.json",
+                 "history.csv"):
+        assert (models / "k" / "report" / name).is_file()
+    metrics = json.loads((models / "k" / "report" / "metrics.json").read_text())
+    assert set(metrics["heldout"]) == {"psnr", "ssim", "rmse", "ncc"}
+
+    # never silently overwrite; --resume continues the run
+    rc = main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(ct / "smooth"),
+               "--name", "k", "--models-dir", str(models), *TINY])
+    assert rc == 2
+    rc = main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(ct / "smooth"),
+               "--name", "k", "--models-dir", str(models), "--workdir", str(tmp_path / "run"),
+               "--param", "features=4", "--param", "blocks=3", "--force", "--resume",
+               *TINY[:4], "--steps", "6", *TINY[6:]])
+    assert rc == 0 and read_model_info(models / "k").training["steps"] == 6
+
+
+def test_train_errors_are_one_line(ct: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(tmp_path),
+               "--name", "x", "--models-dir", str(tmp_path / "m"), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("dicomnode train: error:") and "no loadable" in err[-1]
+    rc = main(["train", "paired", "--source", str(ct / "sharp"), "--target",
+               str(ct / "sharp"), "--name", "../x", "--models-dir", str(tmp_path / "m"), *TINY])
+    assert rc == 2
+
+
+def test_train_unpaired_with_gram_and_wgan(ct: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    rc = main(["train", "unpaired", "--source", str(ct / "sharp"), "--target",
+               str(ct / "smooth"), "--name", "u", "--models-dir", str(models),
+               "--workdir", str(tmp_path / "run"), "--param", "features=4",
+               "--param", "levels=2", "--param", "cbam=true", "--gan", "wgan-gp", "--gram", "1",
+               "--ssim", "1", "--disc-features", "4", "--disc-layers", "2",
+               "--feature-steps", "3", *TINY])
+    assert rc == 0
+    info = read_model_info(models / "u")
+    assert info.architecture == "unet" and info.params["cbam"] is True
+    assert info.training["feature_network"]["architecture"] == "DomainClassifier"
+    assert "domain_distance" in info.validation["best"]
+
+
+def test_train_site_writes_a_new_version_and_compares(ct: Path, tmp_path: Path,
+                                                      fast_evaluate: None) -> None:
+    spool = tmp_path / "var" / "spool"
+    shutil.copytree(ct / "sharp", spool / "study-a")
+    shutil.copytree(ct / "smooth", spool / "study-b")
+    simulate(spool / "study-c", "CT", "siemens-b70f", range(3, 5))
+    simulate(spool / "study-d", "CT", "siemens-b30f", range(3, 5))
+    models = tmp_path / "models"
+    main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(ct / "smooth"),
+          "--name", "kernel", "--models-dir", str(models), "--workdir", str(tmp_path / "r0"),
+          "--param", "features=4", "--param", "blocks=3", *TINY])
+    deployed = (models / "kernel" / "weights.pt").read_bytes()
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+[node]
+data_dir = "{tmp_path / 'var'}"
+models_dir = "{models}"
+[[routes]]
+name = "sharp"
+model = "kernel"
+[routes.match]
+Modality = "CT"
+ConvolutionKernel = "B7*"
+[routes.target]
+Modality = "CT"
+ConvolutionKernel = "B3*"
+""")
+    rc = main(["train", "site", "--route", "sharp", "--config", str(config),
+               "--workdir", str(tmp_path / "r1"), *TINY])
+    assert rc == 0
+    new = read_model_info(models / "kernel-v1.1")
+    assert new.version == "1.1" and new.architecture == "plain"  # the deployed architecture
+    assert (models / "kernel" / "weights.pt").read_bytes() == deployed
+    comparison = json.loads((models / "kernel-v1.1" / "report" /
+                             "site-comparison.json").read_text())
+    assert comparison["score"] == "psnr" and comparison["deployed"]["model"] == "kernel"
+    assert isinstance(comparison["new_is_better"], bool)
+    rc = main(["train", "site", "--route", "nope", "--config", str(config), *TINY])
+    assert rc == 2

@@ -1,0 +1,120 @@
+"""Rebuild the three shipped models from simulated data: simulate, train, evaluate.
+
+    python -m trainers.ship_models [--only NAME] [--work runs/ship] [--models-dir models]
+
+Everything is seeded, runs on the CPU and prints each ``dicomnode`` command before running
+it, so ``models/README.md`` can list the exact commands. Training series and held-out test
+series come from different simulated subjects; for the unpaired models the source and
+target training subjects differ too, so no anatomy is shared between the two sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainers.simulation import simulate_series
+
+SIZE, SLICES = 128, 16
+TEST_SUBJECTS = (100, 101, 102)
+
+
+@dataclass(frozen=True)
+class Spec:
+    modality: str
+    source: str
+    target: str
+    mode: str  # paired | unpaired
+    source_subjects: tuple[int, ...]
+    target_subjects: tuple[int, ...]
+    args: tuple[str, ...] = field(default=())
+
+
+MODELS = {
+    "ct-kernel-sharp-to-smooth": Spec(
+        "CT", "siemens-b70f", "siemens-b30f", "paired", tuple(range(6)), tuple(range(6)),
+        ("--architecture", "plain", "--param", "features=32", "--param", "blocks=8",
+         "--patch", "48", "--batch", "8", "--steps", "1200", "--lr", "1e-3", "--ssim", "0.5",
+         "--val-every", "100", "--minutes", "25")),
+    "ct-vendor-ge-to-siemens": Spec(
+        "CT", "ge-standard", "siemens-b30f", "unpaired", tuple(range(6)), tuple(range(10, 16)),
+        ("--architecture", "plain", "--param", "features=24", "--param", "blocks=6",
+         "--param", "cbam=1", "--patch", "48", "--batch", "4", "--steps", "600",
+         "--identity", "5", "--cycle", "10", "--gram", "1", "--ssim", "1",
+         "--disc-features", "16", "--disc-layers", "3", "--val-every", "100",
+         "--minutes", "30")),
+    "mr-t1w-ge15-to-siemens3": Spec(
+        "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "unpaired", tuple(range(6)),
+        tuple(range(10, 16)),
+        ("--architecture", "unet", "--param", "features=12", "--param", "levels=3",
+         "--patch", "64", "--batch", "4", "--steps", "800", "--identity", "1",
+         "--cycle", "10", "--gram", "1", "--disc-features", "16", "--disc-layers", "3",
+         "--val-every", "100", "--minutes", "35")),
+}
+
+
+def simulate(spec: Spec, root: Path) -> dict[str, Path]:
+    """Train and test folders for both domains (skips series already simulated)."""
+    plan = {"train-source": (spec.source, spec.source_subjects),
+            "train-target": (spec.target, spec.target_subjects),
+            "test-source": (spec.source, TEST_SUBJECTS),
+            "test-target": (spec.target, TEST_SUBJECTS)}
+    folders = {}
+    for key, (domain, subjects) in plan.items():
+        folders[key] = root / key
+        for subject in subjects:
+            out = folders[key] / f"{domain}-{subject:03d}"
+            if not out.is_dir():
+                simulate_series(spec.modality, domain, out, subject=subject, slices=SLICES,
+                                size=SIZE, progress=False)
+    return folders
+
+
+def _run(command: list[str], capture: bool = False) -> str:
+    print("$ " + shlex.join(command), file=sys.stderr, flush=True)
+    done = subprocess.run(command, check=True, text=True,
+                          stdout=subprocess.PIPE if capture else None)
+    return done.stdout or ""
+
+
+def build(name: str, work: Path, models_dir: Path, train: bool = True) -> dict:
+    spec = MODELS[name]
+    folders = simulate(spec, work / name)
+    dicomnode = [sys.executable, "-m", "dicomnode.cli"]
+    if train:
+        _run([*dicomnode, "train", spec.mode, "--source", str(folders["train-source"]),
+              "--target", str(folders["train-target"]), "--name", name,
+              "--models-dir", str(models_dir), "--source-domain", spec.source,
+              "--target-domain", spec.target, "--seed", "0", "--device", "cpu",
+              "--workdir", str(work / name / "run"), "--force", "--no-progress", *spec.args])
+    report = models_dir / name / "report" / "evaluation"
+    out = _run([*dicomnode, "evaluate", "--model", name, "--models-dir", str(models_dir),
+                "--source", str(folders["test-source"]), "--target",
+                str(folders["test-target"]), "--report", str(report)], capture=True)
+    return json.loads(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=sorted(MODELS), action="append",
+                   help="build only this model (repeatable)")
+    p.add_argument("--work", type=Path, default=Path("runs/ship"),
+                   help="simulated data and checkpoints")
+    p.add_argument("--models-dir", type=Path, default=Path("models"))
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="skip training; evaluate the model folders already there")
+    args = p.parse_args(argv)
+    results = {}
+    for name in args.only or list(MODELS):
+        results[name] = build(name, args.work, args.models_dir, not args.evaluate_only)
+        print(json.dumps({name: results[name]}, indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
