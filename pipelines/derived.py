@@ -7,6 +7,8 @@ type, derivation description, source image and series references, contributing e
 (acquiring scanner DCM 109101 and this software DCM 109102), the source's stored pixel
 representation, and a documented private block. Source private elements are dropped: they
 describe the source pixels, not these. Files are Explicit VR Little Endian, written atomically.
+Enhanced (multi-frame) sources give multi-frame instances of the same SOP Class with the
+source's functional groups, each frame referencing its source frame.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +37,7 @@ from pydicom.uid import (
 )
 
 from pipelines.errors import PipelineError
-from pipelines.series import SeriesError, Volume
+from pipelines.series import Volume
 
 MANUFACTURER = "dicomnode"
 PRIVATE_GROUP = 0x0011
@@ -52,6 +54,20 @@ PRIVATE_ELEMENTS: dict[int, tuple[str, str, str]] = {
 }
 LOSSY_SYNTAXES = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1",
                   JPEGLSNearLossless: "ISO_14495_1"}
+# Derivation Code Sequence (CID 7203 is extensible and has no harmonisation concept).
+HARMONISATION_CODE = ("HARMONISATION", "Scanner harmonisation by an image-to-image generator",
+                      "99DICOMNODE")
+# MR Pulse Sequence module (PS3.3 C.8.13.4): describes an ORIGINAL image's acquisition and
+# is not allowed on a DERIVED one; the frames' MR functional groups keep those details.
+_MR_PULSE_SEQUENCE = (
+    "PulseSequenceName", "MRAcquisitionType", "EchoPulseSequence", "MultipleSpinEcho",
+    "MultiPlanarExcitation", "PhaseContrast", "VelocityEncodingAcquisitionSequence",
+    "TimeOfFlightContrast", "ArterialSpinLabelingContrast", "SteadyStatePulseSequence",
+    "EchoPlanarPulseSequence", "SaturationRecovery", "SpectrallySelectedSuppression",
+    "OversamplingPhase", "GeometryOfKSpaceTraversal", "RectilinearPhaseEncodeReordering",
+    "SegmentedKSpaceTraversal", "CoverageOfKSpace", "NumberOfKSpaceTrajectories")
+# Functional groups whose items carry FrameType (Enhanced and Legacy Converted CT/MR).
+_FRAME_TYPE_GROUPS = ("CTImageFrameTypeSequence", "MRImageFrameTypeSequence")
 # Elements that describe the source's encoding or integrity and would be wrong on a copy.
 _DROP = ("SmallestImagePixelValue", "LargestImagePixelValue", "IconImageSequence",
          "DigitalSignaturesSequence", "MACParametersSequence", "EncryptedAttributesSequence",
@@ -100,13 +116,16 @@ def stored_range(ds: Dataset) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-def to_stored(real: np.ndarray, ds: Dataset, padding: np.ndarray | None = None) -> np.ndarray:
+def to_stored(real: np.ndarray, ds: Dataset, padding: np.ndarray | None = None,
+              rescale: tuple[float, float] | None = None) -> np.ndarray:
     """Real values back to ``ds``'s stored pixels: inverse rescale, round, clip to range.
 
-    Pixels that held PixelPaddingValue in the source get it back unchanged.
+    ``rescale`` is (slope, intercept) where they are per frame (enhanced images), else
+    ``ds``'s own are used. Pixels that held PixelPaddingValue in the source get it back.
     """
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if rescale is None:
+        rescale = (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+    slope, intercept = rescale
     lo, hi = stored_range(ds)
     values = np.clip(np.rint((real.astype(np.float64) - intercept) / slope), lo, hi)
     if padding is not None and "PixelPaddingValue" in ds:
@@ -195,11 +214,11 @@ def _series_description(source: Dataset, model_name: str) -> str:
 
 
 def series_reference(sources: Sequence[Dataset]) -> Dataset:
-    """The ReferencedSeriesSequence item listing every instance of the source series."""
+    """The ReferencedSeriesSequence item listing every instance of the source series once."""
     ref = Dataset()
     ref.SeriesInstanceUID = sources[0].SeriesInstanceUID
     instances = []
-    for s in sources:
+    for s in {str(s.SOPInstanceUID): s for s in sources}.values():
         item = Dataset()
         item.ReferencedSOPClassUID = s.SOPClassUID
         item.ReferencedSOPInstanceUID = s.SOPInstanceUID
@@ -208,37 +227,20 @@ def series_reference(sources: Sequence[Dataset]) -> Dataset:
     return ref
 
 
-def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
-                    series_ref: Dataset, provenance: Provenance) -> Dataset:
-    """One derived instance from its source header (without pixel data) and stored pixels.
-
-    ``series_ref`` comes from :func:`series_reference` (built once per series).
-    """
-    ds = copy.deepcopy(source)
-    ds.remove_private_tags()
-    for keyword in _DROP:
-        if keyword in ds:
-            delattr(ds, keyword)
-    stamp = provenance.when.strftime("%Y%m%d%H%M%S.%f+0000")
-    date, time = provenance.when.strftime("%Y%m%d"), provenance.when.strftime("%H%M%S.%f")
-    sha = provenance.weights_sha256
-    ds.SOPInstanceUID = derived_instance_uid(str(source.SOPInstanceUID), sha)
-    ds.SeriesInstanceUID = series_uid
-    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if source.Modality == "CT" else "OTHER"]
-    ds.SeriesDescription = _series_description(source, provenance.model_name)
-    if str(source.get("SeriesNumber", "")).strip():
-        ds.SeriesNumber = int(source.SeriesNumber) + 1000
-    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
-    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
-    ds.DerivationDescription = provenance.description()
+def _source_image(source: Dataset, frame_number: int | None = None) -> Dataset:
+    """A Source Image Sequence item: this source instance (and 1-based frame), DCM 121322."""
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frame_number is not None:
+        ref.ReferencedFrameNumber = frame_number
     ref.PurposeOfReferenceCodeSequence = DicomSequence(
         [_code("121322", "Source image for image processing operation")])
-    ds.SourceImageSequence = DicomSequence([ref])
-    ds.ReferencedSeriesSequence = DicomSequence([series_ref])
-    ds.ContributingEquipmentSequence = _equipment(source, provenance, stamp)
+    return ref
+
+
+def _mark_lossy(ds: Dataset, source: Dataset) -> None:
+    """A source that was ever lossy compressed keeps saying so (PS3.3 C.7.6.1.1.5)."""
     meta = getattr(source, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax in LOSSY_SYNTAXES or source.get("LossyImageCompression") == "01":
@@ -248,15 +250,62 @@ def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
     elif syntax == JPEG2000 and "LossyImageCompression" not in ds:
         ds.LossyImageCompression = "01"  # JPEG 2000 (not the lossless-only syntax) may be lossy
         ds.LossyImageCompressionMethod = "ISO_15444_1"
+
+
+def _derived_header(source: Dataset, *, series_uid: str, series_ref: Dataset,
+                    provenance: Provenance) -> Dataset:
+    """The source header with what every derived instance gets, single- or multi-frame."""
+    ds = copy.deepcopy(source)
+    ds.remove_private_tags()
+    for keyword in _DROP:
+        if keyword in ds:
+            delattr(ds, keyword)
+    stamp = provenance.when.strftime("%Y%m%d%H%M%S.%f+0000")
+    date, time = provenance.when.strftime("%Y%m%d"), provenance.when.strftime("%H%M%S.%f")
+    ds.SOPInstanceUID = derived_instance_uid(str(source.SOPInstanceUID),
+                                             provenance.weights_sha256)
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesDescription = _series_description(source, provenance.model_name)
+    if str(source.get("SeriesNumber", "")).strip():
+        ds.SeriesNumber = int(source.SeriesNumber) + 1000
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
+    others = [i for i in ds.get("ReferencedSeriesSequence") or []
+              if i.get("SeriesInstanceUID") != series_ref.SeriesInstanceUID]
+    ds.ReferencedSeriesSequence = DicomSequence([series_ref, *others])  # e.g. localisers
+    ds.ContributingEquipmentSequence = _equipment(source, provenance, stamp)
+    _mark_lossy(ds, source)
     _private_block(ds, provenance)
-    if pixels.shape != (int(ds.Rows), int(ds.Columns)):
-        raise WriteError(f"pixels of shape {pixels.shape} for a {ds.Rows}x{ds.Columns} image")
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    ds["PixelData"].VR = "OW" if int(ds.BitsAllocated) > 8 else "OB"
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
+    """Stored pixels, (rows, cols) or (frames, rows, cols), as native little-endian data."""
+    if pixels.shape[-2:] != (int(ds.Rows), int(ds.Columns)):
+        raise WriteError(f"pixels of shape {pixels.shape} for a {ds.Rows}x{ds.Columns} image")
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds["PixelData"].VR = "OW" if int(ds.BitsAllocated) > 8 else "OB"
+
+
+def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
+                    series_ref: Dataset, provenance: Provenance) -> Dataset:
+    """One derived single-frame instance from its source header (without pixel data) and
+    stored pixels (rows, cols).
+
+    ``series_ref`` comes from :func:`series_reference` (built once per series).
+    """
+    ds = _derived_header(source, series_uid=series_uid, series_ref=series_ref,
+                         provenance=provenance)
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL" if source.Modality == "CT" else "OTHER"]
+    ds.DerivationDescription = provenance.description()
+    ds.SourceImageSequence = DicomSequence([_source_image(source)])
+    if pixels.ndim != 2:
+        raise WriteError(f"pixels of shape {pixels.shape} for a single-frame image")
+    _set_pixels(ds, pixels)
     return ds
 
 
@@ -274,36 +323,113 @@ def write_atomic(ds: Dataset, path: Path) -> None:
         raise
 
 
-def check_writable(volume: Volume) -> None:
-    """Refuse, before any inference, a source this writer cannot derive from."""
-    if any(f.frame is not None for f in volume.frames):
-        raise SeriesError("writing derived enhanced (multi-frame) images is not supported;"
-                         " convert the source to single-frame images first")
+def derive_multiframe_instance(source: Dataset, pixels: np.ndarray,
+                               frame_indices: Sequence[int], *, series_uid: str,
+                               series_ref: Dataset, provenance: Provenance) -> Dataset:
+    """One derived Enhanced / Legacy Converted Enhanced instance mirroring its source's frames.
+
+    ``frame_indices`` are the 0-based source frames kept (localiser frames may be left out),
+    in source order; ``pixels`` their stored values (frames, rows, cols). Functional groups
+    (geometry, pixel measures, frame content, per-frame rescale) are the source's; each frame
+    references its source frame in its Derivation Image Sequence (PS3.3 C.7.6.16.2.6).
+    """
+    ds = _derived_header(source, series_uid=series_uid, series_ref=series_ref,
+                         provenance=provenance)
+    if len(frame_indices) != len(pixels):
+        raise WriteError(f"{len(pixels)} frames of pixels for {len(frame_indices)} frames")
+    if "ImageType" in ds:
+        ds.ImageType = _derived_type(ds.ImageType)
+    for keyword in _MR_PULSE_SEQUENCE:
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.SourceImageEvidenceSequence = DicomSequence([_evidence(source)])
+    shared = list(ds.get("SharedFunctionalGroupsSequence") or [])
+    for item in shared:
+        if "DerivationImageSequence" in item:
+            del item.DerivationImageSequence  # the source's own derivation, not this one
+    per_frame = [ds.PerFrameFunctionalGroupsSequence[k] for k in frame_indices]
+    for k, item in zip(frame_indices, per_frame, strict=True):
+        derivation = Dataset()
+        derivation.DerivationDescription = provenance.description()
+        derivation.DerivationCodeSequence = DicomSequence([_code(*HARMONISATION_CODE)])
+        derivation.SourceImageSequence = DicomSequence([_source_image(source, k + 1)])
+        item.DerivationImageSequence = DicomSequence([derivation])
+    for item in [*shared, *per_frame]:
+        for keyword in _FRAME_TYPE_GROUPS:
+            for inner in item.get(keyword) or []:
+                if "FrameType" in inner:
+                    inner.FrameType = _derived_type(inner.FrameType)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+    ds.NumberOfFrames = len(per_frame)
+    _set_pixels(ds, pixels)
+    return ds
+
+
+def _derived_type(value: Sequence[str]) -> list[str]:
+    """Value 1 becomes DERIVED; the rest stay (Enhanced images allow only PRIMARY as
+    value 2, PS3.3 C.8.16.1.2, so it cannot become SECONDARY as on single-frame images)."""
+    return ["DERIVED", *(str(v) for v in list(value)[1:])]
+
+
+def _evidence(source: Dataset) -> Dataset:
+    """Source Image Evidence item: the source instance, study > series > instance."""
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = source.SOPClassUID
+    instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = source.SeriesInstanceUID
+    series.ReferencedSOPSequence = DicomSequence([instance])
+    study = Dataset()
+    study.StudyInstanceUID = source.StudyInstanceUID
+    study.ReferencedSeriesSequence = DicomSequence([series])
+    return study
+
+
+def _derived_instances(volume: Volume, harmonised: np.ndarray, *, series_uid: str,
+                       provenance: Provenance) -> Iterator[Dataset]:
+    """One derived instance per source instance: single-frame per slice, multi-frame with
+    the source's frames in the source's frame order."""
+    reference = series_reference(volume.datasets)
+    slices_of: dict[Path, list[int]] = {}
+    for i, f in enumerate(volume.frames):
+        slices_of.setdefault(f.path, []).append(i)
+    for slices in slices_of.values():
+        slices.sort(key=lambda i: volume.frames[i].frame or 0)
+        frames = [volume.frames[i] for i in slices]
+        stored = np.stack([
+            to_stored(harmonised[i], f.dataset,
+                      volume.padding[i] if volume.padding is not None else None,
+                      rescale=(f.slope, f.intercept)) for i, f in zip(slices, frames, strict=True)])
+        source = frames[0].dataset
+        if frames[0].frame is None:
+            yield derive_instance(source, stored[0], series_uid=series_uid,
+                                  series_ref=reference, provenance=provenance)
+        else:
+            yield derive_multiframe_instance(
+                source, stored, [f.frame or 0 for f in frames], series_uid=series_uid,
+                series_ref=reference, provenance=provenance)
 
 
 def write_derived_series(volume: Volume, harmonised: np.ndarray, provenance: Provenance,
                          out_dir: Path) -> tuple[str, list[Path]]:
-    """Write ``out_dir/<derived series UID>/<SOP instance UID>.dcm`` for every slice.
+    """Write ``out_dir/<derived series UID>/<SOP instance UID>.dcm`` for every source instance.
 
-    Re-running replaces the same files (same UIDs) and removes instances a previous run
-    wrote that this one did not. Returns the derived series UID and the written paths.
+    Single-frame sources give one instance per slice; enhanced (multi-frame) sources one
+    multi-frame instance per source instance, of the same SOP Class. Re-running replaces the
+    same files (same UIDs) and removes instances a previous run wrote that this one did not.
+    Returns the derived series UID and the written paths.
     """
-    check_writable(volume)
     if harmonised.shape != volume.array.shape:
         raise WriteError(f"harmonised shape {harmonised.shape} differs from the source's"
                          f" {volume.array.shape}")
-    sources = volume.datasets
-    series_uid = derived_series_uid(str(sources[0].SeriesInstanceUID), provenance.weights_sha256)
+    source_uid = str(volume.frames[0].dataset.SeriesInstanceUID)
+    series_uid = derived_series_uid(source_uid, provenance.weights_sha256)
     folder = Path(out_dir) / series_uid
     written: list[Path] = []
-    reference = series_reference(sources)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for i, source in enumerate(sources):
-            padding = volume.padding[i] if volume.padding is not None else None
-            pixels = to_stored(harmonised[i], source, padding)
-            ds = derive_instance(source, pixels, series_uid=series_uid,
-                                 series_ref=reference, provenance=provenance)
+        for ds in _derived_instances(volume, harmonised, series_uid=series_uid,
+                                     provenance=provenance):
             path = folder / f"{ds.SOPInstanceUID}.dcm"
             write_atomic(ds, path)
             written.append(path)

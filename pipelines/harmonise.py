@@ -19,7 +19,7 @@ from typing import Literal
 import structlog
 
 from pipelines import software_version
-from pipelines.derived import Provenance, check_writable, write_derived_series
+from pipelines.derived import Provenance, write_derived_series
 from pipelines.errors import ModelError
 from pipelines.inference import InferenceSettings, run_generator
 from pipelines.intensity import denormalise, normalise
@@ -145,7 +145,6 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     started = time.perf_counter()
     try:
         volume = load_series(files)
-        check_writable(volume)
     except SeriesError as exc:
         return SeriesOutcome("rejected", uid, str(exc), route_label, ref)
     loaded = time.perf_counter()
