@@ -26,6 +26,7 @@ with the error.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -35,7 +36,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.status import code_to_category
 
@@ -197,6 +198,14 @@ def store_contexts(items: Iterable[tuple[str, str]]) -> list[Any]:
     return contexts[:MAX_CONTEXTS]
 
 
+def nodelay(event: evt.Event) -> None:
+    """Disable Nagle on our outgoing associations: each C-STORE would otherwise wait for
+    the peer's delayed ACK (40 ms on Linux) before its last PDU leaves."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def fit_to_association(ds: Dataset, accepted: Sequence[Any], role: str = "scu") -> Dataset:
     """Make ``ds`` sendable over one of the ``accepted`` contexts, decompressing if needed.
 
@@ -212,7 +221,8 @@ def fit_to_association(ds: Dataset, accepted: Sequence[Any], role: str = "scu") 
     if ts in syntaxes or (not ts.is_compressed and any(not s.is_compressed for s in syntaxes)):
         return ds
     if any(not s.is_compressed for s in syntaxes) and ts.is_compressed:
-        ds.decompress()  # -> Explicit VR Little Endian
+        # -> Explicit VR Little Endian; same instance (pydicom would mint a new UID)
+        ds.decompress(generate_instance_uid=False)
         return ds
     raise ValueError(f"peer accepted SOP class {sop_class} only in"
                      f" {sorted(map(str, syntaxes))}, instance is {ts}")
@@ -277,7 +287,8 @@ class Outbox:
         contexts = store_contexts((i["sop_class_uid"], i["transfer_syntax"])
                                   for i in info.values() if i is not None)
         assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=dest,
-                             max_pdu=node.max_pdu_size)
+                             max_pdu=node.max_pdu_size,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
         if not assoc.is_established:
             reason = (f"association with {dest} at {peer.host}:{peer.port} "
                       f"{'rejected' if assoc.is_rejected else 'failed'}")

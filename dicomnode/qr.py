@@ -19,7 +19,7 @@ from pynetdicom import sop_class as sc
 
 from dicomnode.index import Index
 from dicomnode.log import get_logger
-from dicomnode.outbox import fit_to_association, store_contexts
+from dicomnode.outbox import fit_to_association, nodelay, store_contexts
 from dicomnode.query import (
     LEVELS,
     Query,
@@ -192,7 +192,8 @@ def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
     yield peer.host, peer.port, {
         "contexts": store_contexts((r["sop_class_uid"], r["transfer_syntax"]) for r in rows)
         or None,
-        "evt_handlers": [(evt.EVT_ACCEPTED, accepted)], "max_pdu": node.max_pdu_size}
+        "evt_handlers": [(evt.EVT_ACCEPTED, accepted), (evt.EVT_CONN_OPEN, nodelay)],
+        "max_pdu": node.max_pdu_size}
     log.info("move", calling_ae=_calling(event), destination=dest, level=query.level,
              instances=len(rows))
     yield len(rows)
