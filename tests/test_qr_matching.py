@@ -1,0 +1,117 @@
+"""C-FIND matching rules (PS3.4 C.2.2.2) and aggregation, as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicomnode.query import (
+    Key,
+    Query,
+    QueryError,
+    aggregate,
+    match,
+    match_value,
+    parse_identifier,
+    response,
+)
+
+
+@pytest.mark.parametrize("vr, pattern, value, expected", [
+    ("LO", "PHANTOM01", "PHANTOM01", True),
+    ("LO", "PHANTOM0", "PHANTOM01", False),
+    ("LO", "PHAN*", "PHANTOM01", True),
+    ("LO", "PHANTOM0?", "PHANTOM01", True),
+    ("LO", "phan*", "PHANTOM01", False),          # case-sensitive outside PN
+    ("PN", "test^phantom", "Test^Phantom", True),  # PN: case-insensitive
+    ("PN", "TEST*", "Test^Phantom", True),
+    ("PN", "Other*", "Test^Phantom", False),
+    ("CS", "DERIVED", "DERIVED\\SECONDARY\\AXIAL", True),  # any value of a multi-valued
+    ("CS", "AXIAL", "DERIVED\\SECONDARY\\AXIAL", True),
+    ("CS", "OTHER", "DERIVED\\SECONDARY\\AXIAL", False),
+    ("UI", "1.2.3\\1.2.4", "1.2.4", True),         # UID list
+    ("UI", "1.2.3\\1.2.4", "1.2.5", False),
+    ("UI", "1.2.*", "1.2.3", False),               # no wildcards for UIDs
+    ("DA", "20240101-20240131", "20240115", True),
+    ("DA", "20240101-20240131", "20240201", False),
+    ("DA", "-20231231", "20230615", True),
+    ("DA", "20240102-", "20240102", True),
+    ("DA", "20240102", "20240102", True),
+    ("DA", "2024.01.02", "20240102", True),        # old ACR-NEMA form
+    ("TM", "1000-1100", "101500", True),
+    ("TM", "1000-1015", "101559.5", True),         # an end without seconds takes the minute
+    ("TM", "1016-", "101500", False),
+    ("TM", "10:15:00", "101500", True),
+    ("DT", "20240101-20240102", "20240101120000", True),
+    ("IS", "3", 3, True),
+    ("DS", "3.0", "3", True),
+    ("LO", "X", None, False),                      # absent never matches a value
+])
+def test_match_value(vr, pattern, value, expected):
+    assert match_value(vr, pattern, value) is expected
+
+
+def ident(**kw) -> Dataset:
+    ds = Dataset()
+    for k, v in kw.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def test_parse_identifier_levels_and_roots():
+    q = parse_identifier(ident(QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2",
+                               Modality="", SeriesDescription="*x*"))
+    assert q.level == "SERIES"
+    assert {k.keyword for k in q.filters()} == {"StudyInstanceUID", "SeriesDescription"}
+    assert q.unique_values("StudyInstanceUID") == ["1.2"]
+    with pytest.raises(QueryError):
+        parse_identifier(ident(QueryRetrieveLevel="PATIENT"), "STUDY")
+    with pytest.raises(QueryError):
+        parse_identifier(ident(QueryRetrieveLevel="NOPE"))
+    assert parse_identifier(ident(QueryRetrieveLevel="PATIENT"), "PATIENT").level == "PATIENT"
+
+
+def test_keys_below_the_level_do_not_filter():
+    q = Query("STUDY", (Key("SOPInstanceUID", "UI", "9.9"),))
+    assert match(q, {"StudyInstanceUID": "1"})
+
+
+SERIES = [
+    {"PatientID": "P1", "PatientName": "A^B", "StudyInstanceUID": "1.1", "StudyDate": "20240102",
+     "SeriesInstanceUID": "1.1.1", "Modality": "CT", "NumberOfSeriesRelatedInstances": 4},
+    {"PatientID": "P1", "PatientName": "A^B", "StudyInstanceUID": "1.1", "StudyDate": "20240102",
+     "SeriesInstanceUID": "1.1.2", "Modality": "SR", "NumberOfSeriesRelatedInstances": 1},
+    {"PatientID": "P1", "PatientName": "A^B", "StudyInstanceUID": "1.2", "StudyDate": "20230101",
+     "SeriesInstanceUID": "1.2.1", "Modality": "MR", "NumberOfSeriesRelatedInstances": 3},
+]
+
+
+def test_aggregate_study_and_patient_counts():
+    studies = {s["StudyInstanceUID"]: s for s in aggregate(SERIES, "STUDY")}
+    assert studies["1.1"]["ModalitiesInStudy"] == "CT\\SR"
+    assert studies["1.1"]["NumberOfStudyRelatedSeries"] == 2
+    assert studies["1.1"]["NumberOfStudyRelatedInstances"] == 5
+    assert "SeriesInstanceUID" not in studies["1.1"]
+    [patient] = aggregate(SERIES, "PATIENT")
+    assert (patient["NumberOfPatientRelatedStudies"], patient["NumberOfPatientRelatedSeries"],
+            patient["NumberOfPatientRelatedInstances"]) == (2, 3, 8)
+    q = Query("STUDY", (Key("ModalitiesInStudy", "CS", "MR\\PT"),))
+    assert [s["StudyInstanceUID"] for s in aggregate(SERIES, "STUDY") if match(q, s)] == ["1.2"]
+
+
+def test_response_has_every_requested_key_typed():
+    q = parse_identifier(ident(QueryRetrieveLevel="SERIES", SeriesInstanceUID="",
+                               SeriesNumber="", Modality="", NumberOfSeriesRelatedInstances="",
+                               BodyPartExamined="", ImageType=""))
+    rec = {"SeriesInstanceUID": "1.1.1", "SeriesNumber": 3, "Modality": "CT",
+           "NumberOfSeriesRelatedInstances": 4, "ImageType": "DERIVED\\SECONDARY"}
+    ds = response(q, rec, "HARMONISE")
+    assert ds.QueryRetrieveLevel == "SERIES" and ds.RetrieveAETitle == "HARMONISE"
+    assert ds.SeriesNumber == 3 and ds.NumberOfSeriesRelatedInstances == 4
+    assert ds.BodyPartExamined in ("", None)  # requested, unknown: present and empty
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    utf8 = response(q, {**rec, "Modality": "CT"}, None)
+    assert "SpecificCharacterSet" not in utf8
+    q = parse_identifier(ident(QueryRetrieveLevel="PATIENT", PatientName=""), "PATIENT")
+    assert response(q, {"PatientID": "1", "PatientName": "Müller^Jörg"}).SpecificCharacterSet \
+        == "ISO_IR 192"
