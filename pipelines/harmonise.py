@@ -26,6 +26,7 @@ from pipelines.intensity import denormalise, normalise
 from pipelines.model_folder import LoadedModel, load_model_folder, read_model_info
 from pipelines.routing import Route, RoutingDecision, route_series
 from pipelines.series import SeriesError, load_series, read_headers
+from pipelines.sr import write_algorithm_sr
 
 log = structlog.get_logger(component="harmonise")
 
@@ -52,6 +53,7 @@ class SeriesOutcome:
     outputs: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)  # load, inference, write
+    report: Path | None = None  # the algorithm SR, when asked for
 
 
 class ModelCache:
@@ -110,10 +112,11 @@ def _model_modality(model: LoadedModel) -> str | None:
 def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_dir: Path,
                      out_dir: Path, options: InferenceSettings | None = None,
                      route_name: str | None = None, model_name: str | None = None,
-                     cache: ModelCache = MODELS) -> SeriesOutcome:
+                     cache: ModelCache = MODELS, sr: bool = False) -> SeriesOutcome:
     """Route, harmonise and write one series (all of ``files`` belong to it).
 
-    ``route_name`` forces a route, ``model_name`` a model (no routing at all). Raises
+    ``route_name`` forces a route, ``model_name`` a model (no routing at all); ``sr`` also
+    writes the companion algorithm SR (:func:`~pipelines.sr.write_algorithm_sr`). Raises
     :class:`~pipelines.errors.PipelineError` subclasses for model and runtime failures,
     ``ValueError`` for an unknown ``route_name``.
     """
@@ -159,6 +162,7 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
         parameters={"architecture": info.architecture, "params": info.params,
                     "normalisation": info.normalisation.to_spec(), "anchors": list(anchors)})
     derived_uid, paths = write_derived_series(volume, output, provenance, out_dir)
+    report = write_algorithm_sr(paths, provenance, out_dir) if sr else None
     written = time.perf_counter()
     seconds = {"load": loaded - started, "inference": inferred - loaded,
                "write": written - inferred}
@@ -169,5 +173,5 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     if volume.warnings:
         reason += f" ({'; '.join(volume.warnings)})"
     return SeriesOutcome("harmonised", uid, reason, route_label, ref, derived_uid,
-                         tuple(paths), volume.warnings, seconds)
+                         tuple(paths), volume.warnings, seconds, report)
 

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     choice.add_argument("--route", metavar="NAME", help="use this route for every series")
     choice.add_argument("--model", metavar="NAME", help="use this model for every series,"
                         " without routing")
+    p.add_argument("--sr", action="store_true", help="also write an algorithm Structured"
+                   " Report (TID 1500 with TID 4019) per derived series, under OUT/<SR series"
+                   " UID>/")
     p.set_defaults(func=run)
 
 
@@ -51,13 +54,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             outcome = harmonise_series(files, routes=config.routes, models_dir=models_dir,
                                        out_dir=Path(args.output), options=config.inference,
-                                       route_name=args.route, model_name=args.model)
+                                       route_name=args.route, model_name=args.model,
+                                       sr=args.sr)
         except PipelineError as exc:
             failures += 1
             print(f"{uid}: failed: {exc}", file=sys.stderr)
             continue
         if outcome.status == "harmonised":
-            print(f"{uid}: harmonised -> {outcome.derived_series_uid}: {outcome.reason}")
+            report = f" (report {outcome.report.parent.name})" if outcome.report else ""
+            print(f"{uid}: harmonised -> {outcome.derived_series_uid}{report}: {outcome.reason}")
         elif outcome.status == "unmatched":
             print(f"{uid}: unmatched: {outcome.reason} (left out)")
         else:
