@@ -21,8 +21,18 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at write time (it may be swapped after configuration)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "info", stream: Any = None) -> None:
-    """Send JSON lines to ``stream`` (stderr by default) at ``level`` and above."""
+    """Send JSON lines to ``stream`` (the current stderr by default) at ``level`` and above."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -34,11 +44,11 @@ def configure(level: str = "info", stream: Any = None) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     # pynetdicom and apscheduler log through stdlib logging; keep their noise at warning.
-    logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr,
+    logging.basicConfig(level=logging.WARNING, stream=stream or _CurrentStderr(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
