@@ -91,6 +91,8 @@ def enqueue_series(index: Index, series_uid: str, destinations: Sequence[str],
                     queued += 1
     if queued:
         _reopen_series(index, [series_uid])
+    elif rows:
+        rollup(index, [series_uid])  # all sent before (a re-run): the states say so again
     log.info("sends_queued", series_uid=series_uid, destinations=dests, instances=len(rows),
              queued=queued)
     return queued
@@ -271,14 +273,14 @@ class Outbox:
             self._failed_attempt(r, None, "instance no longer in the index", permanent=True)
         rows = [r for r in rows if info[r["sop_instance_uid"]] is not None]
         if not rows:
-            self._rollup({r["series_uid"] for r in missing})
+            rollup(self.index, {r["series_uid"] for r in missing})
             return
         if peer is None or peer.port is None:
             reason = (f"peer {dest} is not in [[peers]]" if peer is None
                       else f"peer {dest} has no port")
             for r in rows:
                 self._failed_attempt(r, None, reason)
-            self._rollup({r["series_uid"] for r in rows + missing})
+            rollup(self.index, {r["series_uid"] for r in rows + missing})
             return
         ae = AE(ae_title=node.ae_title)
         ae.acse_timeout, ae.dimse_timeout = node.acse_timeout, node.dimse_timeout
@@ -296,7 +298,7 @@ class Outbox:
                         port=peer.port, instances=len(rows), reason=reason)
             for r in rows:
                 self._failed_attempt(r, None, reason)
-            self._rollup({r["series_uid"] for r in rows + missing})
+            rollup(self.index, {r["series_uid"] for r in rows + missing})
             return
         sent = 0
         try:
@@ -328,7 +330,7 @@ class Outbox:
                 assoc.release()
         log.info("sends_done", destination=dest, tried=len(rows), sent=sent,
                  series=sorted({r["series_uid"] for r in rows}))
-        self._rollup({r["series_uid"] for r in rows + missing})
+        rollup(self.index, {r["series_uid"] for r in rows + missing})
 
     def _mark_sent(self, row: Any, code: int, ts: str) -> None:
         now = time.time()
@@ -359,28 +361,32 @@ class Outbox:
                         series_uid=row["series_uid"], destination=row["destination"],
                         attempts=row["attempts"], retry_in_s=round(delay, 3), reason=reason)
 
-    def _rollup(self, series_uids: Iterable[str]) -> None:
-        """Series state from its rows: all sent -> sent; failed and nothing left -> failed."""
-        for uid in series_uids:
-            counts = {r["state"]: r["n"] for r in self.index.db.execute(
-                "SELECT state, COUNT(*) AS n FROM outbox WHERE series_uid = ? GROUP BY state",
-                (uid,))}
-            if counts.get(PENDING) or counts.get(SENDING):
-                continue
-            series = self.index.series(uid)
-            if series is None:
-                continue
-            if counts.get(FAILED):
-                error = last_errors(self.index).get(uid, "send failed")
-                state = ix.FAILED
-            else:
-                error, state = None, ix.SENT
-            if self.index.set_series_state(uid, state, only_if=[ix.ARCHIVED, ix.SENT,
-                                                                 ix.FAILED], error=error):
-                log.info(f"series_{state}", series_uid=uid, instances=sum(counts.values()),
-                         error=error)
-            if series["source_series_uid"]:
-                _source_state(self.index, series["source_series_uid"], state, error)
+
+def rollup(index: Index, series_uids: Iterable[str]) -> None:
+    """Series state from its rows: all sent -> sent; failed and nothing left -> failed."""
+    for uid in series_uids:
+        counts = {r["state"]: r["n"] for r in index.db.execute(
+            "SELECT state, COUNT(*) AS n FROM outbox WHERE series_uid = ? GROUP BY state",
+            (uid,))}
+        if not counts or counts.get(PENDING) or counts.get(SENDING):
+            continue
+        series = index.series(uid)
+        if series is None:
+            continue
+        if counts.get(FAILED):
+            last = index.db.execute("SELECT destination, error FROM outbox WHERE series_uid = ?"
+                                    " AND state = ? ORDER BY updated DESC LIMIT 1",
+                                    (uid, FAILED)).fetchone()
+            error = f"{SEND_ERROR_PREFIX}{last['destination']}: {last['error']}"
+            state = ix.FAILED
+        else:
+            error, state = None, ix.SENT
+        if index.set_series_state(uid, state, only_if=[ix.ARCHIVED, ix.SENT, ix.FAILED],
+                                  error=error):
+            log.info(f"series_{state}", series_uid=uid, instances=sum(counts.values()),
+                     error=error)
+        if series["source_series_uid"]:
+            _source_state(index, series["source_series_uid"], state, error)
 
 
 def schedule(scheduler: Any, config: Config, index: Index) -> Outbox:

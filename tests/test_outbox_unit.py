@@ -58,7 +58,8 @@ def test_failed_attempts_back_off_then_fail_after_max_age(node):
     assert row["next_attempt"] - row["updated"] == pytest.approx(0.5)
     assert "association with PACS" in row["error"]
     assert box.dispatch() == 0  # not due yet
-    assert box.dispatch(now=row["next_attempt"] + 0.01) == 3
+    due = index.db.execute("SELECT MAX(next_attempt) FROM outbox").fetchone()[0]
+    assert box.dispatch(now=due + 0.01) == 3
     # queued longer than max_age_hours: the next failed attempt gives up
     index.db.execute("UPDATE outbox SET created = created - 73 * 3600, next_attempt = 0")
     box.dispatch()
@@ -100,3 +101,12 @@ def test_store_contexts_offer_stored_syntax_and_uncompressed():
         ("1.2.840.10008.5.1.4.1.1.2", [JPEG2000Lossless]),
         ("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]),
         ("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])]
+
+
+def test_rerun_of_a_sent_series_reports_it_sent_again(node):
+    cfg, index, uid, files = node
+    outbox.enqueue_series(index, uid, ["PACS"])
+    index.db.execute("UPDATE outbox SET state = 'sent'")
+    index.set_series_state(uid, "archived")  # what the worker does on a re-run
+    assert outbox.enqueue_series(index, uid, ["PACS"]) == 0
+    assert index.series(uid)["state"] == "sent"
