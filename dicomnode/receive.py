@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.index import Index, InstanceRecord
-from dicomnode.storage import atomic_write, check_free_space, instance_path
+from dicomnode.storage import check_free_space, instance_path, store_bytes
 
 # Attributes kept in the index so queries never have to open files.
 QUERY_KEYWORDS = (
@@ -111,7 +111,7 @@ def receive_instance(data: bytes, record: InstanceRecord, *, index: Index, data_
         if existing["path"] != str(path.relative_to(data_dir)):
             old = data_dir / existing["path"]
     check_free_space(root, len(data), reserve_bytes)
-    stored = atomic_write(path, data)
+    stored = store_bytes(path, data)
     reopened = index.add_instance(record, str(path.relative_to(data_dir)), stored.size,
                                   stored.sha256, kind=kind)
     if old is not None:

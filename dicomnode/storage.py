@@ -1,23 +1,19 @@
-"""Durable file storage: an instance is on disk for good before anyone is told Success.
+"""Spool storage: an instance is on disk for good before anyone is told Success.
 
-The write protocol is the classic one: write a temporary file in the destination
-folder, fsync it, rename it over the final name (atomic on POSIX), then fsync the
-folder so the rename itself survives a power cut. Newly created folders are fsynced
-into their parents the same way.
+Files are written with :func:`pipelines.files.atomic_write` (temporary file, flush,
+rename, folder fsync); newly created folders are fsynced into their parents the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import UID
 
-TMP_PREFIX = ".tmp-"
+from pipelines.files import TMP_PREFIX, atomic_write, fsync_dir
 
 
 class StorageFull(OSError):
@@ -29,14 +25,6 @@ class StoredFile:
     path: Path
     size: int
     sha256: str
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def ensure_dir(path: Path) -> None:
@@ -51,27 +39,13 @@ def ensure_dir(path: Path) -> None:
             d.mkdir()
         except FileExistsError:
             continue
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
 
 
-def atomic_write(path: Path, data: bytes) -> StoredFile:
-    """Write ``data`` to ``path`` so that a reader (or a reboot) sees all of it or none."""
+def store_bytes(path: Path, data: bytes) -> StoredFile:
+    """Write ``data`` durably to ``path`` (creating its folders durably too)."""
     ensure_dir(path.parent)
-    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fdatasync(fd)  # data and size; the rename + folder fsync make the name durable
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda fh: fh.write(data))
     return StoredFile(path, len(data), hashlib.sha256(data).hexdigest())
 
 

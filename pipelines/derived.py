@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +35,7 @@ from pydicom.uid import (
 )
 
 from pipelines.errors import PipelineError
+from pipelines.files import atomic_write
 from pipelines.series import Volume
 
 MANUFACTURER = "dicomnode"
@@ -310,17 +309,8 @@ def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
 
 
 def write_atomic(ds: Dataset, path: Path) -> None:
-    """Temporary file in the target folder, fsync, rename: a crash leaves no half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Save ``ds`` as a Part 10 file so that a crash leaves no half file."""
+    atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 def derive_multiframe_instance(source: Dataset, pixels: np.ndarray,

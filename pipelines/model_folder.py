@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from torch import nn
 
 from pipelines import software_version as _software_version
 from pipelines.errors import ModelError
+from pipelines.files import atomic_write
 from pipelines.intensity import Normalisation
 from pipelines.networks import build_generator, spatial_dims
 
@@ -85,20 +85,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half files."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *, name: str,
                       version: str, architecture: str, params: Mapping[str, Any],
                       source: Mapping[str, Any], target: Mapping[str, Any],
@@ -123,7 +109,7 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
                          f" with params {dict(params)}: {exc}") from None
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
-    _atomic_write(weights, lambda fh: torch.save(state, fh))
+    atomic_write(weights, lambda fh: torch.save(state, fh))
     meta = {
         "format": FORMAT,
         "name": name,
@@ -144,7 +130,7 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
         text = json.dumps(meta, indent=2, sort_keys=False) + "\n"
     except TypeError as exc:
         raise ValueError(f"model.json must be JSON-serialisable: {exc}") from None
-    _atomic_write(folder / MODEL_JSON, lambda fh: fh.write(text.encode()))
+    atomic_write(folder / MODEL_JSON, lambda fh: fh.write(text.encode()))
     return folder
 
 
