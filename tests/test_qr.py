@@ -3,6 +3,7 @@ C-CANCEL; originals and harmonised copies alike."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from tests.dicom_factory import write_series
-from tests.nodeutil import NodeProcess, dcmtk, dcmtk_env, free_port, status, wait_for, write_config
+from tests.nodeutil import NodeProcess, dcmtk, dcmtk_env, free_port, wait_for, write_config
 from tests.orthanc import Orthanc, have_orthanc, seed_series
 
 DERIVED_DESC = "Thorax B70f [harmonised: ct-test]"
@@ -55,8 +56,14 @@ def qr(tmp_path_factory):
     node.port, node.move_port, node.orthanc_port, node.tmp, node.uids = (
         port, move_port, orthanc_port, tmp, uids)
     # originals complete and end 'unmatched' (no routes): a settled index to query
-    wait_for(lambda: all(s["state"] in ("unmatched", "archived")
-                         for s in status(config).values()), 60, what="series to settle")
+    def settled():
+        db = sqlite3.connect(tmp / "var" / "index.sqlite")
+        try:
+            return db.execute("SELECT COUNT(*) FROM series WHERE state NOT IN"
+                              " ('unmatched', 'archived')").fetchone()[0] == 0
+        finally:
+            db.close()
+    wait_for(settled, 60, what="series to settle")
     yield node
     node.stop()
 
