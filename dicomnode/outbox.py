@@ -278,8 +278,7 @@ class Outbox:
         if peer is None or peer.port is None:
             reason = (f"peer {dest} is not in [[peers]]" if peer is None
                       else f"peer {dest} has no port")
-            for r in rows:
-                self._failed_attempt(r, None, reason)
+            self._fail_all(rows, reason)
             rollup(self.index, {r["series_uid"] for r in rows + missing})
             return
         ae = AE(ae_title=node.ae_title)
@@ -296,16 +295,14 @@ class Outbox:
                       f"{'rejected' if assoc.is_rejected else 'failed'}")
             log.warning("send_association_failed", destination=dest, host=peer.host,
                         port=peer.port, instances=len(rows), reason=reason)
-            for r in rows:
-                self._failed_attempt(r, None, reason)
+            self._fail_all(rows, reason)
             rollup(self.index, {r["series_uid"] for r in rows + missing})
             return
         sent = 0
         try:
             for i, r in enumerate(rows):
                 if not assoc.is_established:
-                    for rest in rows[i:]:
-                        self._failed_attempt(rest, None, f"association with {dest} lost")
+                    self._fail_all(rows[i:], f"association with {dest} lost")
                     break
                 rec = info[r["sop_instance_uid"]]
                 try:
@@ -340,6 +337,31 @@ class Outbox:
                        (SENT, now, now, code, ts, row["id"], SENDING))
         log.debug("instance_sent", sop_instance_uid=row["sop_instance_uid"],
                   destination=row["destination"], status=f"0x{code:04X}")
+
+    def _fail_all(self, rows: Sequence[Any], reason: str) -> None:
+        """One failed attempt for many rows (association failed): one commit, one log
+        line per series, not one per instance."""
+        now = time.time()
+        ob = self.config.outbox
+        outcome: dict[tuple[str, bool], list[float]] = defaultdict(list)
+        with self.index.transaction() as db:
+            for row in rows:
+                expired = now - row["created"] >= ob.max_age_hours * 3600
+                delay = backoff(row["attempts"], ob.retry_initial, ob.retry_max_interval)
+                db.execute("UPDATE outbox SET state = ?, next_attempt = ?, updated = ?,"
+                           " status = NULL, error = ? WHERE id = ? AND state = ?",
+                           (FAILED if expired else PENDING, now + delay, now, reason,
+                            row["id"], SENDING))
+                outcome[(row["series_uid"], expired)].append(delay)
+        dest = rows[0]["destination"] if rows else None
+        for (series_uid, expired), delays in outcome.items():
+            if expired:
+                log.error("send_failed", series_uid=series_uid, destination=dest,
+                          instances=len(delays), reason=reason)
+            else:
+                log.warning("send_retry_scheduled", series_uid=series_uid, destination=dest,
+                            instances=len(delays), retry_in_s=round(min(delays), 3),
+                            reason=reason)
 
     def _failed_attempt(self, row: Any, code: int | None, reason: str,
                         permanent: bool = False) -> None:
