@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -11,7 +12,8 @@ from dicomnode import __version__
 from dicomnode.config import ConfigError
 from dicomnode.errors import UserError
 
-# Each module defines ``register(subparsers)`` which adds its parser with ``func=run``.
+# Each module defines ``register(subparsers)`` which adds its parser with ``func=run``;
+# heavy dependencies (torch) are imported inside ``run`` so --help and status start fast.
 COMMANDS = (
     "simulate",
     "serve",
@@ -45,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into e.g. head: not an error worth a traceback
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 141
 
 
 if __name__ == "__main__":

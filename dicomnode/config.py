@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pipelines.inference import InferenceSettings
 from pipelines.routing import Route, RoutingError, parse_routes
+from pipelines.settings import InferenceSettings
 
 ENV_CONFIG = "DICOMNODE_CONFIG"
 DEFAULT_CONFIG = Path("conf/node.toml")

@@ -12,26 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipelines.errors import InferenceError
+from pipelines.settings import InferenceSettings
 from pipelines.tiling import tile_weight, tiles
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """The ``[inference]`` table of the node's config (documented in conf/node.toml)."""
-
-    device: str = "auto"  # auto | cpu | cuda
-    batch_size: int = 8
-    patch_size: int = 0  # 0 = whole slices; >0 = square tiles with overlap
-    patch_overlap: int = 32
-    bf16: bool = True
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -72,7 +60,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
-                  settings: InferenceSettings = InferenceSettings(), *,
+                  settings: InferenceSettings | None = None, *,
                   name: str = "generator") -> np.ndarray:
     """Apply ``generator`` to a normalised (slices, rows, cols) volume; same shape, float32.
 
@@ -83,6 +71,7 @@ def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
         raise InferenceError(f"expected a (slices, rows, cols) volume, got shape {volume.shape}")
     if dims not in (2, 3):
         raise InferenceError(f"{name}: dims must be 2 or 3, got {dims}")
+    settings = settings or InferenceSettings()
     device = resolve_device(settings.device)
     dtype = autocast_dtype(device, settings.bf16)
     if settings.threads > 0 and device.type == "cpu":

@@ -9,10 +9,6 @@ from pathlib import Path
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from dicomnode.log import configure
-from pipelines.errors import PipelineError
-from pipelines.harmonise import harmonise_series
-from pipelines.model_folder import MODEL_JSON
-from pipelines.series import find_series
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.errors import PipelineError
+    from pipelines.harmonise import harmonise_series
+    from pipelines.model_folder import MODEL_JSON
+    from pipelines.series import find_series
     config = load_config(args.config)
     configure("warning")
     source = Path(args.input)

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 from dicomnode.config import load_config
-from pipelines.errors import ModelError
-from pipelines.model_folder import list_model_folders
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipelines.errors import ModelError
+    from pipelines.model_folder import list_model_folders
     models_dir = args.models_dir or load_config(args.config).node.models_dir
     found = list_model_folders(models_dir)
     if not found:

@@ -9,7 +9,6 @@ import threading
 from dicomnode import log as logs
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
-from dicomnode.service import Node
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dicomnode.service import Node  # loads torch: only when serving
     config = load_config(args.config)
     logs.configure(config.node.log_level)
     stop = threading.Event()

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from dicomnode.errors import UserError
 from dicomnode.log import configure
-from trainers.simulation import DOMAINS, key_tags, simulate_series
-from trainers.simulation.preview import read_series, save_preview
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list() -> int:
+    from trainers.simulation import DOMAINS, key_tags
     for name, domain in DOMAINS.items():
         tags = "  ".join(f"{k}={v}" for k, v in key_tags(domain).items())
         print(f"{name:<16} {tags}")
@@ -51,6 +50,7 @@ def _list() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainers.simulation import simulate_series
     if args.list:
         return _list()
     configure("warning" if args.preview else "info")     # JSON lines on stderr
@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace, common: dict) -> None:
     """Simulate the middle slices of every domain of the modality into a scratch folder."""
+    from trainers.simulation import DOMAINS, simulate_series
+    from trainers.simulation.preview import read_series, save_preview
     names = [args.domain] + [n for n, d in DOMAINS.items()
                              if d.modality == args.modality and n != args.domain]
     with tempfile.TemporaryDirectory() as tmp:
