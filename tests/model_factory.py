@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipelines.model_folder import save_model_folder
-from pipelines.networks import GENERATORS, conv
+from pipelines.networks import GENERATORS, PlainResidualCNN, conv
 
 CT_NORM = {"kind": "hu_window", "low": -1024, "high": 3071}
 MR_NORM = {"kind": "percentile", "low": 0.5, "high": 99.5}
@@ -46,3 +46,19 @@ def make_model(models_dir: Path, name: str = "smooth", *, modality: str = "CT", 
         target={"name": f"{modality.lower()}-smooth", "Modality": modality},
         normalisation=CT_NORM if modality == "CT" else MR_NORM,
         training={"epochs": 0}, validation={"psnr": {"before": 30.0, "after": 31.0}})
+
+
+def make_plain_model(models_dir: Path, name: str, *, blocks: int = 3) -> Path:
+    """A small residual CNN of a registered architecture, so a node subprocess can load it.
+
+    The last layer is randomised (not the identity) so the output visibly differs.
+    """
+    torch.manual_seed(0)
+    params = {"features": 4, "blocks": blocks}
+    net = PlainResidualCNN(**params)
+    with torch.no_grad():
+        net.body[-1].weight.normal_(0, 0.05)
+    return save_model_folder(
+        models_dir / name, net, name=name, version="1.0", architecture="plain", params=params,
+        source={"name": "siemens-b70f", "Modality": "CT"},
+        target={"name": "siemens-b30f", "Modality": "CT"}, normalisation=CT_NORM)

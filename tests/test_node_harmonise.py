@@ -7,16 +7,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from pydicom import dcmread
 
 from dicomnode.config import load_config
 from dicomnode.index import Index
 from dicomnode.receive import parse_header, receive_instance
 from dicomnode.worker import Worker
-from pipelines.model_folder import save_model_folder
-from pipelines.networks import PlainResidualCNN
 from tests.dicom_factory import write_series
+from tests.model_factory import make_plain_model
 from tests.nodeutil import NodeProcess, free_port, status, storescu, wait_for, write_config
 
 ROUTES = """
@@ -34,20 +32,6 @@ model = "ct-broken"
 Modality = "CT"
 ConvolutionKernel = "B9*"
 """
-
-
-def make_plain_model(folder: Path, name: str) -> Path:
-    """A registered architecture the node subprocess can build: a small plain residual CNN."""
-    torch.manual_seed(0)
-    params = {"features": 4, "blocks": 3}
-    net = PlainResidualCNN(**params)
-    with torch.no_grad():  # not the identity: the output must visibly differ
-        net.body[-1].weight.normal_(0, 0.05)
-    return save_model_folder(
-        folder / name, net, name=name, version="1.0", architecture="plain", params=params,
-        source={"name": "siemens-b70f", "Modality": "CT"},
-        target={"name": "siemens-b30f", "Modality": "CT"},
-        normalisation={"kind": "hu_window", "low": -1024, "high": 3071})
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
@@ -23,9 +22,8 @@ from dicomnode.cli import main as cli_main
 from dicomnode.config import load_config
 from dicomnode.index import Index
 from dicomnode.log import configure
-from pipelines.model_folder import save_model_folder
-from pipelines.networks import PlainResidualCNN
 from tests.dicom_factory import write_series
+from tests.model_factory import make_plain_model
 from tests.nodeutil import NodeProcess, dcmtk, free_port, storescu, wait_for, write_config
 from tests.orthanc import Orthanc, have_orthanc, seed_series
 
@@ -81,20 +79,6 @@ def sop_uids(files: list[Path]) -> set[str]:
 
 
 # --- end to end: storescu -> node -> harmonised -> Orthanc ----------------------------
-
-def make_plain_model(folder: Path, name: str) -> Path:
-    """A registered architecture the node subprocess can build (a small residual CNN)."""
-    torch.manual_seed(0)
-    params = {"features": 4, "blocks": 2}
-    net = PlainResidualCNN(**params)
-    with torch.no_grad():
-        net.body[-1].weight.normal_(0, 0.05)
-    return save_model_folder(
-        folder / name, net, name=name, version="1.0", architecture="plain", params=params,
-        source={"name": "siemens-b70f", "Modality": "CT"},
-        target={"name": "siemens-b30f", "Modality": "CT"},
-        normalisation={"kind": "hu_window", "low": -1024, "high": 3071})
-
 
 ROUTE = """
 [[routes]]
