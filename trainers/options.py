@@ -35,8 +35,8 @@ class CommonOptions:
     name: str = _opt("", "model name: the folder written under --models-dir")
     source_domain: str = _opt("", "source domain name for model.json (default: from tags)")
     target_domain: str = _opt("", "target domain name for model.json (default: from tags)")
-    models_dir: Path = _opt(Path("models"), "where the model folder is written (the CLI"
-                            " defaults to the node config's models_dir)")
+    models_dir: Path = _opt(Path("models"), "where the model folder is written (default: the"
+                            " node config's models_dir)", show_default=False)
     version: str = _opt("1.0", "model version recorded in model.json")
     architecture: str = _opt("plain", "generator architecture (pipelines.networks registry)")
     dims: int = _opt(2, "2 (slices) or 3 (volumes)", choices=(2, 3))
@@ -78,7 +78,7 @@ class UnpairedOptions(CommonOptions):
     architecture: str = _opt("unet", "generator architecture (pipelines.networks registry)")
     gan: str = _opt("lsgan", "adversarial loss", choices=("lsgan", "wgan-gp"))
     cycle: float = _opt(10.0, "weight of the cycle-consistency L1 loss")
-    identity: float = _opt(0.5, "weight of the identity L1 loss")
+    identity: float = _opt(5.0, "weight of the identity L1 loss (CycleGAN: 0.5 x cycle)")
     ssim: float = _opt(0.0, "weight of the SSIM loss between input and output (0 = off)")
     gram: float = _opt(0.0, "weight of the Gram texture (domain) loss (0 = off)")
     gp: float = _opt(10.0, "gradient penalty weight (wgan-gp)")
@@ -137,7 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] | N
             parser.add_argument(flag, action="append", type=_key_value, default=None,
                                 metavar="KEY=VALUE", help=help_text)
         else:
-            shown = f" (default: {default})" if default not in (None, "") else ""
+            shown = f" (default: {default})" if default not in (None, "") and \
+                f.metadata.get("show_default", True) else ""
             parser.add_argument(flag, type=kind, default=default,
                                 choices=f.metadata.get("choices"), help=help_text + shown)
 

@@ -45,7 +45,7 @@ MODELS = {
         "CT", "ge-standard", "siemens-b30f", "unpaired", tuple(range(6)), tuple(range(10, 16)),
         ("--architecture", "plain", "--param", "features=24", "--param", "blocks=6",
          "--param", "cbam=1", "--patch", "48", "--batch", "4", "--steps", "600",
-         "--identity", "5", "--cycle", "10", "--gram", "1", "--ssim", "1",
+         "--lr", "5e-4", "--identity", "0.5", "--cycle", "10", "--gram", "1",
          "--disc-features", "16", "--disc-layers", "3", "--val-every", "100",
          "--minutes", "30")),
     "mr-t1w-ge15-to-siemens3": Spec(

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         if mode != "site":
             m.add_argument("--config", help="node config, for its models_dir (default:"
                            " $DICOMNODE_CONFIG or conf/node.toml)")
-        add_arguments(m, cls, skip={"source", "target"} if mode == "site" else None)
+        # site derives the data, name and version from the route and the deployed model
+        add_arguments(m, cls, skip={"source", "target", "name", "version", "force"}
+                      if mode == "site" else None)
         m.set_defaults(func=run, models_dir=None)
 
 
