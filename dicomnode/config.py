@@ -43,6 +43,7 @@ class NodeSettings:
     unmatched: str = "archive"  # archive | ignore
     log_level: str = "info"
     sweep_interval: float = 1.0
+    write_sr: bool = False  # also archive (and send) an algorithm SR per harmonised series
 
 
 @dataclass(frozen=True)

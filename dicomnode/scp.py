@@ -45,6 +45,8 @@ STORAGE_CLASSES = (
     sc.SecondaryCaptureImageStorage,
     sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
     sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    # the companion algorithm report ([node] write_sr) travels with harmonised series
+    sc.Comprehensive3DSRStorage, sc.ComprehensiveSRStorage, sc.EnhancedSRStorage,
 )
 TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,

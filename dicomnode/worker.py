@@ -58,7 +58,8 @@ class Worker:
         log.info("job_started", job=job.id, series_uid=job.series_uid, instances=len(files),
                  attempt=job.attempts)
         outcome = harmonise_series(files, routes=cfg.routes, models_dir=cfg.node.models_dir,
-                                   out_dir=staging, options=cfg.inference)
+                                   out_dir=staging, options=cfg.inference,
+                                   sr=cfg.node.write_sr)
         if outcome.status == "unmatched":
             state = ix.UNMATCHED if cfg.node.unmatched == "archive" else ix.IGNORED
             self.index.set_series_state(job.series_uid, state, only_if=[ix.PROCESSING],
@@ -73,24 +74,29 @@ class Worker:
             self.index.finish_job(job, ok=False, error=outcome.reason)
             log.warning("series_rejected", series_uid=job.series_uid, reason=outcome.reason)
             return
-        derived_uid = self._archive(outcome.outputs)
-        shutil.rmtree(staging, ignore_errors=True)
         model = f"{outcome.model.name} {outcome.model.version}"
-        self.index.set_series_state(derived_uid, ix.ARCHIVED, source_series_uid=job.series_uid,
-                                    route=outcome.route, model=model)
+        derived = [self._archive(outcome.outputs)]
+        if outcome.report is not None:
+            derived.append(self._archive([outcome.report]))
+        shutil.rmtree(staging, ignore_errors=True)
+        for uid in derived:
+            self.index.set_series_state(uid, ix.ARCHIVED, source_series_uid=job.series_uid,
+                                        route=outcome.route, model=model)
         reopened = not self.index.set_series_state(
             job.series_uid, ix.HARMONISED, only_if=[ix.PROCESSING], route=outcome.route,
             model=model, error=None)
         destinations = next(r.send_to for r in cfg.routes if r.name == outcome.route)
-        queued = enqueue_series(self.index, derived_uid, destinations) if destinations else 0
+        queued = sum(enqueue_series(self.index, uid, destinations) for uid in derived
+                     if destinations)
         self.index.finish_job(job, ok=True)
-        log.info("series_harmonised", series_uid=job.series_uid, derived_series_uid=derived_uid,
+        log.info("series_harmonised", series_uid=job.series_uid, derived_series_uid=derived[0],
+                 report_series_uid=derived[1] if len(derived) > 1 else None,
                  route=outcome.route, model=outcome.model.name,
                  weights_sha256=outcome.model.sha256, instances=len(outcome.outputs),
                  sends_queued=queued, reopened_while_processing=reopened)
 
     def _archive(self, files: Sequence[Path]) -> str:
-        """Store staged derived instances durably in the archive; returns their series UID."""
+        """Store staged instances of one derived series durably in the archive; its UID."""
         node = self.config.node
         series_uids = set()
         for path in files:

@@ -116,3 +116,24 @@ def test_job_interrupted_by_crash_reruns_without_duplicates(setup):
     derived = [r for r in index.all_series(kind="derived")]
     assert len(derived) == 1 and derived[0]["instances"] == 4
     assert index.series(uid)["state"] == "harmonised"
+
+
+def test_write_sr_archives_an_algorithm_report_beside_the_images(setup):
+    tmp_path, port, config_path = setup
+    config_path.write_text(config_path.read_text().replace("[node]\n", "[node]\nwrite_sr = true\n"))
+    config = load_config(config_path)
+    files = write_series(tmp_path / "sharp", slices=3, size=32, kernel="B70f", seed=6)
+    index = Index(config.index_path)
+    for path in files:
+        data = path.read_bytes()
+        receive_instance(data, parse_header(data), index=index,
+                         data_dir=config.node.data_dir, root=config.spool_dir,
+                         reserve_bytes=0, duplicate_policy="replace")
+    index.complete_quiet_series(0.0)
+    assert Worker(config, index).step()
+    derived = index.all_series(kind="derived")
+    assert sorted(r["modality"] for r in derived) == ["CT", "SR"]
+    source = str(dcmread(files[0]).SeriesInstanceUID)
+    assert {r["source_series_uid"] for r in derived} == {source}
+    [report] = [p for p in config.archive_dir.rglob("*.dcm") if dcmread(p).Modality == "SR"]
+    assert "ct-test" in str(dcmread(report).ContentSequence)
