@@ -24,6 +24,12 @@ class DomainClassifier(nn.Module):
     One conv per stage keeps it cheap enough to train inside every ``evaluate`` on a CPU;
     the first stage runs at full resolution, where noise grain lives.
 
+    The first stage sees the image and its high-pass residual (image minus its 3x3 local
+    mean) scaled by ``texture_gain`` to unit spread on the training data (:meth:`calibrate`).
+    Scanners of one class differ by a few HU of noise grain against a normalised range of
+    thousands of HU; in the raw image that is lost under the anatomy, in the residual it is
+    the whole signal.
+
     Global mean and standard-deviation pooling of every stage make it patch-size agnostic
     and hand the head texture energy at three scales (noise grain, edges) directly, on a
     log scale so that a faint noise difference weighs like a strong one.
@@ -35,14 +41,27 @@ class DomainClassifier(nn.Module):
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
         self.pool = nn.AvgPool2d(2) if dims == 2 else nn.AvgPool3d(2)
-        widths = [channels, features, features * 2, features * 4]
+        self.local_mean = (nn.AvgPool2d if dims == 2 else nn.AvgPool3d)(
+            3, stride=1, padding=1, count_include_pad=False)
+        self.register_buffer("texture_gain", torch.tensor(1.0))
+        widths = [2 * channels, features, features * 2, features * 4]
         self.stages = nn.ModuleList(
             nn.Sequential(conv(widths[i], widths[i + 1], 3, padding=1), nn.LeakyReLU(0.2))
             for i in range(3))
         self.head = nn.Linear(2 * sum(widths[1:]), classes)
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """High-pass residual: the image minus its 3x3 local mean."""
+        return x - self.local_mean(x)
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Set ``texture_gain`` so the residual of these images has unit spread."""
+        self.texture_gain.fill_(1.0 / (float(self.residual(x).std()) + 1e-6))
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = []
+        x = torch.cat([x, self.residual(x) * self.texture_gain], dim=1)
         for i, stage in enumerate(self.stages):
             x = stage(x if i == 0 else self.pool(x))
             maps.append(x)
@@ -66,6 +85,7 @@ def train_classifier(samplers: list[PatchSampler], steps: int = 300, batch: int 
     optim = torch.optim.Adam(model.parameters(), lr=lr)
     per_class = max(batch // len(samplers), 1)
     labels = torch.arange(len(samplers)).repeat_interleave(per_class).to(device)
+    model.calibrate(torch.cat([s.sample(per_class)[0] for s in samplers]).to(device))
     model.train()
     for _ in range(steps):
         x = torch.cat([s.sample(per_class)[0] for s in samplers]).to(device)
