@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import structlog
+from pydicom import config as pydicom_config
 
 _FORBIDDEN = {"PatientName", "PatientID", "patient_name", "patient_id", "PatientBirthDate"}
 
@@ -52,6 +53,9 @@ def configure(level: str = "info", stream: Any = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # pydicom's read-time validation warns with the offending value quoted (a patient's
+    # name in a malformed IS); instances are kept as received, so nothing is validated
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -7,14 +7,15 @@ bytes; the handler only translates outcomes into DIMSE status codes.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from dicomnode.index import Index, InstanceRecord
 from dicomnode.storage import check_free_space, instance_path, store_bytes
@@ -30,10 +31,27 @@ QUERY_KEYWORDS = (
     "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
     "ImageType",
 )
+# Without these an instance cannot be filed (each is also one of QUERY_KEYWORDS).
+REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)")
+
+# C-STORE failure statuses a rejection maps to (PS3.4 B.2.3)
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
 
 
 class RejectedInstance(ValueError):
-    """The instance cannot be accepted; the message says why, for the log and the peer."""
+    """The instance cannot be accepted; the message says why, for the log and the peer.
+
+    The message is always our own wording (UIDs and keywords at most), never the text of
+    a parser exception: those quote raw element bytes, which can be a patient's name.
+    ``error`` is the type of the exception that made it unreadable, ``tag`` the element.
+    """
+
+    def __init__(self, reason: str, *, status: int = CANNOT_UNDERSTAND,
+                 error: str | None = None, tag: str | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.error, self.tag = status, error, tag
 
 
 @dataclass(frozen=True)
@@ -55,40 +73,62 @@ def _text(value: Any) -> Any:
     return str(value)
 
 
+def _tag_in(exc: BaseException) -> str | None:
+    """The first ``(gggg,eeee)`` tag an exception message names: safe to log on its own."""
+    found = _TAG.search(str(exc))
+    return f"({found[1]},{found[2]})".upper() if found else None
+
+
+def _read(ds: Dataset, keyword: str) -> str | int | float | None:
+    """One attribute as text or number, or a :class:`RejectedInstance` naming its tag.
+
+    pydicom converts element values lazily, so a malformed value (wrong length, unknown
+    VR, undecodable text) only raises here, with any exception type.
+    """
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else _text(value)
+    except Exception as exc:
+        tag = tag_for_keyword(keyword)
+        raise RejectedInstance(f"cannot read {keyword}", error=type(exc).__name__,
+                               tag=f"({tag >> 16:04X},{tag & 0xFFFF:04X})") from None
+
+
 def parse_header(data: bytes, transfer_syntax: str | None = None,
                  affected_sop_class: str | None = None,
                  affected_sop_instance: str | None = None) -> InstanceRecord:
     """Read the identifying attributes of an encoded instance, checking they agree.
 
     ``transfer_syntax`` is the negotiated one for network input; files carry their own.
+    Whatever is wrong with the bytes, the outcome is a record or a RejectedInstance.
     """
     try:
         ds: Dataset = dcmread(BytesIO(data), stop_before_pixels=True, force=False)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as exc:
-        raise RejectedInstance(f"cannot parse dataset: {exc}") from None
-    if transfer_syntax is None:
-        transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
-        if not transfer_syntax:
-            raise RejectedInstance("no transfer syntax in the file meta information")
-    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                           "SeriesInstanceUID") if not str(ds.get(k, "")).strip()]
+        if transfer_syntax is None:
+            transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
+    except Exception as exc:
+        raise RejectedInstance("cannot parse dataset", error=type(exc).__name__,
+                               tag=_tag_in(exc)) from None
+    if not transfer_syntax:
+        raise RejectedInstance("no transfer syntax in the file meta information")
+    attrs = {k: v for k in QUERY_KEYWORDS if (v := _read(ds, k)) is not None}
+    missing = [k for k in REQUIRED if not str(attrs.get(k, "")).strip()]
     if missing:
         raise RejectedInstance(f"missing required attribute(s): {', '.join(missing)}")
-    sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    sop_class, sop_uid = str(attrs["SOPClassUID"]), str(attrs["SOPInstanceUID"])
     if affected_sop_class and sop_class != affected_sop_class:
         raise RejectedInstance(f"SOPClassUID {sop_class} does not match the request's"
-                               f" {affected_sop_class}")
+                               f" {affected_sop_class}", status=DATASET_MISMATCH)
     if affected_sop_instance and sop_uid != affected_sop_instance:
         raise RejectedInstance(f"SOPInstanceUID {sop_uid} does not match the request's"
-                               f" {affected_sop_instance}")
+                               f" {affected_sop_instance}", status=DATASET_MISMATCH)
     try:
-        number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") is not None else None
+        number = int(attrs["InstanceNumber"]) if "InstanceNumber" in attrs else None
     except (TypeError, ValueError):
         number = None
-    attrs = {k: _text(ds.get(k)) for k in QUERY_KEYWORDS if ds.get(k) not in (None, "")}
     return InstanceRecord(
         sop_instance_uid=sop_uid, sop_class_uid=sop_class,
-        series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(attrs["SeriesInstanceUID"]), study_uid=str(attrs["StudyInstanceUID"]),
         transfer_syntax=transfer_syntax, modality=attrs.get("Modality"),
         instance_number=number, attrs=attrs)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,9 @@ TRANSFER_SYNTAXES = (
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
 )
 
-# C-STORE status codes (PS3.4 B.2.3)
+# C-STORE status codes (PS3.4 B.2.3); rejections carry their own (receive.py)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
 
 @dataclass
@@ -143,18 +142,17 @@ def handle_store(event: evt.Event, ctx: ScpContext) -> int:
                                    reserve_bytes=node.disk_reserve_mb * 2**20,
                                    duplicate_policy=node.duplicate_policy)
     except RejectedInstance as exc:
-        status = DATASET_MISMATCH if "does not match" in str(exc) else CANNOT_UNDERSTAND
         log.warning("instance_rejected", sop_instance_uid=str(request.AffectedSOPInstanceUID),
                     calling_ae=event.assoc.requestor.ae_title.strip(), reason=str(exc),
-                    status=f"0x{status:04X}")
-        return status
+                    error_type=exc.error, tag=exc.tag, status=f"0x{exc.status:04X}")
+        return exc.status
     except StorageFull as exc:
         log.error("instance_refused_disk_full",
                   sop_instance_uid=str(request.AffectedSOPInstanceUID), reason=str(exc))
         return OUT_OF_RESOURCES
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:  # transient: the peer may retry later
         log.error("instance_store_failed", sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                  reason=str(exc))
+                  error_type=type(exc).__name__, reason=str(exc))
         return OUT_OF_RESOURCES
     rec = outcome.record
     log.info("instance_stored", sop_instance_uid=rec.sop_instance_uid,

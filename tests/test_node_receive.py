@@ -110,6 +110,50 @@ def test_malformed_instance_rejected_rest_of_association_stored(node, tmp_path):
     assert series["instances"] == 2
 
 
+def _patched(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
+    """A copy of ``src`` with one run of data set bytes replaced (the file meta stays valid)."""
+    data = src.read_bytes()
+    assert data.count(old) == 1
+    dst.write_bytes(data.replace(old, new))
+    return dst
+
+
+def test_corrupted_data_sets_get_c000_rest_stored_no_patient_data_logged(node, tmp_path):
+    files = write_series(tmp_path / "in", slices=6, size=16)
+    rows = b"\x28\x00\x10\x00US\x02\x00\x10\x00"  # Rows = 16, explicit VR little endian
+    name = b"Test^Phantom"
+    bad = [
+        # Rows with an odd length whose bytes are the patient's name (BytesLengthException)
+        _patched(files[1], tmp_path / "rows.dcm", rows, b"\x28\x00\x10\x00US\x0d\x00"
+                 + name + b"\x00"),
+        # an unknown VR on StudyInstanceUID (NotImplementedError when the value is read)
+        _patched(files[2], tmp_path / "vr.dcm", b"\x20\x00\x0d\x00UI", b"\x20\x00\x0d\x00\x55\xb4"),
+    ]
+    # an InstanceNumber that is not a number: accepted (it is not needed to file the
+    # instance), but pydicom's read-time validation would quote it in a warning
+    odd = _patched(files[3], tmp_path / "is.dcm", b"\x20\x00\x13\x00IS\x02\x004 ",
+                   b"\x20\x00\x13\x00IS\x0c\x00" + name)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="HARMONISE")
+    assert assoc.is_established
+    # a path is sent as its encoded bytes, never decoded on our side
+    sent = [files[0], *bad, odd, files[4], files[5]]
+    statuses = [assoc.send_c_store(p).Status for p in sent]
+    assoc.release()
+    assert statuses == [0x0000, 0xC000, 0xC000, 0x0000, 0x0000, 0x0000]
+    rejected = node.events("instance_rejected")
+    assert [(e["error_type"], e["tag"], e["status"]) for e in rejected] == [
+        ("BytesLengthException", "(0028,0010)", "0xC000"),
+        ("NotImplementedError", "(0020,000D)", "0xC000")]
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    series = wait_for(lambda: status(node.config).get(uid), 10, what="series indexed")
+    assert series["instances"] == 4
+    log = node.log.read_text(errors="replace")
+    assert "Test^Phantom" not in log and "PHANTOM01" not in log
+    assert "Traceback" not in log
+
+
 def test_unknown_calling_ae_rejected_known_peer_accepted(tmp_path):
     port = free_port()
     config = write_config(tmp_path / "node.toml", port, tmp_path / "var",
