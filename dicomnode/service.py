@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom.transport import AddressInformation
 
 from dicomnode import archive, outbox
 from dicomnode.config import Config
+from dicomnode.errors import UserError
 from dicomnode.index import Index
 from dicomnode.log import get_logger
 from dicomnode.receive import RejectedInstance, parse_header
@@ -20,6 +25,40 @@ from dicomnode.storage import leftover_temp_files
 from dicomnode.worker import Worker
 
 log = get_logger("service")
+
+LOCK_FILE = "dicomnode.lock"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on ``data_dir`` for the life of this process (its fd).
+
+    Start-up recovery deletes temporary files and requeues running work: done by a
+    second node on the same folder it would corrupt a live node's state. The kernel
+    drops the lock when the process ends, ``kill -9`` included.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise UserError(f"cannot use data_dir {data_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another dicomnode is using {data_dir}") from None
+    return fd
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind (and release) the listening address the way pynetdicom will, so a node that
+    cannot listen stops before recovery has changed anything."""
+    try:
+        address = AddressInformation(host, port)
+        with socket.socket(address.address_family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address.as_tuple)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def reconcile_spool(index: Index, data_dir: Path, root: Path) -> dict[str, int]:
@@ -56,6 +95,7 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._lock = lock_data_dir(config.node.data_dir)
         self.index = Index(config.index_path)
         self.ae = build_ae(config)
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -65,6 +105,7 @@ class Node:
 
     def start(self) -> None:
         cfg = self.config
+        check_listen(cfg.node.host, cfg.node.port)
         recovered = self.index.recover()
         reconciled = reconcile_spool(self.index, cfg.node.data_dir, cfg.spool_dir)
         log.info("node_recovered", **recovered, **reconciled)
@@ -75,8 +116,12 @@ class Node:
         self.scheduler.start()
         self.add_worker("harmonise", Worker(cfg, self.index).step)
         ctx = ScpContext(cfg, self.index)
-        self._server = self.ae.start_server((cfg.node.host, cfg.node.port), block=False,
-                                            evt_handlers=event_handlers(ctx))
+        try:
+            self._server = self.ae.start_server((cfg.node.host, cfg.node.port), block=False,
+                                                evt_handlers=event_handlers(ctx))
+        except OSError as exc:  # taken since check_listen: only this start is affected
+            raise UserError(f"cannot listen on {cfg.node.host}:{cfg.node.port}:"
+                            f" {exc.strerror or exc}") from None
         log.info("node_listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
                  port=cfg.node.port, data_dir=str(cfg.node.data_dir))
 
@@ -114,4 +159,5 @@ class Node:
         self.scheduler.shutdown(wait=True)
         self.sweep()  # series that went quiet while stopping are persisted as complete
         self.index.close()
+        os.close(self._lock)
         log.info("node_stopped")

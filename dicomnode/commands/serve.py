@@ -8,7 +8,6 @@ import threading
 
 from dicomnode import log as logs
 from dicomnode.config import load_config
-from dicomnode.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,12 +26,8 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    node = Node(config)
-    try:
-        node.start()
-    except OSError as exc:
-        raise UserError(f"cannot listen on {config.node.host}:{config.node.port}: {exc}"
-                        ) from None
+    node = Node(config)  # locks data_dir: a second node on it stops here, changing nothing
+    node.start()  # checks it can listen before recovering anything
     stop.wait()
     node.stop()
     return 0

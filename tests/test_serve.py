@@ -1,0 +1,80 @@
+"""``dicomnode serve`` start-up: a start that cannot run changes nothing and says why."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+
+from pydicom import dcmread
+
+from dicomnode import outbox
+from dicomnode.config import load_config
+from dicomnode.index import Index
+from tests.dicom_factory import write_series
+from tests.nodeutil import NodeProcess, cli, free_port, status, storescu, wait_for, write_config
+from tests.orthanc import seed_series
+
+
+def test_second_serve_on_the_same_data_dir_refuses_and_the_first_keeps_working(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var")
+    other = write_config(tmp_path / "other.toml", free_port(), tmp_path / "var")
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        files = write_series(tmp_path / "in", slices=3, size=16)
+        storescu(port, files[:2])
+        second = cli("serve", "--config", str(other), check=False)
+        assert second.returncode != 0
+        assert second.stderr.strip() == (f"dicomnode serve: error: another dicomnode is using"
+                                         f" {tmp_path / 'var'}")
+        storescu(port, files[2:])
+        uid = str(dcmread(files[0]).SeriesInstanceUID)
+        series = wait_for(lambda: (s := status(config).get(uid)) and s["state"] != "receiving"
+                          and s, 30, what="series to complete on the first node")
+    finally:
+        assert node.stop() == 0
+    assert series["instances"] == 3
+    assert len(node.events("node_recovered")) == 1
+
+
+def test_serve_that_cannot_listen_leaves_recoverable_state_untouched(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var",
+                          extra='[[peers]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 9\n')
+    queued = seed_series(config, write_series(tmp_path / "a", slices=2, size=16, seed=1),
+                         kind="original")
+    running = seed_series(config, write_series(tmp_path / "b", slices=2, size=16, seed=2),
+                          kind="original")
+    seed_series(config, write_series(tmp_path / "d", slices=2, size=16, seed=3),
+                send_to=("PACS",))
+    cfg = load_config(config)
+    index = Index(cfg.index_path)
+    index.complete_quiet_series(0.0)
+    with index.transaction() as db:  # as a crash would have left them
+        db.execute("UPDATE jobs SET state = 'running' WHERE series_uid = ?", (running,))
+        db.execute("UPDATE outbox SET state = 'sending'")
+    index.close()
+    leftover = next((tmp_path / "var" / "spool").rglob("*.dcm")).parent / ".tmp-x.dcm.abc"
+    leftover.write_bytes(b"half")
+
+    def snapshot() -> list[tuple]:
+        db = sqlite3.connect(cfg.index_path)
+        try:
+            return [*db.execute("SELECT series_uid, state, attempts FROM jobs ORDER BY id"),
+                    *db.execute("SELECT series_uid, state FROM series ORDER BY series_uid"),
+                    *db.execute("SELECT id, state FROM outbox ORDER BY id")]
+        finally:
+            db.close()
+    before = snapshot()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        out = cli("serve", "--config", str(config), check=False)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"dicomnode serve: error: cannot listen on 127.0.0.1:{port}: ")
+    assert "Traceback" not in out.stderr
+    assert snapshot() == before
+    assert [(r[0], r[1]) for r in before[:2]] == [(queued, "queued"), (running, "running")]
+    assert {r[1] for r in before[-2:]} == {outbox.SENDING}
+    assert leftover.exists()
