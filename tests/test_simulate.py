@@ -85,19 +85,24 @@ def test_rerun_is_reproducible(tmp_path, ct_pair):
         assert np.array_equal(a.pixel_array, b.pixel_array)
 
 
-def test_air_and_soft_tissue_hu(ct_pair):
-    for name in ("siemens-b30f", "ge-standard"):
-        dom = DOMAINS[name]
-        img = read_series(ct_pair[name])
-        truth = ground_truth("CT", subject=3, slices=3, size=128,
-                             thickness=dom.slice_thickness)
+@pytest.mark.parametrize("name", CT_DOMAINS)
+def test_air_and_soft_tissue_hu(ct_pair, name):
+    dom = DOMAINS[name]
+    img = read_series(ct_pair[name])
+    truth = ground_truth("CT", subject=3, slices=3, size=128, thickness=dom.slice_thickness)
+    if not dom.kernel.boost:
+        # sharp kernels' air noise is clipped at the stored minimum (-1024 HU), as on a real
+        # scanner, which biases the mean of air upwards; smooth kernels' noise is not
         air = _erode(truth < -999, 4)
         assert abs(img[air].mean() - (-1000 + dom.hu_offset)) < 10
-        for lo, hi in ((30, 50), (-110, -80)):          # blood/muscle, fat
-            roi = _erode((truth > lo) & (truth < hi), 2)
-            assert roi.sum() > 50
-            err = (img[roi] - truth[roi]).mean() - dom.hu_offset
-            assert abs(err) < 8, (name, lo, err)
+    # sharp kernels overshoot at edges (as real ones do): measure further from them, and
+    # not in the subcutaneous fat, which is too thin at 128 px to have an interior
+    sharp = dom.kernel.boost > 0
+    for lo, hi in ((30, 50),) if sharp else ((30, 50), (-110, -80)):   # blood/muscle, fat
+        roi = _erode((truth > lo) & (truth < hi), 3 if sharp else 2)
+        assert roi.sum() > 50
+        err = (img[roi] - truth[roi]).mean() - dom.hu_offset
+        assert abs(err) < 8, (name, lo, err)
 
 
 def _high_frequency_fraction(noise: np.ndarray) -> float:

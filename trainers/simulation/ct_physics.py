@@ -43,7 +43,8 @@ def kernel_response(kernel: CTKernel, f: torch.Tensor) -> torch.Tensor:
     u = (f / kernel.cutoff).clamp(max=1.0)
     window = 0.5 * (1.0 + torch.cos(math.pi * u))
     bump = torch.exp(-(((f - kernel.boost_at) / 0.3) ** 2))
-    return window * (1.0 + kernel.boost * bump)
+    at_dc = math.exp(-((kernel.boost_at / 0.3) ** 2))
+    return window * (1.0 + kernel.boost * (bump - at_dc))   # gain 1 at f = 0: water stays 0 HU
 
 
 def views_for(n: int) -> int:

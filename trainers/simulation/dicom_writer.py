@@ -120,10 +120,15 @@ def _ct_acquisition(ds: Dataset, d: CTDomain, fov: float) -> None:
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024.0, 1.0, "HU"
 
 
+def _echo_train_length(d: MRDomain) -> int:
+    """Turbo/fast spin echo for T2 weighting, one echo per excitation otherwise."""
+    return 1 if d.sequence != "SE" or d.weighting == "T1" else 16
+
+
 def _mr_acquisition(ds: Dataset, d: MRDomain) -> None:
     ds.MRAcquisitionType = "3D" if d.sequence != "SE" else "2D"
     ds.ScanOptions = ""
-    ds.EchoTrainLength = 1 if d.sequence != "SE" or d.weighting == "T1" else 16
+    ds.EchoTrainLength = _echo_train_length(d)
     ds.NumberOfAverages = 1.0
     ds.ImagingFrequency = round(42.577478 * d.field_t, 6)
     ds.ImagedNucleus = "1H"
@@ -233,7 +238,8 @@ def _mr_shared(d: MRDomain) -> dict[str, Sequence]:
             VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
             ComplexImageComponent="MAGNITUDE", AcquisitionContrast=contrast)]),
         "MRTimingAndRelatedParametersSequence": Sequence([_item(
-            RepetitionTime=d.tr, FlipAngle=d.flip, EchoTrainLength=1, RFEchoTrainLength=1,
+            RepetitionTime=d.tr, FlipAngle=d.flip, EchoTrainLength=_echo_train_length(d),
+            RFEchoTrainLength=_echo_train_length(d),
             GradientEchoTrainLength=1 if d.sequence != "SE" else 0,
             SpecificAbsorptionRateSequence=Sequence([_item(
                 SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY",

@@ -117,7 +117,8 @@ def acquire(fractions: torch.Tensor, domain: MRDomain, rng: np.random.Generator,
     taper = ((edge - f) / max(domain.apodisation * edge, 1e-6)).clamp(0, 1)
     w1 = torch.where(f <= edge, 0.5 - 0.5 * torch.cos(math.pi * taper), torch.zeros_like(f))
     window = w1[:, None] * w1[None, :]
-    sigma = 1.0 / domain.snr / float(window.pow(2).mean().sqrt())
+    white_matter = float(values[TISSUES.index("WM")]) / s_max
+    sigma = white_matter / domain.snr / float(window.pow(2).mean().sqrt())
     noise = torch.complex(torch.randn(img.shape, generator=generator),
                           torch.randn(img.shape, generator=generator)) * sigma
     k = torch.fft.fft2(img.to(torch.complex64) + noise) * window
