@@ -34,6 +34,18 @@ def test_metrics_on_known_images() -> None:
     assert worse["ssim"] < 0.9 and worse["ncc"] < 1
 
 
+def test_ssim_does_not_depend_on_where_the_values_sit() -> None:
+    # a 20-unit offset costs the same around water (0 HU) as around bone (1000 HU): SSIM sees
+    # intensities shifted by the target's minimum in the mask, never means near zero
+    rng = np.random.default_rng(1)
+    target = rng.normal(0, 30, (2, 32, 32))
+    mask = np.ones(target.shape, bool)
+    near_zero = image_metrics(target + 20, target, mask, 200.0)["ssim"]
+    far = image_metrics(target + 1020, target + 1000, mask, 200.0)["ssim"]
+    assert near_zero == pytest.approx(far, abs=1e-4)
+    assert 0.5 < near_zero < 1
+
+
 def test_ccc_definition() -> None:
     x = np.array([1.0, 2.0, 3.0, 4.0])
     assert ccc(x, x) == pytest.approx(1.0)

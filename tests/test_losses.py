@@ -13,6 +13,7 @@ from trainers.losses import (
     SSIMLoss,
     gradient_penalty,
     gram_matrix,
+    lowpass,
     masked_l1,
     ssim_map,
 )
@@ -26,6 +27,25 @@ def test_ssim_identity_and_noise(shape: tuple[int, ...]) -> None:
     noisy = x + 0.3 * torch.randn(shape)
     assert float(ssim_map(x, noisy).mean()) < 0.8
     assert float(SSIMLoss()(x, x)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ssim_loss_shifts_zero_centred_data() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 24, 24) * 2 - 1
+    y = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
+    assert float(SSIMLoss(2.0, low=-1.0)(x, y)) == pytest.approx(
+        float(SSIMLoss(2.0)(x + 1, y + 1)), abs=1e-6)
+
+
+def test_lowpass_keeps_means_and_removes_grain() -> None:
+    torch.manual_seed(0)
+    noise = torch.randn(1, 1, 64, 64)
+    assert lowpass(noise, 0.0) is noise
+    smooth = lowpass(noise + 5.0, 1.5)
+    assert smooth.shape == (1, 1, 54, 54)            # valid region of a 2*ceil(4.5)+1 window
+    assert float(smooth.mean()) == pytest.approx(5.0, abs=0.1)
+    assert float(smooth.std()) < 0.3 * float(noise.std())
+    assert lowpass(torch.randn(1, 1, 8, 16, 16), 1.0).shape == (1, 1, 2, 10, 10)
 
 
 def test_ssim_matches_skimage_convention() -> None:

@@ -116,6 +116,7 @@ def test_unpaired_cyclegan_runs_with_every_option(tmp_path: Path, phantoms: list
     features = train_classifier(list(data.samplers(32, 2, 0)), steps=20, batch=8, features=4)
     opts = UnpairedOptions(name="u", patch=32, batch=2, steps=4, val_every=2, progress=False,
                            workdir=tmp_path, gan=gan, ssim=1.0, gram=1.0, pool=2,
+                           cycle_sigma=1.0 if gan == "wgan-gp" else 0.0,
                            disc_features=4, disc_layers=2, param={"features": 4, "levels": 2,
                                                                    "cbam": True})
     result = fit(unpaired_step(data, opts, features, CPU), opts)

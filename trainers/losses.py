@@ -6,6 +6,7 @@ training loops never branch on dimensionality.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,10 +34,20 @@ def _blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     return x
 
 
+def lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian low-pass (valid region) of a 2D/3D batch; ``sigma`` in pixels, 0 = unchanged."""
+    if sigma <= 0:
+        return x
+    return _blur(x, 2 * math.ceil(3 * sigma) + 1, sigma)
+
+
 def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float | torch.Tensor = 1.0,
              size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Local SSIM (Gaussian 11-tap window, K1=0.01, K2=0.03) over the valid region.
 
+    Inputs are intensities on ``[0, data_range]``, as in Wang et al.: the luminance term
+    compares local means as brightness, and on data centred on zero (HU around water, the
+    network's [-1, 1]) it collapses for means near 0, so shift such data first.
     Images smaller than the window shrink it, so small training patches still work.
     """
     size = min(size, *x.shape[2:])
@@ -50,14 +61,20 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float | torch.Tensor 
 
 
 class SSIMLoss(nn.Module):
-    """1 - SSIM: keeps local structure and contrast, which L1 alone blurs away."""
+    """1 - SSIM: keeps local structure and contrast, which L1 alone blurs away.
 
-    def __init__(self, data_range: float = 1.0) -> None:
+    ``low`` is the bottom of the data's range (-1 for the network's [-1, 1]); inputs are
+    shifted by it so that SSIM sees non-negative intensities.
+    """
+
+    def __init__(self, data_range: float = 1.0, low: float = 0.0) -> None:
         super().__init__()
         self.data_range = data_range
+        self.low = low
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return 1 - ssim_map(x.float(), y.float(), self.data_range).mean()
+        return 1 - ssim_map(x.float() - self.low, y.float() - self.low,
+                            self.data_range).mean()
 
 
 class AdversarialLoss(nn.Module):

@@ -4,7 +4,10 @@ All are computed in real units (HU for CT; for MR the per-volume percentile-norm
 values, as MR signal has no absolute scale across scanners) and only inside the body
 mask, so air around the patient, which every method gets right, cannot inflate them.
 ``data_range`` for PSNR and SSIM is the target's max - min inside the mask (the
-scikit-image convention for float images), recorded next to the numbers.
+scikit-image convention for float images), recorded next to the numbers; SSIM sees both
+images shifted by the target's minimum inside the mask, i.e. on ``[0, data_range]``, as its
+luminance term assumes non-negative intensities (on HU or zero-centred MR values it
+collapses wherever the local mean is near 0 and ranks offsets by where they happen).
 """
 
 from __future__ import annotations
@@ -45,9 +48,11 @@ def ncc(image: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
 
 
 def ssim(image: np.ndarray, target: np.ndarray, mask: np.ndarray, peak: float) -> float:
-    """Mean 2D SSIM (Gaussian 11-tap, per slice) over window centres inside the mask."""
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[:, None]
-    y = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[:, None]
+    """Mean 2D SSIM (Gaussian 11-tap, per slice) over window centres inside the mask, on
+    intensities shifted by the target's minimum inside the mask."""
+    low = np.float32(target[mask].min()) if mask.any() else np.float32(target.min())
+    x = torch.from_numpy(np.ascontiguousarray(image - low, dtype=np.float32))[:, None]
+    y = torch.from_numpy(np.ascontiguousarray(target - low, dtype=np.float32))[:, None]
     local = ssim_map(x, y, peak, size=SSIM_WINDOW)[:, 0].numpy()
     r = (SSIM_WINDOW - 1) // 2
     inside = mask[:, r:mask.shape[1] - r, r:mask.shape[2] - r]

@@ -79,6 +79,9 @@ class UnpairedOptions(CommonOptions):
     gan: str = _opt("lsgan", "adversarial loss", choices=("lsgan", "wgan-gp"))
     cycle: float = _opt(10.0, "weight of the cycle-consistency L1 loss")
     identity: float = _opt(5.0, "weight of the identity L1 loss (CycleGAN: 0.5 x cycle)")
+    cycle_sigma: float = _opt(0.0, "Gaussian sigma (pixels) of a low-pass on both sides of the"
+                              " cycle and identity L1 losses, so that the source scanner's"
+                              " noise need not survive the round trip (0 = plain L1)")
     ssim: float = _opt(0.0, "weight of the SSIM loss between input and output (0 = off)")
     gram: float = _opt(0.0, "weight of the Gram texture (domain) loss (0 = off)")
     gp: float = _opt(10.0, "gradient penalty weight (wgan-gp)")

@@ -15,11 +15,11 @@ import torch
 from pipelines.networks import build_generator
 from trainers.data import PatchSampler
 from trainers.loop import Step, autocast
-from trainers.losses import SSIMLoss, masked_l1, ssim_map
+from trainers.losses import SSIMLoss, masked_l1
 from trainers.options import CommonOptions, PairedOptions
 
 VAL_PATCHES = 64
-DATA_RANGE = 2.0  # the normalised range [-1, 1] (pipelines.intensity)
+DATA_RANGE, DATA_LOW = 2.0, -1.0  # the normalised range [-1, 1] (pipelines.intensity)
 
 
 @dataclass
@@ -49,7 +49,7 @@ def paired_step(data: PairedData, options: PairedOptions, device: torch.device) 
                                 seed=options.seed + 1, partners=data.val_target,
                                 flip=False).sample(VAL_PATCHES)
     assert val_y is not None
-    ssim_loss = SSIMLoss(DATA_RANGE)
+    ssim_loss = SSIMLoss(DATA_RANGE, DATA_LOW)
 
     def train(_: int) -> dict[str, float]:
         x, y = sampler.sample(options.batch)
@@ -73,7 +73,7 @@ def paired_step(data: PairedData, options: PairedOptions, device: torch.device) 
                          for part in torch.split(val_x, options.batch)])
         mse = float(((out - val_y) ** 2).mean())
         return {"psnr": 10 * float(np.log10(DATA_RANGE ** 2 / max(mse, 1e-12))),
-                "ssim": float(ssim_map(out, val_y, DATA_RANGE).mean()),
+                "ssim": 1 - float(ssim_loss(out, val_y)),
                 "l1": float((out - val_y).abs().mean())}
 
     return Step(modules={"generator": generator}, optimizers={"generator": optim}, train=train,

@@ -20,9 +20,15 @@ from trainers.data import PatchSampler
 from trainers.discriminators import PatchGAN
 from trainers.domain_classifier import DomainClassifier, balanced_accuracy
 from trainers.loop import Step, autocast
-from trainers.losses import AdversarialLoss, GramTextureLoss, SSIMLoss, gradient_penalty
+from trainers.losses import (
+    AdversarialLoss,
+    GramTextureLoss,
+    SSIMLoss,
+    gradient_penalty,
+    lowpass,
+)
 from trainers.options import UnpairedOptions
-from trainers.paired import DATA_RANGE, VAL_PATCHES, generator_params
+from trainers.paired import DATA_LOW, DATA_RANGE, VAL_PATCHES, generator_params
 
 
 @dataclass
@@ -103,9 +109,14 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
     opt_g = torch.optim.Adam([*g_ab.parameters(), *g_ba.parameters()], options.lr, betas=betas)
     opt_d = torch.optim.Adam([*d_a.parameters(), *d_b.parameters()], options.lr, betas=betas)
     gan = AdversarialLoss(options.gan)
-    ssim_loss = SSIMLoss(DATA_RANGE)
+    ssim_loss = SSIMLoss(DATA_RANGE, DATA_LOW)
     gram_loss = GramTextureLoss(features.features)
     l1 = nn.L1Loss()
+
+    def round_trip(output: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """Cycle / identity L1, on low-passed images when ``--cycle-sigma`` is set."""
+        return l1(lowpass(output.float(), options.cycle_sigma),
+                  lowpass(original, options.cycle_sigma))
     sample_a, sample_b = data.samplers(options.patch, options.dims, options.seed)
     pool_a, pool_b = ImagePool(options.pool, options.seed), ImagePool(options.pool,
                                                                       options.seed + 1)
@@ -122,11 +133,11 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
         with autocast(device):
             fake_b, fake_a = g_ab(a), g_ba(b)
             adv = gan.generator(d_b(fake_b).float()) + gan.generator(d_a(fake_a).float())
-            cycle = l1(g_ba(fake_b).float(), a) + l1(g_ab(fake_a).float(), b)
+            cycle = round_trip(g_ba(fake_b), a) + round_trip(g_ab(fake_a), b)
             loss = adv + options.cycle * cycle
             losses = {"g_adv": adv.item(), "cycle": cycle.item()}
             if options.identity > 0:
-                idt = l1(g_ab(b).float(), b) + l1(g_ba(a).float(), a)
+                idt = round_trip(g_ab(b), b) + round_trip(g_ba(a), a)
                 loss = loss + options.identity * idt
                 losses["identity"] = idt.item()
             if options.ssim > 0:
