@@ -63,8 +63,8 @@ def purge_originals(config: Config, index: Index, now: float | None = None) -> d
             paths = [data_dir / r["path"] for r in db.execute(
                 "SELECT path FROM instances WHERE series_uid = ?", (uid,))]
             db.execute("DELETE FROM instances WHERE series_uid = ?", (uid,))
-            db.execute("DELETE FROM jobs WHERE series_uid = ? AND state IN ('done', 'failed')",
-                       (uid,))
+            db.execute("DELETE FROM jobs WHERE series_uid = ? AND state IN ('done', 'failed',"
+                       " 'cancelled')", (uid,))
             db.execute("DELETE FROM series WHERE series_uid = ?", (uid,))
         for path in paths:
             path.unlink(missing_ok=True)

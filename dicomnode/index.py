@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid  TEXT NOT NULL,
     kind        TEXT NOT NULL,           -- harmonise
-    state       TEXT NOT NULL,           -- queued | running | done | failed
+    state       TEXT NOT NULL,           -- queued | running | done | failed | cancelled
     attempts    INTEGER NOT NULL DEFAULT 0,
     created     REAL NOT NULL,
     updated     REAL NOT NULL,
@@ -170,7 +170,9 @@ class Index:
         """Index a stored instance (insert or replace); returns True if the series re-opened.
 
         A new or replaced instance of a series that had already completed re-opens it:
-        it will complete again after the quiet period and be processed once more.
+        it will complete again after the quiet period and be processed once more. A job
+        still queued for it is cancelled in the same transaction, so the partial series
+        is never processed.
         """
         now = time.time() if now is None else now
         with self.transaction() as db:
@@ -189,6 +191,9 @@ class Index:
                            " error = CASE WHEN ? = 'receiving' THEN NULL ELSE error END"
                            " WHERE series_uid = ?",
                            (state, now, now, state, rec.series_uid))
+                db.execute("UPDATE jobs SET state = 'cancelled', updated = ?, error = ?"
+                           " WHERE series_uid = ? AND state = 'queued'",
+                           (now, "series re-opened by a new instance", rec.series_uid))
             db.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, sop_class_uid,"
                 " transfer_syntax, path, size, sha256, instance_number, received_at, attrs)"
@@ -268,16 +273,22 @@ class Index:
     # --- jobs ------------------------------------------------------------------------
 
     def claim_job(self) -> Job | None:
-        """Take the oldest queued job (and mark its series processing), or None."""
+        """Take the oldest queued job of a series that is complete (queued), or None.
+
+        The series moves to processing in the same transaction: a series that is
+        receiving again is never processed half-received.
+        """
         now = time.time()
         with self.transaction() as db:
             row = db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1,"
-                             " updated = ? WHERE id = (SELECT id FROM jobs WHERE state ="
-                             " 'queued' ORDER BY id LIMIT 1) RETURNING *", (now,)).fetchone()
+                             " updated = ? WHERE id = (SELECT j.id FROM jobs j JOIN series s"
+                             " ON s.series_uid = j.series_uid WHERE j.state = 'queued'"
+                             " AND s.state = ? ORDER BY j.id LIMIT 1) RETURNING *",
+                             (now, QUEUED)).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ?"
-                       " AND state = ?", (PROCESSING, now, row["series_uid"], QUEUED))
+            db.execute("UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ?",
+                       (PROCESSING, now, row["series_uid"]))
         return Job(row["id"], row["series_uid"], row["kind"], row["attempts"])
 
     def finish_job(self, job: Job, ok: bool, error: str | None = None) -> None:

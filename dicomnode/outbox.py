@@ -52,6 +52,8 @@ OUTBOX_STATES = (PENDING, SENDING, SENT, FAILED)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 SEND_ERROR_PREFIX = "send to "
 BATCH = 200  # instances per association
+# source series states that mean newer input than a derived series was made from
+SUPERSEDING = (ix.RECEIVING, ix.QUEUED, ix.PROCESSING)
 MAX_CONTEXTS = 128  # presentation contexts one association may propose
 
 
@@ -64,6 +66,8 @@ def enqueue_series(index: Index, series_uid: str, destinations: Sequence[str],
     Returns the number of instance-sends queued. Idempotent: an instance already queued
     or sent with the same content is not queued again (a re-run of the same job sends
     nothing twice); one whose stored bytes changed since it was queued is queued anew.
+    A derived series whose source is receiving or queued again (a late instance arrived
+    while it was harmonised) is superseded: nothing is queued, the rerun will send.
     """
     now = time.time() if now is None else now
     dests = list(dict.fromkeys(d.strip() for d in destinations if d and d.strip()))
@@ -71,6 +75,13 @@ def enqueue_series(index: Index, series_uid: str, destinations: Sequence[str],
         return 0
     queued = 0
     with index.transaction() as db:
+        source = db.execute("SELECT s.series_uid, s.state FROM series d JOIN series s ON"
+                            " s.series_uid = d.source_series_uid WHERE d.series_uid = ?",
+                            (series_uid,)).fetchone()
+        if source is not None and source["state"] in SUPERSEDING:
+            log.info("sends_superseded", series_uid=series_uid,
+                     source_series_uid=source["series_uid"], source_state=source["state"])
+            return 0
         rows = db.execute("SELECT sop_instance_uid, sha256 FROM instances WHERE series_uid = ?",
                           (series_uid,)).fetchall()
         for row in rows:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from dicomnode import worker as worker_module
 from dicomnode.config import load_config
 from dicomnode.index import Index
 from dicomnode.receive import parse_header, receive_instance
@@ -137,3 +138,50 @@ def test_write_sr_archives_an_algorithm_report_beside_the_images(setup):
     assert {r["source_series_uid"] for r in derived} == {source}
     [report] = [p for p in config.archive_dir.rglob("*.dcm") if dcmread(p).Modality == "SR"]
     assert "ct-test" in str(dcmread(report).ContentSequence)
+
+
+def test_late_instances_while_queued_or_processing_harmonise_and_send_the_whole_series_once(
+        setup, monkeypatch):
+    tmp_path, _, config_path = setup
+    config_path.write_text(config_path.read_text().replace(
+        'model = "ct-test"\n', 'model = "ct-test"\nsend_to = ["PACS"]\n')
+        + '[[peers]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 9\n')
+    config = load_config(config_path)
+    files = write_series(tmp_path / "sharp", slices=6, size=32, kernel="B70f", seed=7)
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    index = Index(config.index_path)
+
+    def receive(paths):
+        for path in paths:
+            data = path.read_bytes()
+            receive_instance(data, parse_header(data), index=index,
+                             data_dir=config.node.data_dir, root=config.spool_dir,
+                             reserve_bytes=0, duplicate_policy="replace")
+
+    receive(files[:4])
+    index.complete_quiet_series(0.0)
+    receive(files[4:5])  # arrives while the job is queued
+    worker = Worker(config, index)
+    assert not worker.step()  # the partial series is not processed
+    index.complete_quiet_series(0.0)
+    real = worker_module.harmonise_series
+
+    def late_during_processing(*args, **kw):
+        receive(files[5:])
+        return real(*args, **kw)
+    monkeypatch.setattr(worker_module, "harmonise_series", late_during_processing)
+    assert worker.step()
+    # the five-instance output is superseded: archived, but nothing of it is sent
+    assert index.series(uid)["state"] == "receiving"
+    assert index.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+    monkeypatch.setattr(worker_module, "harmonise_series", real)
+    index.complete_quiet_series(0.0)
+    assert worker.step()
+    assert not worker.step()
+    assert index.series(uid)["state"] == "harmonised"
+    [derived] = index.all_series(kind="derived")
+    assert derived["instances"] == 6
+    sends = index.db.execute("SELECT sop_instance_uid FROM outbox").fetchall()
+    assert len(sends) == 6
+    assert [r["state"] for r in index.jobs()] == ["cancelled", "done", "done"]
+    index.close()
