@@ -13,6 +13,7 @@ source's functional groups, each frame referencing its source frame.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     JPEG2000,
@@ -74,6 +76,9 @@ _DROP = ("SmallestImagePixelValue", "LargestImagePixelValue", "IconImageSequence
          "PixelDataProviderURL", "DeviceUID",
          "DerivationCodeSequence", "PrivateDataElementCharacteristicsSequence",
          "SmallestPixelValueInSeries", "LargestPixelValueInSeries")
+# Binary VRs whose bytes are words in the data set's byte order: pydicom converts every other
+# value when a big-endian header is written little endian, but not these (dcmwrite's warning).
+_WORD_VRS = {"OW": "u2", "OF": "f4", "OL": "u4", "OD": "f8", "OV": "u8"}
 
 
 class WriteError(PipelineError):
@@ -251,11 +256,22 @@ def _mark_lossy(ds: Dataset, source: Dataset) -> None:
         ds.LossyImageCompressionMethod = "ISO_15444_1"
 
 
+def _swap_words(ds: Dataset) -> None:
+    """Big-endian word values (e.g. OverlayData) to little endian, in place, nested too."""
+    def swap(dataset: Dataset, element: Any) -> None:
+        word = _WORD_VRS.get(element.VR)
+        if word and element.tag != 0x7FE00010 and isinstance(element.value, bytes):
+            element.value = np.frombuffer(element.value, f">{word}").astype(f"<{word}").tobytes()
+    ds.walk(swap)
+
+
 def _derived_header(source: Dataset, *, series_uid: str, series_ref: Dataset,
                     provenance: Provenance) -> Dataset:
     """The source header with what every derived instance gets, single- or multi-frame."""
     ds = copy.deepcopy(source)
     ds.remove_private_tags()
+    if source.original_encoding[1] is False:  # read as Explicit VR Big Endian
+        _swap_words(ds)
     for keyword in _DROP:
         if keyword in ds:
             delattr(ds, keyword)
@@ -309,8 +325,19 @@ def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
 
 
 def write_atomic(ds: Dataset, path: Path) -> None:
-    """Save ``ds`` as a Part 10 file so that a crash leaves no half file."""
-    atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
+    """Save ``ds`` as an Explicit VR Little Endian Part 10 file; a crash leaves no half file.
+
+    ``dcmwrite`` with an explicit encoding (not ``save_as``) so that a header copied from a
+    big-endian source is converted rather than refused.
+    """
+    try:
+        atomic_write(path, lambda fh: dcmwrite(fh, ds, enforce_file_format=True,
+                                               implicit_vr=False, little_endian=True))
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises ValueError, TypeError, struct.error ... per value
+        raise WriteError(f"{path.name}: cannot encode as Explicit VR Little Endian: {exc}"
+                         ) from exc
 
 
 def derive_multiframe_instance(source: Dataset, pixels: np.ndarray,
@@ -415,6 +442,7 @@ def write_derived_series(volume: Volume, harmonised: np.ndarray, provenance: Pro
     source_uid = str(volume.frames[0].dataset.SeriesInstanceUID)
     series_uid = derived_series_uid(source_uid, provenance.weights_sha256)
     folder = Path(out_dir) / series_uid
+    created = not folder.exists()
     written: list[Path] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -425,6 +453,13 @@ def write_derived_series(volume: Volume, harmonised: np.ndarray, provenance: Pro
             written.append(path)
         for stale in set(folder.glob("*.dcm")) - set(written):
             stale.unlink()
-    except OSError as exc:
-        raise WriteError(f"cannot write derived series to {folder}: {exc}") from exc
+    except Exception as exc:
+        if created:  # no empty or partial new series left behind
+            for path in written:
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(exc, OSError):
+            raise WriteError(f"cannot write derived series to {folder}: {exc}") from exc
+        raise
     return series_uid, written

@@ -9,12 +9,26 @@ import numpy as np
 import pytest
 import torch
 from pydicom import dcmread
-from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, RLELossless
+from pydicom.data import get_testdata_file
+from pydicom.filewriter import dcmwrite
+from pydicom.pixels import pack_bits
+from pydicom.uid import JPEG2000, ExplicitVRBigEndian, ExplicitVRLittleEndian, RLELossless
 
-from pipelines.derived import PRIVATE_CREATOR, PRIVATE_GROUP, stored_range, to_stored
+from dicomnode.cli import main
+from pipelines import derived
+from pipelines.derived import (
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    Provenance,
+    WriteError,
+    stored_range,
+    to_stored,
+    write_derived_series,
+)
 from pipelines.harmonise import harmonise_series
 from pipelines.inference import InferenceSettings
 from pipelines.routing import parse_routes
+from pipelines.series import load_series
 from tests.dicom_factory import write_series
 from tests.model_factory import Smoother, make_model
 
@@ -177,3 +191,61 @@ def test_padding_pixels_keep_the_padding_value(tmp_path):
                                out_dir=tmp_path / "out")
     for d in read(outcome.outputs):
         assert (d.pixel_array[0] == 0).all() and d.PixelPaddingValue == 0
+
+
+PROVENANCE = Provenance(model_name="m", model_version="1", weights_sha256="ab" * 32,
+                        software_version="0")
+
+
+def big_endian_with_overlay(folder):
+    """pydicom's big-endian MR with a 1-bit overlay added (OW words in big-endian order)."""
+    ds = dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    overlay = np.zeros((ds.Rows, ds.Columns), np.uint8)
+    overlay[5:20, 3:40] = 1
+    ds.add_new(0x60000010, "US", ds.Rows)
+    ds.add_new(0x60000011, "US", ds.Columns)
+    ds.add_new(0x60000040, "CS", "G")
+    ds.add_new(0x60000050, "SS", [1, 1])
+    ds.add_new(0x60000100, "US", 1)
+    ds.add_new(0x60000102, "US", 0)
+    words = np.frombuffer(pack_bits(overlay.ravel()), "<u2").astype(">u2")
+    ds.add_new(0x60003000, "OW", words.tobytes())
+    folder.mkdir(parents=True)
+    path = folder / "be.dcm"
+    dcmwrite(path, ds, enforce_file_format=True, little_endian=False, implicit_vr=False)
+    return path, ds.pixel_array, overlay
+
+
+def test_big_endian_source_is_written_little_endian_with_pixels_and_words_intact(tmp_path):
+    path, pixels, overlay = big_endian_with_overlay(tmp_path / "in")
+    volume = load_series([path])
+    _, (out,) = write_derived_series(volume, volume.array, PROVENANCE, tmp_path / "out")
+    source, derived = dcmread(path), dcmread(out)
+    assert source.file_meta.TransferSyntaxUID == ExplicitVRBigEndian
+    assert derived.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    np.testing.assert_array_equal(derived.pixel_array, pixels)  # identity in, source out
+    np.testing.assert_array_equal(derived.overlay_array(0x6000), overlay)
+    for keyword in ("PixelSpacing", "ImagePositionPatient", "EchoTime", "BitsStored"):
+        assert derived.get(keyword) == source.get(keyword), keyword
+
+
+def test_big_endian_source_through_the_harmonise_command(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    shutil.copy(get_testdata_file("MR_small_bigendian.dcm"), tmp_path / "in")
+    make_model(tmp_path / "models", "mr-smooth", modality="MR")
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\nmodels_dir = "{tmp_path / "models"}"\n')
+    assert main(["harmonise", str(tmp_path / "in"), str(tmp_path / "out"), "--config",
+                 str(config), "--model", "mr-smooth"]) == 0
+    (out,) = (tmp_path / "out").rglob("*.dcm")
+    assert dcmread(out).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_failed_write_leaves_no_derived_folder(tmp_path, monkeypatch):
+    volume = load_series(write_series(tmp_path / "in", slices=2, size=16))
+    def refuse(ds, path):
+        raise WriteError(f"{path.name}: cannot encode")
+    monkeypatch.setattr(derived, "write_atomic", refuse)
+    with pytest.raises(WriteError, match="cannot encode"):
+        write_derived_series(volume, volume.array, PROVENANCE, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
