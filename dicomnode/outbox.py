@@ -219,17 +219,21 @@ def nodelay(event: evt.Event) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class NotSendable(ValueError):
+    """The peer cannot take this instance over the negotiated contexts (message: UIDs)."""
+
+
 def fit_to_association(ds: Dataset, accepted: Sequence[Any], role: str = "scu") -> Dataset:
     """Make ``ds`` sendable over one of the ``accepted`` contexts, decompressing if needed.
 
-    Raises ``ValueError`` when the peer accepted no context for the SOP class at all.
+    Raises :class:`NotSendable` when the peer accepted no context that can carry it.
     """
     sop_class = str(ds.SOPClassUID)
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     usable = [cx for cx in accepted if cx.abstract_syntax == sop_class
               and (cx.as_scu if role == "scu" else cx.as_scp)]
     if not usable:
-        raise ValueError(f"peer accepted no presentation context for SOP class {sop_class}")
+        raise NotSendable(f"peer accepted no presentation context for SOP class {sop_class}")
     syntaxes = {UID(cx.transfer_syntax[0]) for cx in usable}
     if ts in syntaxes or (not ts.is_compressed and any(not s.is_compressed for s in syntaxes)):
         return ds
@@ -237,8 +241,23 @@ def fit_to_association(ds: Dataset, accepted: Sequence[Any], role: str = "scu") 
         # -> Explicit VR Little Endian; same instance (pydicom would mint a new UID)
         ds.decompress(generate_instance_uid=False)
         return ds
-    raise ValueError(f"peer accepted SOP class {sop_class} only in"
+    raise NotSendable(f"peer accepted SOP class {sop_class} only in"
                      f" {sorted(map(str, syntaxes))}, instance is {ts}")
+
+
+def describe_failure(exc: Exception) -> str:
+    """What a failed send or retrieve of one instance records and logs.
+
+    Our own reasons in full, a file system error with its cause and file, anything else
+    (an unreadable file, a codec failure) by its type only: library messages can quote
+    element bytes, and with them a patient's name.
+    """
+    if isinstance(exc, NotSendable):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return " ".join(str(p) for p in (f"{type(exc).__name__}:", exc.strerror or exc.errno,
+                                         exc.filename) if p)
+    return type(exc).__name__
 
 
 @dataclass
@@ -321,8 +340,8 @@ class Outbox:
                     ds = fit_to_association(ds, assoc.accepted_contexts)
                     ts = str(ds.file_meta.TransferSyntaxUID)
                     rsp = assoc.send_c_store(ds)
-                except (OSError, ValueError, RuntimeError, AttributeError) as exc:
-                    self._failed_attempt(r, None, f"{type(exc).__name__}: {exc}")
+                except Exception as exc:  # this instance only: the others still go
+                    self._failed_attempt(r, None, describe_failure(exc))
                     continue
                 code = int(rsp.Status) if "Status" in rsp else None
                 category = code_to_category(code) if code is not None else None
@@ -336,9 +355,23 @@ class Outbox:
         finally:
             if assoc.is_established:
                 assoc.release()
+            self._release(rows)
         log.info("sends_done", destination=dest, tried=len(rows), sent=sent,
                  series=sorted({r["series_uid"] for r in rows}))
         rollup(self.index, {r["series_uid"] for r in rows + missing})
+
+    def _release(self, rows: Sequence[Any]) -> None:
+        """Rows of this pass still 'sending' (an error escaped the loop) go back to
+        pending now, not at the next restart."""
+        now = time.time()
+        with self.index.transaction() as db:
+            released = sum(db.execute("UPDATE outbox SET state = ?, next_attempt = ?,"
+                                      " updated = ? WHERE id = ? AND state = ?",
+                                      (PENDING, now, now, r["id"], SENDING)).rowcount
+                           for r in rows)
+        if released:
+            log.warning("sends_released", destination=rows[0]["destination"],
+                        instances=released)
 
     def _mark_sent(self, row: Any, code: int, ts: str) -> None:
         now = time.time()

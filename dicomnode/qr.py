@@ -19,7 +19,7 @@ from pynetdicom import sop_class as sc
 
 from dicomnode.index import Index
 from dicomnode.log import get_logger
-from dicomnode.outbox import fit_to_association, nodelay, store_contexts
+from dicomnode.outbox import describe_failure, fit_to_association, nodelay, store_contexts
 from dicomnode.query import (
     LEVELS,
     Query,
@@ -156,14 +156,19 @@ def handle_find(event: evt.Event, ctx: ScpContext) -> Iterator[tuple[int, Any]]:
 
 
 def _load(ctx: ScpContext, row: Any, accepted: Any, role: str) -> Any:
-    """The dataset of one instance, fitted to the sub-operation association, or a reason."""
+    """The dataset of one instance, fitted to the sub-operation association, or a reason.
+
+    Whatever is wrong with the file, the answer is one failed sub-operation, never a
+    crashed handler (which would end the whole retrieve).
+    """
     try:
         ds = dcmread(ctx.data_dir / row["path"])
         return fit_to_association(ds, accepted, role)
-    except (OSError, ValueError, RuntimeError, AttributeError) as exc:
+    except Exception as exc:
+        reason = describe_failure(exc)
         log.warning("retrieve_instance_unavailable", sop_instance_uid=row["sop_instance_uid"],
-                    reason=f"{type(exc).__name__}: {exc}")
-        return f"unavailable: {exc}"  # pynetdicom counts a non-dataset as a failed sub-op
+                    error_type=type(exc).__name__, reason=reason)
+        return f"unavailable: {reason}"  # pynetdicom counts a non-dataset as a failed sub-op
 
 
 def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:

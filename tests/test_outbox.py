@@ -301,3 +301,49 @@ def test_compressed_instance_sent_as_stored_or_decompressed_for_an_uncompressed_
     sent = rows(config, "SELECT destination, transfer_syntax FROM outbox")
     assert {(r["destination"], r["transfer_syntax"]) for r in sent} == {
         ("ORTHANC", JPEG2000Lossless), ("STORESCP", "1.2.840.10008.1.2.1")}
+
+
+# --- an unreadable archived file fails its own send only -------------------------------
+
+def test_unreadable_archived_files_fail_their_own_send_only(tmp_path, monkeypatch):
+    scp_port = free_port()
+    config, _ = node_config(tmp_path, orthanc_port=free_port(), STORESCP=scp_port)
+    files = derived_files(tmp_path, 4, size=32, syntax=JPEG2000Lossless)
+    uid = seed_series(config, files, send_to=("STORESCP",))
+    archived = {r["sop_instance_uid"]: tmp_path / "var" / r["path"]
+                for r in rows(config, "SELECT * FROM instances ORDER BY instance_number")}
+    garbage, no_codec, *good = archived
+    archived[garbage].write_bytes(b"\x00" * 64 + b"Test^Phantom")  # InvalidDicomError
+    data = archived[no_codec].read_bytes()  # a syntax pydicom has no decoder for
+    archived[no_codec].write_bytes(data.replace(b"1.2.840.10008.1.2.4.90",
+                                                b"1.2.840.10008.1.2.4.92"))
+    out = tmp_path / "storescp"
+    out.mkdir()
+    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "+uf", "-od", str(out),
+                            str(scp_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cfg = load_config(config)
+    index = Index(cfg.index_path)
+    box = outbox.Outbox(cfg, index)
+    try:
+        time.sleep(0.5)  # storescp listening
+        assert box.dispatch() == 4
+        state = {r["sop_instance_uid"]: r for r in rows(config, "SELECT * FROM outbox")}
+        received = sorted(str(dcmread(p).SOPInstanceUID) for p in out.iterdir())
+        # an error escaping the loop (here: the commit after a Success) leaves no row
+        # 'sending' until a restart: what was not recorded goes back to pending
+        outbox.resend(index, series_uid=uid)
+        monkeypatch.setattr(box, "_mark_sent", lambda *a: (_ for _ in ()).throw(
+            sqlite3.OperationalError("disk I/O error")))
+        with pytest.raises(sqlite3.OperationalError):
+            box.dispatch()
+        after = rows(config, "SELECT state FROM outbox")
+    finally:
+        index.close()
+        scp.terminate()
+        scp.wait(10)
+    assert {k: (r["state"], r["attempts"], r["error"]) for k, r in state.items()} == {
+        garbage: ("pending", 1, "InvalidDicomError"),
+        no_codec: ("pending", 1, "NotImplementedError"),
+        **{k: ("sent", 1, None) for k in good}}
+    assert received == sorted(good)
+    assert {r["state"] for r in after} == {"pending"}

@@ -12,7 +12,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from tests.dicom_factory import write_series
 from tests.nodeutil import NodeProcess, dcmtk, dcmtk_env, free_port, wait_for, write_config
@@ -252,3 +256,53 @@ def test_orthanc_c_finds_and_c_moves_harmonised_series(qr):
         orthanc.stop()
     move = [e for e in qr.events("move") if e["destination"] == "ORTHANC"]
     assert move and move[-1]["instances"] == 4
+
+
+def test_an_unreadable_file_is_one_failed_sub_operation_of_c_get_and_c_move(tmp_path):
+    port, scp_port = free_port(), free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var", extra=(
+        f'[[peers]]\nae_title = "STORESCP"\nhost = "127.0.0.1"\nport = {scp_port}\n'))
+    files = write_series(tmp_path / "s", slices=3, size=16)
+    uid = seed_series(config, files, kind="original")
+    db = sqlite3.connect(tmp_path / "var" / "index.sqlite")
+    [(broken, path)] = db.execute("SELECT sop_instance_uid, path FROM instances"
+                                  " WHERE instance_number = 2").fetchall()
+    study = db.execute("SELECT study_uid FROM series").fetchone()[0]
+    db.close()
+    (tmp_path / "var" / path).write_bytes(b"\x00" * 64 + b"Test^Phantom")
+    out = tmp_path / "storescp"
+    out.mkdir()
+    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "+uf", "-od", str(out),
+                            str(scp_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    got = []
+    try:
+        ae = AE(ae_title="GETSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="HARMONISE",
+                             ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, lambda e: got.append(
+                                 e.request.AffectedSOPInstanceUID) or 0x0000)])
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "SERIES"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, uid
+        get = [rsp for rsp, _ in assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet)]
+        move = [rsp for rsp, _ in assoc.send_c_move(
+            ds, "STORESCP", StudyRootQueryRetrieveInformationModelMove)]
+        assoc.release()
+    finally:
+        node.stop()
+        scp.terminate()
+        scp.wait(10)
+    for final in (get[-1], move[-1]):
+        assert final.Status == 0xB000  # sub-operations complete, one or more failed
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (
+            2, 1)
+    assert len(got) == 2 and broken not in got
+    assert len(list(out.iterdir())) == 2
+    unavailable = node.events("retrieve_instance_unavailable")
+    assert [(e["sop_instance_uid"], e["error_type"]) for e in unavailable] == [
+        (broken, "InvalidDicomError")] * 2
+    assert "Test^Phantom" not in node.log.read_text()
