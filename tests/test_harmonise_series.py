@@ -6,6 +6,7 @@ import pytest
 from torch import nn
 
 from dicomnode.cli import main
+from pipelines import harmonise as harmonise_module
 from pipelines.errors import InferenceError, ModelError
 from pipelines.harmonise import ModelCache, harmonise_series
 from pipelines.inference import InferenceSettings
@@ -160,3 +161,21 @@ def test_models_list_command(tmp_path, capsys):
     assert [line.split("\t")[:3] for line in lines] == [
         ["mr", "2.1", "mr-sharp -> mr-smooth"], ["smooth", "1.0", "ct-sharp -> ct-smooth"]]
     assert all(len(line.split("\t")[3]) == 12 for line in lines)
+
+
+def test_harmonise_command_reports_any_failure_in_one_line_and_carries_on(setup, capsys,
+                                                                          monkeypatch):
+    tmp_path, files = setup
+    write_series(tmp_path / "in" / "other", slices=2, size=16, seed=3)
+    real = harmonise_module.harmonise_series
+    def flaky(series_files, **kw):
+        if series_files == files:
+            raise KeyError("RescaleSlope")  # not a PipelineError: a bug or an odd header
+        return real(series_files, **kw)
+    monkeypatch.setattr(harmonise_module, "harmonise_series", flaky)
+    assert main(["harmonise", str(tmp_path / "in"), str(tmp_path / "cli-out"),
+                 "--config", config_for(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.endswith(": failed: KeyError: 'RescaleSlope'")
+    assert captured.out.count("harmonised -> ") == 1

@@ -195,6 +195,20 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_cli_unreadable_volume_and_file_as_out_are_one_line(tmp_path, capsys):
+    junk, taken = tmp_path / "junk.nii", tmp_path / "taken"
+    junk.write_text("not an image")
+    taken.write_text("")
+    common = ["simulate", "--modality", "CT", "--domain", "ge-lung", "--size", "32",
+              "--slices", "2"]
+    for argv, message in ((["--volume", str(junk), "--out", str(tmp_path / "o")],
+                           'ImageIO reader for "' + str(junk)),
+                          (["--out", str(taken)], f"--out {taken}: exists and is not a folder")):
+        assert main([*common, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
 def test_external_volume_nifti(tmp_path):
     import SimpleITK as sitk
 

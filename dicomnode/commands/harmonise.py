@@ -9,6 +9,7 @@ from pathlib import Path
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from dicomnode.log import configure
+from pipelines.errors import one_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.errors import PipelineError
     from pipelines.harmonise import harmonise_series
     from pipelines.model_folder import MODEL_JSON
     from pipelines.series import find_series
@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
                                        out_dir=Path(args.output), options=config.inference,
                                        route_name=args.route, model_name=args.model,
                                        sr=args.sr)
-        except PipelineError as exc:
+        except Exception as exc:  # one series' failure, whatever it is, must not stop the rest
             failures += 1
-            print(f"{uid}: failed: {exc}", file=sys.stderr)
+            print(f"{uid}: failed: {one_line(exc)}", file=sys.stderr)
             continue
         if outcome.status == "harmonised":
             report = f" (report {outcome.report.parent.name})" if outcome.report else ""

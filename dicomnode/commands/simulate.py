@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dicomnode.errors import UserError
 from dicomnode.log import configure
+from pipelines.errors import one_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--volume {args.volume}: no such file or folder")
     if args.volume is not None and args.modality != "CT":
         raise UserError("--volume is CT anatomy; MR anatomy is the MNI brain")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a folder")
     common = dict(subject=args.subject, slices=args.slices, size=args.size, seed=args.seed,
                   phantom=args.phantom, volume=args.volume)
     try:
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             _preview(args, common)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    except (RuntimeError, OSError) as exc:  # e.g. SimpleITK cannot read --volume, disk full
+        raise UserError(one_line(exc)) from exc
     print(f"wrote {len(paths)} file(s) of {args.domain} to {args.out}")
     return 0
 
