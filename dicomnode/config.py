@@ -44,6 +44,7 @@ class NodeSettings:
     log_level: str = "info"
     sweep_interval: float = 1.0
     write_sr: bool = False  # also archive (and send) an algorithm SR per harmonised series
+    max_job_attempts: int = 3  # a job interrupted this often (e.g. killed for memory) fails
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class Config:
         return self.node.data_dir / "index.sqlite"
 
 
+# Smallest allowed value of a numeric key (others: integers >= 0, numbers > 0).
+_MINIMUM: dict[tuple[str, str], int | float] = {
+    ("node", "max_job_attempts"): 1,
+}
+
 _CHOICES = {
     ("node", "duplicate_policy"): {"replace", "keep-first"},
     ("node", "unmatched"): {"archive", "ignore"},
@@ -112,8 +118,9 @@ def _coerce(section: str, key: str, value: Any, default: Any, path: Path) -> Any
     if isinstance(default, int) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
-        if value < 0:
-            raise ConfigError(f"{where} must not be negative, got {value}")
+        low = _MINIMUM.get((section, key), 0)
+        if value < low:
+            raise ConfigError(f"{where} must be at least {low}, got {value}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -304,19 +304,32 @@ class Index:
 
     # --- restart ---------------------------------------------------------------------
 
-    def recover(self, now: float | None = None) -> dict[str, int]:
+    def recover(self, max_attempts: int, now: float | None = None) -> dict[str, Any]:
         """Make the persisted state consistent after a crash or stop.
 
         Jobs that were running are queued again (their output is deterministic, so a
-        rerun replaces rather than duplicates). Series still receiving restart their
-        quiet-period clock: the node could not receive while it was down.
+        rerun replaces rather than duplicates), unless they have now been interrupted
+        ``max_attempts`` times: a job that kills the process (out of memory) would
+        otherwise crash the node again on every restart. Those fail, with their series.
+        Series still receiving restart their quiet-period clock: the node could not
+        receive while it was down.
         """
         now = time.time() if now is None else now
         with self.transaction() as db:
+            given_up = db.execute(
+                "UPDATE jobs SET state = 'failed', updated = ?,"
+                " error = 'interrupted ' || attempts || ' times'"
+                " WHERE state = 'running' AND attempts >= ? RETURNING series_uid, error",
+                (now, max_attempts)).fetchall()
+            for row in given_up:
+                db.execute("UPDATE series SET state = ?, error = ?, updated_at = ?"
+                           " WHERE series_uid = ? AND state = ?",
+                           (FAILED, row["error"], now, row["series_uid"], PROCESSING))
             jobs = db.execute("UPDATE jobs SET state = 'queued', updated = ?"
                               " WHERE state = 'running'", (now,)).rowcount
             series = db.execute("UPDATE series SET state = ?, updated_at = ? WHERE state = ?",
                                 (QUEUED, now, PROCESSING)).rowcount
             receiving = db.execute("UPDATE series SET last_received = MAX(last_received, ?)"
                                    " WHERE state = ?", (now, RECEIVING)).rowcount
-        return {"jobs_requeued": jobs, "series_requeued": series, "series_receiving": receiving}
+        return {"jobs_requeued": jobs, "series_requeued": series, "series_receiving": receiving,
+                "jobs_given_up": [r["series_uid"] for r in given_up]}

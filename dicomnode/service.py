@@ -106,7 +106,7 @@ class Node:
     def start(self) -> None:
         cfg = self.config
         check_listen(cfg.node.host, cfg.node.port)
-        recovered = self.index.recover()
+        recovered = self.index.recover(cfg.node.max_job_attempts)
         reconciled = reconcile_spool(self.index, cfg.node.data_dir, cfg.spool_dir)
         log.info("node_recovered", **recovered, **reconciled)
         self.scheduler.add_job(self.sweep, "interval", seconds=cfg.node.sweep_interval,

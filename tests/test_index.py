@@ -68,3 +68,19 @@ def test_sends_are_not_queued_for_an_output_whose_source_reopened(index, tmp_pat
     assert outbox.enqueue_series(index, derived, ["PACS"]) == 0
     index.set_series_state(source, "harmonised")
     assert outbox.enqueue_series(index, derived, ["PACS"]) == 2
+
+
+def test_a_job_interrupted_max_attempts_times_fails_instead_of_looping(index, tmp_path):
+    uid = add(index, write_series(tmp_path / "s", slices=2, size=8))
+    index.complete_quiet_series(0.0)
+    for attempt in (1, 2):
+        assert index.claim_job().attempts == attempt  # then the process dies under it
+        assert index.recover(max_attempts=3)["jobs_requeued"] == 1
+        assert index.series(uid)["state"] == "queued"
+    assert index.claim_job().attempts == 3
+    recovered = index.recover(max_attempts=3)
+    assert recovered["jobs_requeued"] == 0 and recovered["jobs_given_up"] == [uid]
+    assert jobs(index) == [(uid, "failed")]
+    series = index.series(uid)
+    assert (series["state"], series["error"]) == ("failed", "interrupted 3 times")
+    assert index.claim_job() is None

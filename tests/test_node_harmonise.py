@@ -109,7 +109,7 @@ def test_job_interrupted_by_crash_reruns_without_duplicates(setup):
     with index.transaction() as db:
         db.execute("UPDATE jobs SET state = 'running'")
         db.execute("UPDATE series SET state = 'processing' WHERE series_uid = ?", (uid,))
-    assert index.recover()["jobs_requeued"] == 1
+    assert index.recover(config.node.max_job_attempts)["jobs_requeued"] == 1
     assert worker.step()
     assert not worker.step()  # nothing left
     again = sorted(p.name for p in config.archive_dir.rglob("*.dcm"))

@@ -78,3 +78,25 @@ def test_serve_that_cannot_listen_leaves_recoverable_state_untouched(tmp_path):
     assert [(r[0], r[1]) for r in before[:2]] == [(queued, "queued"), (running, "running")]
     assert {r[1] for r in before[-2:]} == {outbox.SENDING}
     assert leftover.exists()
+
+
+def test_serve_fails_a_job_that_was_interrupted_max_job_attempts_times(tmp_path):
+    config = write_config(tmp_path / "node.toml", free_port(), tmp_path / "var",
+                          extra_node="max_job_attempts = 2")
+    uid = seed_series(config, write_series(tmp_path / "a", slices=2, size=16),
+                      kind="original")
+    index = Index(load_config(config).index_path)
+    index.complete_quiet_series(0.0)
+    for _ in range(2):  # claimed twice, and each time the process died under it
+        index.claim_job()
+        index.recover(max_attempts=5)
+    index.claim_job()
+    index.close()
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        series = status(config)[uid]
+    finally:
+        assert node.stop() == 0
+    assert (series["state"], series["error"]) == ("failed", "interrupted 3 times")
+    [recovered] = node.events("node_recovered")
+    assert recovered["jobs_given_up"] == [uid] and recovered["jobs_requeued"] == 0
