@@ -7,6 +7,7 @@ so a PACS admin sees exactly which line to fix.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -125,6 +126,8 @@ def _coerce(section: str, key: str, value: Any, default: Any, path: Path) -> Any
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value}")
         if value <= 0:
             raise ConfigError(f"{where} must be positive, got {value}")
         return float(value)

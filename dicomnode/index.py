@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomnode.errors import UserError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     series_uid      TEXT PRIMARY KEY,
@@ -122,8 +124,14 @@ class Index:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._local = threading.local()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db.executescript(SCHEMA)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db.executescript(SCHEMA)
+        except OSError as exc:
+            raise UserError(f"cannot use {path.parent}: {exc.strerror or exc}") from None
+        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+            self.close()
+            raise UserError(f"{path} is not a usable index database: {exc}") from None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None,

@@ -38,6 +38,8 @@ def test_env_variable_overrides_default_path(tmp_path, monkeypatch):
     ('[node]\nport = 70000\n', ["port"]),
     ('[node]\nseries_timeout = -1\n', ["series_timeout", "positive"]),
     ('[node]\nmax_job_attempts = 0\n', ["[node] max_job_attempts", "at least 1"]),
+    ('[node]\nsweep_interval = nan\n', ["[node] sweep_interval", "finite"]),
+    ('[outbox]\nretry_max_interval = inf\n', ["[outbox] retry_max_interval", "finite"]),
     ('[node]\nunmatched = "drop"\n', ["unmatched", "archive"]),
     ('[node]\nae_title = "A_TITLE_THAT_IS_TOO_LONG"\n', ["AE title"]),
     ('[[peers]]\nae_title = "PACS"\n', ["host"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+from pathlib import Path
 
 from pydicom import dcmread
 
@@ -100,3 +101,25 @@ def test_serve_fails_a_job_that_was_interrupted_max_job_attempts_times(tmp_path)
     assert (series["state"], series["error"]) == ("failed", "interrupted 3 times")
     [recovered] = node.events("node_recovered")
     assert recovered["jobs_given_up"] == [uid] and recovered["jobs_requeued"] == 0
+
+
+def one_error_line(out) -> str:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    return line
+
+
+def test_a_data_dir_that_cannot_be_created_is_one_line(tmp_path):
+    config = write_config(tmp_path / "node.toml", free_port(), Path("/etc/passwd/var"))
+    line = one_error_line(cli("serve", "--config", str(config), check=False))
+    assert line == "dicomnode serve: error: cannot use data_dir /etc/passwd/var: Not a directory"
+
+
+def test_a_corrupt_index_is_one_line_for_status_and_serve(tmp_path):
+    config = write_config(tmp_path / "node.toml", free_port(), tmp_path / "var")
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "index.sqlite").write_bytes(b"this is not SQLite" * 100)
+    for command in ("status", "serve"):
+        line = one_error_line(cli(command, "--config", str(config), check=False))
+        assert line.startswith(f"dicomnode {command}: error: {tmp_path / 'var' / 'index.sqlite'}"
+                               " is not a usable index database")

@@ -8,6 +8,7 @@ import threading
 
 from dicomnode import log as logs
 from dicomnode.config import load_config
+from dicomnode.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,11 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     node = Node(config)  # locks data_dir: a second node on it stops here, changing nothing
-    node.start()  # checks it can listen before recovering anything
+    try:
+        node.start()  # checks it can listen before recovering anything
+    except OSError as exc:  # e.g. a spool folder it may not read
+        raise UserError(f"cannot start: {exc.strerror or exc}"
+                        f"{f': {exc.filename}' if exc.filename else ''}") from None
     stop.wait()
     node.stop()
     return 0
