@@ -97,9 +97,17 @@ class Config:
         return self.node.data_dir / "index.sqlite"
 
 
-# Smallest allowed value of a numeric key (others: integers >= 0, numbers > 0).
-_MINIMUM: dict[tuple[str, str], int | float] = {
+# Smallest allowed value of an integer key (others: >= 0; non-integer numbers: > 0).
+_MINIMUM = {
+    ("node", "max_associations"): 1,
     ("node", "max_job_attempts"): 1,
+    ("inference", "batch_size"): 1,
+}
+# Integer keys where 0 means unlimited and anything else must be at least this. A PDU
+# must carry a whole command set and useful data: 4096 bytes is the smallest maximum
+# length dcmtk accepts (ASC_MINIMUMPDUSIZE), and peers commonly assume it (PS3.8 D.1).
+_ZERO_OR_AT_LEAST = {
+    ("node", "max_pdu_size"): 4096,
 }
 
 _CHOICES = {
@@ -122,6 +130,9 @@ def _coerce(section: str, key: str, value: Any, default: Any, path: Path) -> Any
         low = _MINIMUM.get((section, key), 0)
         if value < low:
             raise ConfigError(f"{where} must be at least {low}, got {value}")
+        floor = _ZERO_OR_AT_LEAST.get((section, key))
+        if floor and 0 < value < floor:
+            raise ConfigError(f"{where} must be 0 (unlimited) or at least {floor}, got {value}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -39,6 +39,11 @@ def test_env_variable_overrides_default_path(tmp_path, monkeypatch):
     ('[node]\nseries_timeout = -1\n', ["series_timeout", "positive"]),
     ('[node]\nmax_job_attempts = 0\n', ["[node] max_job_attempts", "at least 1"]),
     ('[node]\nsweep_interval = nan\n', ["[node] sweep_interval", "finite"]),
+    ('[node]\nmax_associations = 0\n', ["[node] max_associations", "at least 1"]),
+    ('[node]\nmax_pdu_size = 1\n', ["[node] max_pdu_size", "0 (unlimited) or at least 4096"]),
+    ('[node]\nmax_pdu_size = -5\n', ["[node] max_pdu_size", "at least 0"]),
+    ('[inference]\nbatch_size = 0\n', ["[inference] batch_size", "at least 1"]),
+    ('[archive]\npurge_interval_hours = -inf\n', ["[archive] purge_interval_hours", "finite"]),
     ('[outbox]\nretry_max_interval = inf\n', ["[outbox] retry_max_interval", "finite"]),
     ('[node]\nunmatched = "drop"\n', ["unmatched", "archive"]),
     ('[node]\nae_title = "A_TITLE_THAT_IS_TOO_LONG"\n', ["AE title"]),
@@ -58,6 +63,15 @@ def test_bad_config_is_one_clear_error(tmp_path, text, words):
     assert str(path) in message
     for word in words:
         assert word in message
+
+
+def test_unlimited_pdu_and_minimums_are_accepted(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text("[node]\nmax_pdu_size = 0\nmax_associations = 1\n"
+                    "[inference]\nbatch_size = 1\n")
+    config = load_config(path)
+    assert (config.node.max_pdu_size, config.node.max_associations) == (0, 1)
+    assert config.inference.batch_size == 1
 
 
 def test_cli_reports_config_error_as_one_line_exit_2(tmp_path):
