@@ -14,7 +14,6 @@ Multi-valued attributes match when any of their values does.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -173,12 +172,17 @@ def _match_one(vr: str, pattern: str, stored: str) -> bool:
         except ValueError:
             return stored == pattern
     if vr in WILDCARD_VRS and _has_wildcard(pattern):
-        regex = fnmatch.translate(pattern)
-        flags = re.IGNORECASE if vr == "PN" else 0
-        return re.match(regex, stored, flags) is not None
+        return _wildcard(pattern, re.IGNORECASE if vr == "PN" else 0).fullmatch(stored) is not None
     if vr == "PN":
         return stored.rstrip("^ ").lower() == pattern.rstrip("^ ").lower()
     return stored == pattern
+
+
+def _wildcard(pattern: str, flags: int) -> re.Pattern[str]:
+    """``*`` and ``?`` are the only wildcards (PS3.4 C.2.2.2.4); every other character,
+    ``[`` included, matches itself."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile(regex, flags | re.DOTALL)
 
 
 def _looks_like_offset(pattern: str) -> bool:

@@ -156,6 +156,9 @@ def test_findscu_patient_root_and_matching_rules(qr, tmp_path):
                                              "SeriesDescription=*harmonised*")}
     assert series == {u["d"]}
     series = {s.SeriesInstanceUID for s in q("QueryRetrieveLevel=SERIES", "SeriesInstanceUID",
+                                             "SeriesDescription=*[harmonised: ct-test]")}
+    assert series == {u["d"]}  # brackets are literal characters, not a character class
+    series = {s.SeriesInstanceUID for s in q("QueryRetrieveLevel=SERIES", "SeriesInstanceUID",
                                              "Modality=CT", "SeriesNumber=3")}
     assert series == {u["a"], u["c"]}
 

@@ -46,6 +46,13 @@ from dicomnode.query import (
     ("IS", "3", 3, True),
     ("DS", "3.0", "3", True),
     ("LO", "X", None, False),                      # absent never matches a value
+    ("LO", "*[harmonised: ct-test]", "Thorax B70f [harmonised: ct-test]", True),  # [ is literal
+    ("LO", "*[harmonised: ct-test]", "Thorax B70f h", False),
+    ("LO", "[ab]*", "a", False),                   # no character classes
+    ("LO", "*.?", "a.b", True),                    # regex characters match themselves
+    ("LO", "*.?", "ab", False),
+    ("LT", "first*", "first line\nsecond line", True),  # * spans line breaks
+    ("PN", "*(x)*", "A (X) B", True),
 ])
 def test_match_value(vr, pattern, value, expected):
     assert match_value(vr, pattern, value) is expected
