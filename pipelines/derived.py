@@ -120,20 +120,19 @@ def stored_range(ds: Dataset) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-def to_stored(real: np.ndarray, ds: Dataset, padding: np.ndarray | None = None,
+def to_stored(real: np.ndarray, ds: Dataset,
               rescale: tuple[float, float] | None = None) -> np.ndarray:
     """Real values back to ``ds``'s stored pixels: inverse rescale, round, clip to range.
 
     ``rescale`` is (slope, intercept) where they are per frame (enhanced images), else
-    ``ds``'s own are used. Pixels that held PixelPaddingValue in the source get it back.
+    ``ds``'s own are used. (Padding is the source's real value, passed through by
+    :func:`pipelines.intensity.keep_source`, so it comes back as the source's stored value.)
     """
     if rescale is None:
         rescale = (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
     slope, intercept = rescale
     lo, hi = stored_range(ds)
     values = np.clip(np.rint((real.astype(np.float64) - intercept) / slope), lo, hi)
-    if padding is not None and "PixelPaddingValue" in ds:
-        values[padding] = int(ds.PixelPaddingValue)
     bits = int(ds.BitsAllocated)
     dtype = np.dtype(f"{'i' if int(ds.PixelRepresentation) else 'u'}{bits // 8}")
     return values.astype(dtype)
@@ -414,9 +413,8 @@ def _derived_instances(volume: Volume, harmonised: np.ndarray, *, series_uid: st
         slices.sort(key=lambda i: volume.frames[i].frame or 0)
         frames = [volume.frames[i] for i in slices]
         stored = np.stack([
-            to_stored(harmonised[i], f.dataset,
-                      volume.padding[i] if volume.padding is not None else None,
-                      rescale=(f.slope, f.intercept)) for i, f in zip(slices, frames, strict=True)])
+            to_stored(harmonised[i], f.dataset, rescale=(f.slope, f.intercept))
+            for i, f in zip(slices, frames, strict=True)])
         source = frames[0].dataset
         if frames[0].frame is None:
             yield derive_instance(source, stored[0], series_uid=series_uid,

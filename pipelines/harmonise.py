@@ -22,7 +22,7 @@ from pipelines import software_version
 from pipelines.derived import Provenance, write_derived_series
 from pipelines.errors import ModelError
 from pipelines.inference import InferenceSettings, run_generator
-from pipelines.intensity import denormalise, normalise
+from pipelines.intensity import denormalise, keep_source, normalise
 from pipelines.model_folder import LoadedModel, load_model_folder, read_model_info
 from pipelines.routing import Route, RoutingDecision, route_series
 from pipelines.series import SeriesError, load_series, read_headers
@@ -153,8 +153,10 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     loaded = time.perf_counter()
     normalised, anchors = normalise(volume.array, info.normalisation)
     settings = options or InferenceSettings()
-    output = denormalise(run_generator(model.generator, normalised, info.dims, settings,
-                                       name=f"model '{info.name}'"), anchors)
+    output = keep_source(volume.array, denormalise(
+        run_generator(model.generator, normalised, info.dims, settings,
+                      name=f"model '{info.name}'"), anchors),
+        anchors, info.normalisation, volume.padding)
     inferred = time.perf_counter()
     provenance = Provenance(
         model_name=info.name, model_version=info.version, weights_sha256=info.weights_sha256,

@@ -8,6 +8,8 @@ A model folder's ``normalisation`` entry is one of:
   percentiles map to ``-1..1``, nothing is clipped unless ``"clip": true``.
 
 The inverse uses the same anchors, so a harmonised volume lands in the source's units.
+A clipping normalisation shows the network nothing beyond the window, so there the source
+values pass through (:func:`keep_source`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 KINDS = ("hu_window", "percentile")
+EDGE = 1 / 512  # blend width inside each window end, as a fraction of the window (8 HU for CT)
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,28 @@ def denormalise(values: np.ndarray, anchors: tuple[float, float]) -> np.ndarray:
     lo, hi = anchors
     return ((values.astype(np.float32) + np.float32(1.0)) * np.float32((hi - lo) / 2.0)
             + np.float32(lo))
+
+
+def keep_source(source: np.ndarray, output: np.ndarray, anchors: tuple[float, float],
+                norm: Normalisation, padding: np.ndarray | None = None) -> np.ndarray:
+    """``output`` inside the window, ``source`` unchanged beyond it and wherever ``padding``.
+
+    A clipped value (air below -1024 HU, padding, metal above 3071 HU) reached the network as
+    the window's end and would come back there. Over the :data:`EDGE` innermost fraction of
+    the window at each end the two blend linearly, so the result stays a continuous function
+    of the source value. Without clipping only ``padding`` passes through. Updates ``output``
+    in place and returns it.
+    """
+    if norm.clip:
+        lo, hi = anchors
+        inside = np.minimum(source - np.float32(lo), np.float32(hi) - source)
+        inside *= np.float32(1.0 / ((hi - lo) * EDGE))
+        np.clip(inside, 0.0, 1.0, out=inside)
+    else:
+        inside = np.ones(source.shape, np.float32)
+    if padding is not None:
+        inside[padding] = 0.0
+    output -= source
+    output *= inside
+    output += source
+    return output

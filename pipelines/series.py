@@ -19,12 +19,27 @@ import numpy as np
 import structlog
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+)
 
 from pipelines.errors import PipelineError
 
 log = structlog.get_logger(component="series")
 
 GAP_TOLERANCE = 0.1  # fraction of the median spacing a step may deviate before it is a gap
+# Transfer syntaxes that compress lossily, with the Lossy Image Compression Method they imply
+# (PS3.3 C.7.6.1.1.5.1); the JPEG 2000 ones may also be lossless (LossyImageCompression 00).
+LOSSY_METHODS = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1",
+                 JPEGLSNearLossless: "ISO_14495_1", JPEG2000: "ISO_15444_1",
+                 HTJ2K: "ISO_15444_15"}
+# Padding after lossy compression is no longer exactly PixelPaddingValue: this fraction of the
+# stored range beyond it (inwards) still counts as padding.
+LOSSY_PADDING_TOLERANCE = 1 / 256
 
 
 class SeriesError(PipelineError):
@@ -66,7 +81,7 @@ class Volume:
     origin: np.ndarray
     direction: np.ndarray
     frames: tuple[Frame, ...]
-    padding: np.ndarray | None  # True where the source held PixelPaddingValue
+    padding: np.ndarray | None  # True where the source held padding (see _padding_mask)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -229,12 +244,33 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
     return pixels.reshape(-1, *pixels.shape[-2:])
 
 
+def lossy_compression(ds: Dataset) -> tuple[bool, str | None]:
+    """Whether ``ds``'s pixels were ever lossy compressed, and the Lossy Image Compression
+    Method its own transfer syntax implies (None when that syntax is not lossy)."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    flag = ds.get("LossyImageCompression")
+    method = LOSSY_METHODS.get(syntax)
+    if syntax in (JPEG2000, HTJ2K) and flag == "00":
+        method = None  # the header says this JPEG 2000 stream is reversible
+    return flag == "01" or method is not None, method
+
+
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Where ``stored`` is padding: the Pixel Padding range when one is given, else at or
+    beyond PixelPaddingValue on the dark side (below for MONOCHROME2, above for MONOCHROME1,
+    PS3.3 C.7.5.1.1.2), with :data:`LOSSY_PADDING_TOLERANCE` for lossy sources."""
     if "PixelPaddingValue" not in ds:
         return None
-    a, b = int(ds.PixelPaddingValue), int(ds.get("PixelPaddingRangeLimit", ds.PixelPaddingValue))
-    lo, hi = min(a, b), max(a, b)
-    return (stored >= lo) & (stored <= hi)
+    pad = int(ds.PixelPaddingValue)
+    if "PixelPaddingRangeLimit" in ds:
+        limit = int(ds.PixelPaddingRangeLimit)
+        return (stored >= min(pad, limit)) & (stored <= max(pad, limit))
+    tolerance = int((1 << int(ds.BitsStored)) * LOSSY_PADDING_TOLERANCE) \
+        if lossy_compression(ds)[0] else 0
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        return stored >= pad - tolerance
+    return stored <= pad + tolerance
 
 
 def load_series(files: Iterable[str | os.PathLike[str]]) -> Volume:

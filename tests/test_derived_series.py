@@ -27,10 +27,11 @@ from pipelines.derived import (
 )
 from pipelines.harmonise import harmonise_series
 from pipelines.inference import InferenceSettings
+from pipelines.intensity import Normalisation, keep_source
 from pipelines.routing import parse_routes
 from pipelines.series import load_series
 from tests.dicom_factory import write_series
-from tests.model_factory import Smoother, make_model
+from tests.model_factory import CT_NORM, Smoother, make_model
 
 ROUTES = parse_routes([{"name": "ct", "model": "ct-smooth", "match": {"Modality": "CT"}},
                        {"name": "mr", "model": "mr-smooth", "match": {"Modality": "MR"}}])
@@ -162,7 +163,8 @@ def test_pixels_are_the_generator_output_in_stored_units(run):
     norm = np.clip((real + 1024) / 4095 * 2 - 1, -1, 1)
     with torch.no_grad():
         out = Smoother(layers=2)(torch.from_numpy(norm)[:, None])[:, 0].numpy()
-    expected = np.rint((out + 1) / 2 * 4095 - 1024) + 1024
+    expected = np.rint(keep_source(real, (out + 1) / 2 * 4095 - 1024, (-1024, 3071),
+                                   Normalisation.from_spec(CT_NORM))) + 1024
     got = np.stack([d.pixel_array for d in derived]).astype(np.float64)
     assert np.abs(got - expected).max() <= 1  # float rounding at most one unit
     assert np.abs(got - np.stack([s.pixel_array for s in sources])).max() > 50
@@ -249,3 +251,23 @@ def test_failed_write_leaves_no_derived_folder(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match="cannot encode"):
         write_derived_series(volume, volume.array, PROVENANCE, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
+def test_real_ct_values_beyond_the_model_window_keep_their_values(tmp_path, name):
+    """693_J2KI: lossy, padding -2000 (-3024 HU) with ringing down to -3995 HU; the other has
+    no padding attribute and a -2000 HU background. Neither may be pulled to -1024 HU."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(get_testdata_file(name), tmp_path / "in")
+    make_model(tmp_path / "models", "ct-smooth", layers=2)
+    outcome = harmonise_series([tmp_path / "in" / name], routes=ROUTES,
+                               models_dir=tmp_path / "models", out_dir=tmp_path / "out",
+                               options=FP32, model_name="ct-smooth")
+    source, (derived,) = dcmread(tmp_path / "in" / name), read(outcome.outputs)
+    stored = source.pixel_array.astype(np.int32)
+    hu = stored * float(source.RescaleSlope) + float(source.RescaleIntercept)
+    outside = (hu < -1024) | (hu > 3071)
+    assert outside.mean() > 0.2  # the case the test is about
+    np.testing.assert_array_equal(derived.pixel_array[outside], stored[outside])
+    inside = (hu > -1000) & (hu < 3000)
+    assert np.abs(derived.pixel_array[inside] - stored[inside]).mean() > 2  # harmonised

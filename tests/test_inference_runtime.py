@@ -9,7 +9,7 @@ from torch import nn
 
 from pipelines.errors import InferenceError
 from pipelines.inference import InferenceSettings, autocast_dtype, run_generator
-from pipelines.intensity import Normalisation, denormalise, normalise
+from pipelines.intensity import Normalisation, denormalise, keep_source, normalise
 from pipelines.tiling import tile_starts, tiles
 from tests.model_factory import Smoother
 
@@ -99,3 +99,18 @@ def test_normalisation_round_trips():
     norm, anchors = normalise(real, mr)
     np.testing.assert_allclose(denormalise(norm, anchors), real, atol=1e-3)
     assert norm.max() > 1  # not clipped
+
+
+def test_keep_source_passes_values_beyond_a_clipping_window_through():
+    ct = Normalisation.from_spec({"kind": "hu_window", "low": -1024, "high": 3071})
+    source = np.array([-3000, -1025, -1024, -1020, -1016, 0, 3063, 3071, 5000], np.float32)
+    output = np.full(source.shape, 7.0, np.float32)  # what a network might say anywhere
+    kept = keep_source(source, output.copy(), (-1024.0, 3071.0), ct)
+    np.testing.assert_array_equal(kept[[0, 1, 2, 7, 8]], source[[0, 1, 2, 7, 8]])
+    np.testing.assert_array_equal(kept[[4, 5, 6]], 7.0)  # 8 HU and more inside
+    assert kept[3] == pytest.approx(0.5 * -1020 + 0.5 * 7.0, abs=0.2)  # half-way into the edge
+    padding = np.zeros(source.shape, bool)
+    padding[5] = True
+    assert keep_source(source, output.copy(), (-1024.0, 3071.0), ct, padding)[5] == 0.0
+    mr = Normalisation.from_spec({"kind": "percentile", "low": 1, "high": 99})
+    np.testing.assert_array_equal(keep_source(source, output.copy(), (0.0, 1.0), mr), output)

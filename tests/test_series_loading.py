@@ -61,6 +61,25 @@ def test_signed_pixels_and_padding_mask(tmp_path):
     assert volume.array[0, 0, 0] == -2000
 
 
+@pytest.mark.parametrize("photometric,lossy,values,padding", [
+    ("MONOCHROME2", "00", [-2040, -2000, -1990, -1900], [True, True, False, False]),
+    ("MONOCHROME2", "01", [-2040, -2000, -1990, -1900], [True, True, True, False]),
+    ("MONOCHROME1", "01", [2040, 2000, 1990, 1900], [True, True, True, False]),
+])
+def test_padding_is_at_or_beyond_the_padding_value_with_a_lossy_tolerance(
+        tmp_path, photometric, lossy, values, padding):
+    """12 bits stored: a lossy source's tolerance is 4096 / 256 = 16 stored units."""
+    pad_value = -2000 if photometric == "MONOCHROME2" else 2000
+    def pad(ds, i):
+        ds.PixelPaddingValue = pad_value
+        ds.PhotometricInterpretation, ds.LossyImageCompression = photometric, lossy
+        arr = np.frombuffer(ds.PixelData, np.int16).copy()
+        arr[:4] = values
+        ds.PixelData = arr.tobytes()
+    volume = load_series(write_series(tmp_path, signed=True, slices=1, size=16, edit=pad))
+    assert volume.padding[0, 0, :4].tolist() == padding
+
+
 def test_enhanced_multiframe_uses_per_frame_groups(tmp_path):
     volume = load_series([write_enhanced_ct(tmp_path / "e.dcm", slices=6, size=32)])
     assert volume.array.shape == (6, 32, 32)
