@@ -72,24 +72,48 @@ class ScpContext:
         return self.config.node.data_dir
 
 
-def _is_loopback(host: str) -> bool:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(host: str) -> IPAddress | None:
+    """``host`` as an address (an IPv4-mapped IPv6 address as its IPv4 one), or None."""
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        addr = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
-        return host == "localhost"
+        return None
+    return getattr(addr, "ipv4_mapped", None) or addr
+
+
+def resolve(host: str) -> set[IPAddress]:
+    """The addresses of a configured peer host: itself, or what its name resolves to now
+    (so a peer renumbered in DNS is followed without a restart). Raises OSError."""
+    addr = _address(host)
+    if addr is not None:
+        return {addr}
+    infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    return {a for *_, sockaddr in infos if (a := _address(str(sockaddr[0]))) is not None}
 
 
 def peer_allowed(config: Config, calling_ae: str, host: str) -> str | None:
     """None if the peer may associate, else the reason it may not."""
+    caller = _address(host)
+    loopback = caller is not None and caller.is_loopback
     peer = config.peer(calling_ae)
-    if peer is not None and (peer.host == host or (_is_loopback(peer.host)
-                                                   and _is_loopback(host))):
-        return None
-    if config.node.accept_any_loopback and _is_loopback(host):
-        return None
+    reason = f"calling AE '{calling_ae}' is not a configured peer"
     if peer is not None:
-        return f"calling AE '{calling_ae}' is configured for host {peer.host}, not {host}"
-    return f"calling AE '{calling_ae}' is not a configured peer"
+        try:
+            allowed = resolve(peer.host)
+        except OSError as exc:
+            allowed = set()
+            reason = (f"calling AE '{calling_ae}' is configured for host {peer.host}, which"
+                      f" cannot be resolved ({exc.strerror or exc})")
+        else:
+            reason = f"calling AE '{calling_ae}' is configured for host {peer.host}, not {host}"
+        if caller in allowed or (loopback and any(a.is_loopback for a in allowed)):
+            return None
+    if config.node.accept_any_loopback and loopback:
+        return None
+    return reason
 
 
 def handle_conn_open(event: evt.Event, ctx: ScpContext) -> None:

@@ -158,7 +158,8 @@ def test_unknown_calling_ae_rejected_known_peer_accepted(tmp_path):
     port = free_port()
     config = write_config(tmp_path / "node.toml", port, tmp_path / "var",
                           extra_node="accept_any_loopback = false",
-                          extra='[[peers]]\nae_title = "CT1"\nhost = "127.0.0.1"\n')
+                          extra='[[peers]]\nae_title = "CT1"\nhost = "127.0.0.1"\n'
+                                '[[peers]]\nae_title = "CT2"\nhost = "localhost"\n')
     node = NodeProcess(config, tmp_path / "node.log").start()
     try:
         echo = [dcmtk("echoscu"), "-aec", "HARMONISE", "127.0.0.1", str(port)]
@@ -166,12 +167,15 @@ def test_unknown_calling_ae_rejected_known_peer_accepted(tmp_path):
                              timeout=30, env=dcmtk_env())
         good = subprocess.run([*echo, "-aet", "CT1"], capture_output=True, text=True,
                               timeout=30, env=dcmtk_env())
+        by_name = subprocess.run([*echo, "-aet", "CT2"], capture_output=True, text=True,
+                                 timeout=30, env=dcmtk_env())
     finally:
         assert node.stop() == 0
     assert bad.returncode != 0
     assert "Rejected" in bad.stderr or "rejected" in bad.stderr.lower()
     assert "Calling AE Title Not Recognized" in bad.stderr
     assert good.returncode == 0, good.stderr
+    assert by_name.returncode == 0, by_name.stderr  # a peer configured by host name
     rejected = node.events("association_rejected")
     assert len(rejected) == 1 and rejected[0]["calling_ae"] == "INTRUDER"
 
