@@ -210,6 +210,36 @@ def _private_block(ds: Dataset, provenance: Provenance) -> None:
     ds.PrivateDataElementCharacteristicsSequence = DicomSequence([characteristics])
 
 
+def harmonised_by(ds: Dataset) -> str | None:
+    """``"<model> <version>"`` when ``ds`` carries dicomnode's own provenance: its private
+    block, or (once a PACS has stripped private tags) its Processing Equipment item."""
+    try:
+        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+        return f"{block[0x10].value} {block[0x11].value}"
+    except KeyError:
+        pass
+    for item in ds.get("ContributingEquipmentSequence") or []:
+        purposes = {str(c.get("CodeValue")) for c in item.get("PurposeOfReferenceCodeSequence")
+                    or []}
+        if "109102" in purposes and item.get("Manufacturer") == MANUFACTURER:
+            versions = item.get("SoftwareVersions")  # ["dicomnode <v>", "<model> <version>"]
+            if isinstance(versions, Sequence) and not isinstance(versions, str) and \
+                    len(versions) > 1:
+                return str(versions[1])
+            return str(item.get("ManufacturerModelName", "unknown model"))
+    return None
+
+
+def already_harmonised(datasets: Sequence[Dataset]) -> str | None:
+    """Why a series must not be harmonised again (a derived series sent back, or a re-run over
+    the output folder), or None. Harmonising twice would drift images and send copies of
+    copies; any instance carrying dicomnode's provenance decides."""
+    for ds in datasets:
+        if by := harmonised_by(ds):
+            return f"already harmonised by dicomnode ({by})"
+    return None
+
+
 def _series_description(source: Dataset, model_name: str) -> str:
     suffix = f" [harmonised: {model_name}]"
     base = str(source.get("SeriesDescription") or source.get("Modality") or "").strip()

@@ -19,7 +19,7 @@ from typing import Literal
 import structlog
 
 from pipelines import software_version
-from pipelines.derived import Provenance, write_derived_series
+from pipelines.derived import Provenance, already_harmonised, write_derived_series
 from pipelines.errors import ModelError
 from pipelines.inference import InferenceSettings, run_generator
 from pipelines.intensity import denormalise, keep_source, normalise
@@ -115,6 +115,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
                      cache: ModelCache = MODELS, sr: bool = False) -> SeriesOutcome:
     """Route, harmonise and write one series (all of ``files`` belong to it).
 
+    A series dicomnode derived itself is ``unmatched`` with the reason "already harmonised by
+    dicomnode (<model> <version>)", whatever is forced: the node archives it as it is.
     ``route_name`` forces a route, ``model_name`` a model (no routing at all); ``sr`` also
     writes the companion algorithm SR (:func:`~pipelines.sr.write_algorithm_sr`). Raises
     :class:`~pipelines.errors.PipelineError` subclasses for model and runtime failures,
@@ -126,6 +128,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
         return SeriesOutcome("rejected", "", str(exc))
     uid = str(headers[0].get("SeriesInstanceUID", "")) if headers else ""
     bound = log.bind(series_uid=uid)
+    if done := already_harmonised(headers):  # whatever route or model was asked for
+        return SeriesOutcome("unmatched", uid, done)
     route: Route | None = None
     if model_name is None:
         choice = choose_route(headers, routes, route_name)

@@ -12,7 +12,8 @@ matching rule wins. Patterns:
 A multi-valued element (``ImageType``, ``ScanningSequence``) matches when the pattern
 matches the backslash-joined value or any single value of it. Routing looks only at
 series-level values: when the instances of a series disagree on a routing tag the
-series is flagged as inconsistent, never guessed.
+series is flagged as inconsistent, never guessed. A series that dicomnode itself derived
+(its provenance is in the instances) matches no rule: it is never harmonised twice.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
+
+from pipelines.derived import already_harmonised
 
 _NUMERIC = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 _RANGE = re.compile(
@@ -129,12 +132,14 @@ class RoutingDecision:
 
     ``flagged`` is set when instances disagree on a tag that decides a rule (some instances
     would match it, some not): the series is then routed nowhere rather than guessed.
+    ``skipped`` says why no rule was even tried (the series is dicomnode's own output).
     """
 
     route: Route | None
     verdicts: tuple[RuleVerdict, ...]
     conflicts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     flagged: str | None = None
+    skipped: str | None = None
 
     @property
     def inconsistent(self) -> bool:
@@ -146,10 +151,10 @@ class RoutingDecision:
             return f"route {self.route.name} (model {self.route.model})"
         if self.flagged:
             return f"flagged: {self.flagged}"
-        return "no route matches"
+        return self.skipped or "no route matches"
 
     def explain(self) -> list[str]:
-        lines = []
+        lines = [f"  ! {self.skipped}: no rule is tried"] if self.skipped else []
         for keyword, values in self.conflicts.items():
             lines.append(f"  ! {keyword} differs across instances: {', '.join(values)}")
         for verdict in self.verdicts:
@@ -268,8 +273,11 @@ def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDec
     """Choose the first route whose ``match`` holds for this series' instances.
 
     A rule that instances disagree on (some would match it, some not) stops routing: the
-    series is flagged instead of falling through to a later, possibly wrong, rule.
+    series is flagged instead of falling through to a later, possibly wrong, rule. A series
+    dicomnode derived is ``skipped`` before any rule.
     """
+    if skipped := already_harmonised(datasets):
+        return RoutingDecision(None, (), skipped=skipped)
     keywords = {c.keyword for r in routes for c in r.match}
     values, conflicts = series_values(datasets, sorted(keywords))
     verdicts: list[RuleVerdict] = []

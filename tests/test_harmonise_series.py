@@ -179,3 +179,23 @@ def test_harmonise_command_reports_any_failure_in_one_line_and_carries_on(setup,
     (line,) = captured.err.strip().splitlines()
     assert line.endswith(": failed: KeyError: 'RescaleSlope'")
     assert captured.out.count("harmonised -> ") == 1
+
+
+def test_derived_series_is_never_harmonised_again(setup, capsys):
+    """A re-run over the output folder, or a PACS sending harmonised copies back."""
+    tmp_path, files = setup
+    first = run(tmp_path, files)
+    for forced in ({}, {"route_name": "ct"}, {"model_name": "smooth"}):
+        again = run(tmp_path, list(first.outputs), **forced)
+        assert (again.status, again.reason) == ("unmatched",
+                                                "already harmonised by dicomnode (smooth 1.0)")
+    config = config_for(tmp_path)
+    assert main(["harmonise", str(tmp_path / "out"), str(tmp_path / "out"),
+                 "--config", config]) == 0
+    assert "unmatched: already harmonised by dicomnode (smooth 1.0) (left out)" in \
+        capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [first.derived_series_uid]
+    assert main(["route", "--explain", str(tmp_path / "out"), "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "already harmonised by dicomnode (smooth 1.0) (unmatched = archive)" in out
+    assert "  ! already harmonised by dicomnode (smooth 1.0): no rule is tried" in out

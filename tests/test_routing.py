@@ -121,3 +121,26 @@ def test_route_explain_command(tmp_path, capsys):
            " match B6* | B7*" in out
     assert main(["route", "--explain", str(tmp_path / "none"), "--config", str(config)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def provenance_only_in_equipment():
+    """A harmonised instance after a PACS stripped private tags: only the 109102 item is left."""
+    d = ds(Modality="CT", ConvolutionKernel="B70f")
+    purpose = ds(CodeValue="109102", CodingSchemeDesignator="DCM",
+                 CodeMeaning="Processing Equipment")
+    software = ds(Manufacturer="dicomnode", ManufacturerModelName="m",
+                  SoftwareVersions=["dicomnode 1.0", "m 2.0"])
+    software.PurposeOfReferenceCodeSequence = [purpose]
+    d.ContributingEquipmentSequence = [software]
+    return d
+
+
+def test_dicomnodes_own_output_is_never_routed():
+    routes = parse_routes([rule(Modality="CT")])
+    decision = route_series([ds(Modality="CT"), provenance_only_in_equipment()], routes)
+    assert decision.route is None and not decision.flagged
+    assert decision.summary() == "already harmonised by dicomnode (m 2.0)"
+    assert decision.explain() == ["  ! already harmonised by dicomnode (m 2.0): no rule is tried"]
+    other = provenance_only_in_equipment()
+    other.ContributingEquipmentSequence[0].Manufacturer = "OTHER"  # someone else's processing
+    assert route_series([other], routes).route is not None
