@@ -41,6 +41,7 @@ from pipelines.files import atomic_write
 from pipelines.series import Volume
 
 MANUFACTURER = "dicomnode"
+UNKNOWN_MANUFACTURER = "UNKNOWN"  # the acquiring scanner's, when the source leaves it empty
 PRIVATE_GROUP = 0x0011
 PRIVATE_CREATOR = "DICOMNODE HARMONISATION 1"
 # element offset -> (VR, keyword, description); the block's own documentation, written into
@@ -163,7 +164,8 @@ def _equipment(source: Dataset, provenance: Provenance, stamp: str) -> DicomSequ
         scanner = Dataset()
         scanner.PurposeOfReferenceCodeSequence = DicomSequence(
             [_code("109101", "Acquisition Equipment")])
-        scanner.Manufacturer = source.get("Manufacturer", "")
+        # Type 1 here, Type 2 (may be empty) in the source's General Equipment
+        scanner.Manufacturer = source.get("Manufacturer") or UNKNOWN_MANUFACTURER
         for kw in ("InstitutionName", "StationName", "ManufacturerModelName",
                    "DeviceSerialNumber", "SoftwareVersions"):
             if source.get(kw):

@@ -271,3 +271,26 @@ def test_real_ct_values_beyond_the_model_window_keep_their_values(tmp_path, name
     np.testing.assert_array_equal(derived.pixel_array[outside], stored[outside])
     inside = (hu > -1000) & (hu < 3000)
     assert np.abs(derived.pixel_array[inside] - stored[inside]).mean() > 2  # harmonised
+
+
+@pytest.mark.parametrize("name,manufacturer", [("J2K_pixelrep_mismatch.dcm", "UNKNOWN"),
+                                               ("CT_small.dcm", "GE MEDICAL SYSTEMS")])
+def test_real_ct_sources_give_valid_derived_images(tmp_path, name, manufacturer):
+    """J2K_pixelrep_mismatch leaves Manufacturer empty (Type 2): the acquiring scanner's
+    Contributing Equipment item needs one (Type 1)."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(get_testdata_file(name), tmp_path / "in")
+    make_model(tmp_path / "models", "ct-smooth")
+    outcome = harmonise_series([tmp_path / "in" / name], routes=ROUTES,
+                               models_dir=tmp_path / "models", out_dir=tmp_path / "out",
+                               options=FP32, model_name="ct-smooth")
+    (path,) = outcome.outputs
+    scanner = dcmread(path).ContributingEquipmentSequence[0]
+    assert scanner.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
+    assert scanner.Manufacturer == manufacturer
+    if not shutil.which("dciodvfy"):
+        pytest.skip("dicom3tools not installed")
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    errors = [line for line in (result.stdout + result.stderr).splitlines()
+              if line.startswith("Error")]
+    assert errors == []
