@@ -27,12 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.harmonise import ModelCache, harmonise_series  # noqa: E402
-from pipelines.inference import (  # noqa: E402
-    InferenceSettings,
-    autocast_dtype,
-    faster_precision,
-    resolve_device,
-)
+from pipelines.inference import InferenceSettings, resolve_device  # noqa: E402
 from pipelines.model_folder import save_model_folder  # noqa: E402
 from pipelines.networks import build_generator  # noqa: E402
 from tests.dicom_factory import write_series  # noqa: E402
@@ -90,21 +85,18 @@ def main() -> int:
                           target={"Modality": "CT"},
                           normalisation={"kind": "hu_window", "low": -1024, "high": 3071})
         cache = ModelCache()
+        # a fresh precision cache: the model is timed in bf16 and fp32 as the node would
         outcome = harmonise_series(files, routes=(), models_dir=root / "models",
                                    out_dir=root / "out", options=settings, model_name="bench",
-                                   cache=cache)
+                                   cache=cache, precision_cache=root / "precision.json")
         assert outcome.status == "harmonised", outcome.reason
-        dtype = autocast_dtype(device, settings.bf16)
-        if dtype is not None and device.type == "cpu":  # what the runtime measured faster
-            dtype = faster_precision(cache.get(root / "models" / "bench").generator,
-                                     torch.zeros(1, 1, args.size, args.size), device, dtype)
     seconds = outcome.seconds
     total = sum(seconds.values())
     flops = forward_flops(generator, args.size) * args.slices
     inference_gflops = flops / seconds["inference"] / 1e9
     peak = {"fp32": matmul_gflops(torch.float32, device),
             "bf16": matmul_gflops(torch.bfloat16, device)}
-    ran_in = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"
+    ran_in = outcome.precision or "fp32"
     reference = peak.get(ran_in, peak["fp32"])
     io_share = (seconds["load"] + seconds["write"]) / total
     report = {

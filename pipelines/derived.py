@@ -52,7 +52,8 @@ PRIVATE_ELEMENTS: dict[int, tuple[str, str, str]] = {
     0x12: ("LO", "ModelWeightsSHA256", "sha256 of the model's weights file, hex"),
     0x13: ("LO", "RouteName", "Routing rule that selected the model (empty when chosen by hand)"),
     0x14: ("UT", "HarmonisationParameters",
-           "JSON: architecture, intensity normalisation and its anchors for this series"),
+           "JSON: architecture, intensity normalisation and its anchors for this series,"
+           " inference device and precision"),
 }
 LOSSY_SYNTAXES = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1",
                   JPEGLSNearLossless: "ISO_14495_1"}

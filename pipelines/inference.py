@@ -3,25 +3,35 @@
 2D generators see slices (N, 1, H, W), whole or in ``patch_size`` tiles; 3D generators see
 (N, 1, D, H, W) patches (``patch_size`` 0 = the whole volume at once). ``batch_size`` tiles
 go through per forward pass, which bounds memory. Overlapping tiles are blended with
-:mod:`pipelines.tiling` weights, so there are no seams. CPU runs under bf16 autocast when the
-CPU has native bf16 (AVX512-BF16 or AMX), CUDA under AMP (bf16, or fp16 where bf16 is
-missing); ``bf16 = false`` keeps everything in fp32.
+:mod:`pipelines.tiling` weights, so there are no seams.
+
+Precision is deterministic for a given model on a given machine, because a re-run of a job
+must write the same bytes under the same derived UIDs: CUDA runs under AMP (bf16, or fp16
+where bf16 is missing), a CPU with native bf16 (AVX512-BF16 or AMX) under bf16 autocast,
+anything else (or ``bf16 = false``) in fp32. Given a cache file, :func:`choose_precision`
+instead times bf16 against fp32 once per model and machine on the CPU and keeps the answer.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipelines.errors import InferenceError
+from pipelines.files import atomic_write
 from pipelines.settings import InferenceSettings
 from pipelines.tiling import tile_weight, tiles
+
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -56,31 +66,81 @@ def _precision(device: torch.device, dtype: torch.dtype | None) -> AbstractConte
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-_FASTER: weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.dtype | None]] = \
-    weakref.WeakKeyDictionary()
+def precision_name(dtype: torch.dtype | None) -> str:
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
-def faster_precision(generator: nn.Module, x: torch.Tensor, device: torch.device,
-                     dtype: torch.dtype) -> torch.dtype | None:
-    """``dtype`` if autocasting to it runs this generator faster than fp32 here, else None.
+def _prepare(generator: nn.Module, dims: int, settings: InferenceSettings) -> tuple[
+        torch.device, torch.memory_format]:
+    """Device, threads and memory layout, the same for timing and for the real run."""
+    device = resolve_device(settings.device)
+    if settings.threads > 0 and device.type == "cpu":
+        torch.set_num_threads(settings.threads)
+    # Channels-last lets oneDNN / cuDNN pick their fastest convolution kernels.
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    generator.to(device=device, memory_format=layout if dims == 2 else torch.preserve_format)
+    return device, layout
 
-    CPU bf16 speed depends on the operators: oneDNN convolutions gain, but e.g. reflection
-    padding in bf16 can lose more than they gain. One timed pass of each, remembered per
-    generator and input shape, picks the faster precision instead of assuming it.
+
+def _plan(volume: np.ndarray, dims: int, settings: InferenceSettings) -> tuple[
+        tuple[int, ...], list[tuple[slice, ...]]]:
+    """The shape the generator tiles (a slice, or the volume) and its tiles."""
+    shape = volume.shape if dims == 3 else volume.shape[1:]
+    size = settings.patch_size or max(shape)
+    return shape, tiles(shape, [size] * len(shape), settings.patch_overlap)
+
+
+def _seconds(generator: nn.Module, x: torch.Tensor, device: torch.device,
+             dtype: torch.dtype | None) -> float:
+    """One timed forward pass, after a warm-up pass (kernel selection, allocations)."""
+    with torch.inference_mode(), _precision(device, dtype):
+        generator(x)
+        start = time.perf_counter()
+        generator(x)
+        return time.perf_counter() - start
+
+
+def choose_precision(generator: nn.Module, volume: np.ndarray, dims: int,
+                     settings: InferenceSettings | None = None, *, key: str | None = None,
+                     cache: Path | None = None) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: what :func:`run_generator` should autocast to.
+
+    Without ``cache`` (or ``key``), decided by hardware and settings alone (see the module
+    doc). With both, on a CPU with native bf16: oneDNN convolutions gain from bf16, but e.g.
+    reflection padding can lose more than they gain, so one timed pass of each on the first
+    tile of ``volume`` decides, and the answer is stored in ``cache`` (JSON, under ``key`` =
+    the model's weights sha256, this CPU's capability and the torch version): every later
+    run of that model on this machine uses it, whatever the timings would say then.
     """
-    key = (device.type, dtype, tuple(x.shape))
-    known = _FASTER.setdefault(generator, {})
-    if key not in known:
-        seconds = {}
-        with torch.inference_mode():
-            for candidate in (None, dtype):
-                with _precision(device, candidate):
-                    generator(x)  # warm-up: kernel selection, allocations
-                    start = time.perf_counter()
-                    generator(x)
-                    seconds[candidate] = time.perf_counter() - start
-        known[key] = dtype if seconds[dtype] < seconds[None] else None
-    return known[key]
+    settings = settings or InferenceSettings()
+    device = resolve_device(settings.device)
+    dtype = autocast_dtype(device, settings.bf16)
+    if dtype is None or device.type != "cpu" or key is None or cache is None:
+        return precision_name(dtype)
+    entry = f"{key} cpu {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with cache.with_name(cache.name + ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one decision even with concurrent runs
+            known = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
+            if entry not in known:
+                device, layout = _prepare(generator, dims, settings)
+                _, grid = _plan(volume, dims, settings)
+                tile = volume[(0, *grid[0])] if dims == 2 else volume[grid[0]]
+                x = torch.from_numpy(np.ascontiguousarray(tile)[None, None])
+                x = x.to(device).contiguous(memory_format=layout)
+                faster = _seconds(generator, x, device, dtype) < \
+                    _seconds(generator, x, device, None)
+                known[entry] = precision_name(dtype if faster else None)
+                text = json.dumps(known, indent=1, sort_keys=True).encode()
+                atomic_write(cache, lambda fh: fh.write(text))
+    except (OSError, ValueError) as exc:  # unwritable folder, a damaged JSON file
+        raise InferenceError(f"precision cache {cache}: {exc} (delete the file to time"
+                             " the models again)") from exc
+    if known[entry] not in PRECISIONS:
+        raise InferenceError(f"precision cache {cache}: unknown precision {known[entry]!r}"
+                             f" for {entry} (delete the file to time the models again)")
+    return known[entry]
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -89,10 +149,11 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
-                  settings: InferenceSettings | None = None, *,
-                  name: str = "generator") -> np.ndarray:
+                  settings: InferenceSettings | None = None, *, name: str = "generator",
+                  precision: str | None = None) -> np.ndarray:
     """Apply ``generator`` to a normalised (slices, rows, cols) volume; same shape, float32.
 
+    ``precision`` comes from :func:`choose_precision` (None: its hardware-only answer).
     Raises :class:`InferenceError` (with ``name`` in the message) for anything the generator
     does wrong: an exception, a wrong output shape, non-finite values, running out of memory.
     """
@@ -101,16 +162,9 @@ def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
     if dims not in (2, 3):
         raise InferenceError(f"{name}: dims must be 2 or 3, got {dims}")
     settings = settings or InferenceSettings()
-    device = resolve_device(settings.device)
-    dtype = autocast_dtype(device, settings.bf16)
-    if settings.threads > 0 and device.type == "cpu":
-        torch.set_num_threads(settings.threads)
-    # Channels-last lets oneDNN / cuDNN pick their fastest convolution kernels.
-    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
-    generator.to(device=device, memory_format=layout if dims == 2 else torch.preserve_format)
-    shape = volume.shape if dims == 3 else volume.shape[1:]
-    size = settings.patch_size or max(shape)
-    grid = tiles(shape, [size] * len(shape), settings.patch_overlap)
+    device, layout = _prepare(generator, dims, settings)
+    dtype = PRECISIONS[precision or choose_precision(generator, volume, dims, settings)]
+    shape, grid = _plan(volume, dims, settings)
     # 2D: every (slice, tile) pair is one network input; 3D: every patch is one.
     jobs = [(s, k) for s in range(volume.shape[0]) for k in range(len(grid))] if dims == 2 \
         else [(None, k) for k in range(len(grid))]
@@ -124,8 +178,6 @@ def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
                 index = [(s, *grid[k]) if s is not None else grid[k] for s, k in batch]
                 x = torch.from_numpy(np.stack([volume[i] for i in index])[:, None])
                 x = x.to(device).contiguous(memory_format=layout)
-                if dtype is not None and device.type == "cpu":
-                    dtype = faster_precision(generator, x[:1], device, dtype)
                 with _precision(device, dtype):
                     y = generator(x)
                 if y.shape != x.shape:

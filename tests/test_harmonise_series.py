@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
 import pytest
+import torch
+from pydicom import dcmread
 from torch import nn
 
 from dicomnode.cli import main
 from pipelines import harmonise as harmonise_module
+from pipelines import inference
+from pipelines.derived import PRIVATE_CREATOR, PRIVATE_GROUP
 from pipelines.errors import InferenceError, ModelError
 from pipelines.harmonise import ModelCache, harmonise_series
 from pipelines.inference import InferenceSettings
@@ -29,8 +36,9 @@ def setup(tmp_path):
 
 def run(tmp_path, files, **kw):
     kw.setdefault("routes", ROUTES)
+    kw.setdefault("options", FAST)
     return harmonise_series(files, models_dir=tmp_path / "models", out_dir=tmp_path / "out",
-                            options=FAST, cache=ModelCache(), **kw)
+                            cache=ModelCache(), **kw)
 
 
 def test_harmonised_outcome_names_route_model_and_outputs(setup):
@@ -199,3 +207,22 @@ def test_derived_series_is_never_harmonised_again(setup, capsys):
     out = capsys.readouterr().out
     assert "already harmonised by dicomnode (smooth 1.0) (unmatched = archive)" in out
     assert "  ! already harmonised by dicomnode (smooth 1.0): no rule is tried" in out
+
+
+def test_rerun_writes_identical_bytes_and_records_the_precision(setup, monkeypatch):
+    """Same model, machine, cache and processing time: the same bytes, even when the CPU's
+    timings would now pick the other precision."""
+    tmp_path, files = setup
+    cache, when = tmp_path / "var" / "precision.json", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    outputs = []
+    for faster in (torch.bfloat16, None):
+        monkeypatch.setattr(inference, "_seconds", lambda g, x, d, dtype, f=faster:
+                            1.0 if dtype == f else 2.0)
+        outcome = run(tmp_path, files, options=InferenceSettings(device="cpu"),
+                      precision_cache=cache, when=when)
+        assert outcome.precision == "bf16"
+        outputs.append({p.name: p.read_bytes() for p in outcome.outputs})
+    assert outputs[0] == outputs[1]
+    block = dcmread(outcome.outputs[0]).private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    assert json.loads(block[0x14].value)["inference"] == {"device": "cpu", "precision": "bf16"}

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from pipelines import inference
 from pipelines.errors import InferenceError
-from pipelines.inference import InferenceSettings, autocast_dtype, run_generator
+from pipelines.inference import (
+    InferenceSettings,
+    autocast_dtype,
+    choose_precision,
+    precision_name,
+    run_generator,
+)
 from pipelines.intensity import Normalisation, denormalise, keep_source, normalise
 from pipelines.tiling import tile_starts, tiles
 from tests.model_factory import Smoother
@@ -55,6 +64,42 @@ def test_bf16_autocast_stays_close_to_fp32(volume):
     fp32 = run_generator(model, volume, 2, InferenceSettings(**FP32))
     bf16 = run_generator(model, volume, 2, InferenceSettings(device="cpu", bf16=True))
     np.testing.assert_allclose(bf16, fp32, atol=2e-2)
+
+
+def timings(monkeypatch, faster: str):
+    """A CPU with native bf16 on which ``faster`` wins the timed pass; records the calls."""
+    calls = []
+    def seconds(generator, x, device, dtype):
+        calls.append(dtype)
+        return 1.0 if precision_name(dtype) == faster else 2.0
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(inference, "_seconds", seconds)
+    return calls
+
+
+def test_precision_without_a_cache_is_decided_by_hardware_and_settings(volume, monkeypatch):
+    calls = timings(monkeypatch, "fp32")
+    cpu = InferenceSettings(device="cpu")
+    assert choose_precision(Smoother(), volume, 2, cpu, key="abc") == "bf16"
+    assert choose_precision(Smoother(), volume, 2, InferenceSettings(**FP32)) == "fp32"
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    assert choose_precision(Smoother(), volume, 2, cpu) == "fp32"
+    assert calls == []  # nothing timed
+
+
+def test_timed_precision_is_kept_per_model_and_machine(volume, monkeypatch, tmp_path):
+    """A re-run (after a crash, in another process) must not time again and flip."""
+    cache, cpu = tmp_path / "state" / "precision.json", InferenceSettings(device="cpu")
+    calls = timings(monkeypatch, "fp32")
+    assert choose_precision(Smoother(), volume, 2, cpu, key="sha-a", cache=cache) == "fp32"
+    assert len(calls) == 2
+    timings(monkeypatch, "bf16")  # the machine is busier now: timings say otherwise
+    assert choose_precision(Smoother(), volume, 2, cpu, key="sha-a", cache=cache) == "fp32"
+    assert choose_precision(Smoother(), volume, 2, cpu, key="sha-b", cache=cache) == "bf16"
+    assert sorted(json.loads(cache.read_text()).values()) == ["bf16", "fp32"]
+    cache.write_text("{damaged")
+    with pytest.raises(InferenceError, match="precision cache .*delete the file"):
+        choose_precision(Smoother(), volume, 2, cpu, key="sha-a", cache=cache)
 
 
 class Broken(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.harmonise import harmonise_series
+    from pipelines.harmonise import PRECISION_CACHE, harmonise_series
     from pipelines.model_folder import MODEL_JSON
     from pipelines.series import find_series
     config = load_config(args.config)
@@ -49,13 +50,17 @@ def run(args: argparse.Namespace) -> int:
     groups = find_series(source)
     if not groups:
         raise UserError(f"{source}: no DICOM series found")
+    # the node's own precision decisions where it runs here: the same bytes as the node writes
+    data_dir = config.node.data_dir
+    ours = data_dir.is_dir() and os.access(data_dir, os.W_OK)
+    precision_cache = data_dir / PRECISION_CACHE if ours else None
     failures = 0
     for uid, files in groups.items():
         try:
             outcome = harmonise_series(files, routes=config.routes, models_dir=models_dir,
                                        out_dir=Path(args.output), options=config.inference,
                                        route_name=args.route, model_name=args.model,
-                                       sr=args.sr)
+                                       sr=args.sr, precision_cache=precision_cache)
         except Exception as exc:  # one series' failure, whatever it is, must not stop the rest
             failures += 1
             print(f"{uid}: failed: {one_line(exc)}", file=sys.stderr)
