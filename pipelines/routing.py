@@ -11,8 +11,13 @@ matching rule wins. Patterns:
 
 A multi-valued element (``ImageType``, ``ScanningSequence``) matches when the pattern
 matches the backslash-joined value or any single value of it. Routing looks only at
-series-level values: when the instances of a series disagree on a routing tag the
-series is flagged as inconsistent, never guessed. A series that dicomnode itself derived
+series-level values: when the images of a series disagree on a routing tag the series is
+flagged as inconsistent, never guessed. An enhanced (multi-frame) instance keeps most
+acquisition tags (``ConvolutionKernel``, ``KVP``, ``RepetitionTime``, ``FlipAngle`` ...) in
+its functional groups: a tag absent at the top level is read from the Shared Functional
+Groups, else from every frame's Per-Frame Functional Groups (each frame is then one image
+that may disagree); ``EchoTime`` and ``InversionTime`` are read there under their enhanced
+names ``EffectiveEchoTime`` and ``InversionTimes``. A series that dicomnode itself derived
 (its provenance is in the instances) matches no rule: it is never harmonised twice.
 """
 
@@ -33,6 +38,8 @@ _NUMERIC = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+
 _RANGE = re.compile(
     r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*\.\.\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 ROUTE_KEYS = {"name", "model", "send_to", "match", "target"}
+# Enhanced MR names for what single-frame MR calls these (MR Echo and MR Modifier macros).
+ENHANCED_NAMES = {"EchoTime": "EffectiveEchoTime", "InversionTime": "InversionTimes"}
 
 
 class RoutingError(ValueError):
@@ -130,7 +137,7 @@ class RuleVerdict:
 class RoutingDecision:
     """The outcome for one series: the chosen route (or None) and every rule's verdict.
 
-    ``flagged`` is set when instances disagree on a tag that decides a rule (some instances
+    ``flagged`` is set when images disagree on a tag that decides a rule (some images
     would match it, some not): the series is then routed nowhere rather than guessed.
     ``skipped`` says why no rule was even tried (the series is dicomnode's own output).
     """
@@ -156,7 +163,7 @@ class RoutingDecision:
     def explain(self) -> list[str]:
         lines = [f"  ! {self.skipped}: no rule is tried"] if self.skipped else []
         for keyword, values in self.conflicts.items():
-            lines.append(f"  ! {keyword} differs across instances: {', '.join(values)}")
+            lines.append(f"  ! {keyword} differs across images: {', '.join(values)}")
         for verdict in self.verdicts:
             mark = "matched" if verdict.matched else "no"
             lines.append(f"  {verdict.route.name}: {mark}: {'; '.join(verdict.reasons)}")
@@ -224,13 +231,43 @@ def element_text(dataset: Any, keyword: str) -> str | None:
     return str(value)
 
 
+def _group_value(item: Any, keyword: str) -> str | None:
+    """``keyword`` in one functional-groups item, whose elements are one-item sequences
+    (PS3.3 C.7.6.16: one functional group macro each)."""
+    for element in item:
+        if element.VR == "SQ":
+            for inner in element.value:
+                if keyword in inner:
+                    return element_text(inner, keyword)
+    return None
+
+
+def image_values(dataset: Any, keyword: str) -> list[str | None]:
+    """``keyword`` as routing sees it in one instance: one value, or one per frame when an
+    enhanced instance keeps it in its Per-Frame Functional Groups (module doc)."""
+    value = element_text(dataset, keyword)
+    shared = dataset.get("SharedFunctionalGroupsSequence") or [None]
+    frames = dataset.get("PerFrameFunctionalGroupsSequence") or []
+    if value is not None or (shared[0] is None and not frames):
+        return [value]
+    for name in (keyword, ENHANCED_NAMES.get(keyword)):
+        if name is None:
+            continue
+        if shared[0] is not None and (value := _group_value(shared[0], name)) is not None:
+            return [value]
+        per_frame = [_group_value(item, name) for item in frames]
+        if any(v is not None for v in per_frame):
+            return per_frame
+    return [None]
+
+
 def series_values(datasets: Sequence[Any], keywords: Iterable[str]) -> tuple[
         dict[str, str | None], dict[str, tuple[str, ...]]]:
-    """Series-level value of each keyword, and the keywords whose instances disagree."""
+    """Series-level value of each keyword, and the keywords whose images disagree."""
     values: dict[str, str | None] = {}
     conflicts: dict[str, tuple[str, ...]] = {}
     for keyword in keywords:
-        seen = sorted({element_text(ds, keyword) or "" for ds in datasets})
+        seen = sorted({v or "" for ds in datasets for v in image_values(ds, keyword)})
         if len(seen) > 1:
             conflicts[keyword] = tuple(v or "<absent>" for v in seen)
         values[keyword] = seen[0] or None if seen else None
@@ -239,7 +276,7 @@ def series_values(datasets: Sequence[Any], keywords: Iterable[str]) -> tuple[
 
 def _test(cond: Condition, values: Mapping[str, str | None],
           conflicts: Mapping[str, tuple[str, ...]]) -> tuple[bool | None, str]:
-    """True / False, or None when instances disagree on whether the condition holds."""
+    """True / False, or None when images disagree on whether the condition holds."""
     if cond.keyword in conflicts:
         seen = [None if v == "<absent>" else v for v in conflicts[cond.keyword]]
         hits = [cond.test(v) for v in seen]
@@ -249,7 +286,7 @@ def _test(cond: Condition, values: Mapping[str, str | None],
                 f" {cond.describe()}"
         split = ", ".join(f"{v or '<absent>'!r} {'matches' if h else 'does not'}"
                           for v, h in zip(seen, hits, strict=True))
-        return None, f"{cond.keyword} differs across instances ({split} {cond.describe()})"
+        return None, f"{cond.keyword} differs across images ({split} {cond.describe()})"
     value = values.get(cond.keyword)
     hit = cond.test(value)
     shown = "<absent>" if value is None else repr(value)
@@ -272,7 +309,7 @@ def evaluate(conditions: Sequence[Condition], values: Mapping[str, str | None],
 def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDecision:
     """Choose the first route whose ``match`` holds for this series' instances.
 
-    A rule that instances disagree on (some would match it, some not) stops routing: the
+    A rule that images disagree on (some would match it, some not) stops routing: the
     series is flagged instead of falling through to a later, possibly wrong, rule. A series
     dicomnode derived is ``skipped`` before any rule.
     """
@@ -285,7 +322,7 @@ def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDec
         ok, reasons = evaluate(route.match, values, conflicts)
         verdicts.append(RuleVerdict(route, bool(ok), tuple(reasons)))
         if ok is None:
-            why = next(r for r in reasons if "differs across instances" in r)
+            why = next(r for r in reasons if "differs across images" in r)
             return RoutingDecision(None, tuple(verdicts), conflicts,
                                    flagged=f"rule '{route.name}' undecidable: {why}")
         if ok:

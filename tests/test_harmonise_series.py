@@ -65,7 +65,7 @@ def test_inconsistent_routing_tags_are_rejected(tmp_path):
     files = write_series(tmp_path / "in", slices=2, size=16, edit=mixed)
     outcome = run(tmp_path, files)
     assert outcome.status == "rejected"
-    assert "ConvolutionKernel differs across instances" in outcome.reason
+    assert "ConvolutionKernel differs across images" in outcome.reason
 
 
 def test_bad_geometry_is_rejected_with_the_series_reason(setup):

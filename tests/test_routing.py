@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 
 from dicomnode.cli import main
 from pipelines.routing import RoutingError, parse_routes, route_series
-from tests.dicom_factory import write_series
+from pipelines.series import read_headers
+from tests.dicom_factory import write_enhanced_ct, write_series
+from trainers.simulation import simulate_series
 
 
 def ds(**tags):
@@ -77,9 +79,9 @@ def test_inconsistent_series_is_flagged_not_guessed():
                                                               ConvolutionKernel="B30f")]
     decision = route_series(series, routes)
     assert decision.route is None and decision.inconsistent
-    assert "rule 'sharp' undecidable: ConvolutionKernel differs across instances" in \
+    assert "rule 'sharp' undecidable: ConvolutionKernel differs across images" in \
         decision.summary()
-    assert decision.explain()[0] == "  ! ConvolutionKernel differs across instances: B30f, B70f"
+    assert decision.explain()[0] == "  ! ConvolutionKernel differs across images: B30f, B70f"
 
 
 def test_disagreement_that_decides_nothing_does_not_block_routing():
@@ -144,3 +146,41 @@ def test_dicomnodes_own_output_is_never_routed():
     other = provenance_only_in_equipment()
     other.ContributingEquipmentSequence[0].Manufacturer = "OTHER"  # someone else's processing
     assert route_series([other], routes).route is not None
+
+
+@pytest.fixture(scope="module")
+def enhanced(tmp_path_factory):
+    """One Enhanced CT and one Enhanced MR instance from the simulator."""
+    root = tmp_path_factory.mktemp("enhanced")
+    return {m: simulate_series(m, d, root / m, slices=2, size=32, enhanced=True)
+            for m, d in (("CT", "siemens-b70f"), ("MR", "ge-1.5t-t1w"))}
+
+
+def test_enhanced_instances_route_on_their_shared_functional_groups(enhanced):
+    ct = parse_routes([rule("ct", Modality="CT", ConvolutionKernel="B7*", KVP=120)])
+    decision = route_series(read_headers(enhanced["CT"]), ct)
+    assert decision.route is not None, decision.explain()
+    assert "ConvolutionKernel='B70f' matches B7*" in decision.explain()[0]
+    mr = parse_routes([rule("mr", RepetitionTime="<1000", EchoTime="10..20", FlipAngle=90,
+                            MagneticFieldStrength=1.5)])
+    decision = route_series(read_headers(enhanced["MR"]), mr)
+    assert decision.route is not None, decision.explain()
+
+
+def per_frame_kernels(tmp_path, kernels):
+    """Factory Enhanced CT whose frames each carry their own CT Reconstruction group."""
+    path = write_enhanced_ct(tmp_path / f"{'-'.join(kernels)}.dcm", slices=len(kernels))
+    data = dcmread(path)
+    for item, kernel in zip(data.PerFrameFunctionalGroupsSequence, kernels, strict=True):
+        item.CTReconstructionSequence = [ds(ConvolutionKernel=kernel)]
+    data.save_as(path)
+    return [data]
+
+
+def test_enhanced_per_frame_values_route_when_they_agree_and_flag_when_not(tmp_path):
+    routes = parse_routes([rule("sharp", ConvolutionKernel="B7*"), rule("any")])
+    assert route_series(per_frame_kernels(tmp_path, ["B70f"] * 3), routes).route.name == "sharp"
+    decision = route_series(per_frame_kernels(tmp_path, ["B70f", "B30f", "B70f"]), routes)
+    assert decision.route is None
+    assert "ConvolutionKernel differs across images" in decision.flagged
+    assert decision.explain()[0] == "  ! ConvolutionKernel differs across images: B30f, B70f"
