@@ -220,10 +220,10 @@ def test_failed_after_max_age_shown_in_status_then_resend(tmp_path, capsys):
     files = derived_files(tmp_path, 3)
     original = seed_series(config, write_series(tmp_path / "orig", slices=3, size=16, seed=5),
                            kind="original")
-    uid = seed_series(config, files, send_to=("ORTHANC",), source_series_uid=original)
     cfg = load_config(config)
     index = Index(cfg.index_path)
-    index.set_series_state(original, "harmonised", route="ct-sharp")
+    index.set_series_state(original, "harmonised", route="ct-sharp")  # as the worker leaves it
+    uid = seed_series(config, files, send_to=("ORTHANC",), source_series_uid=original)
     box = outbox.Outbox(cfg, index)
     wait_for(lambda: (box.dispatch(), series_state(config, uid) == "failed")[1], 20,
              interval=0.2, what="sends to give up")
