@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -152,6 +154,38 @@ def test_corrupted_data_sets_get_c000_rest_stored_no_patient_data_logged(node, t
     log = node.log.read_text(errors="replace")
     assert "Test^Phantom" not in log and "PHANTOM01" not in log
     assert "Traceback" not in log
+
+
+def test_every_line_the_node_writes_is_a_json_object(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var",
+                          extra_node="acse_timeout = 2")  # the garbage connection ends soon
+    node = NodeProcess(config, tmp_path / "node.log").start()
+
+    def odd_charset(ds, i):
+        ds.SpecificCharacterSet = "ISO_IR 999"  # pydicom warns, through Python warnings
+    files = write_series(tmp_path / "in", slices=2, size=16, edit=odd_charset)
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    try:
+        echo = subprocess.run([dcmtk("echoscu"), "-aec", "HARMONISE", "127.0.0.1", str(port)],
+                              capture_output=True, text=True, timeout=30, env=dcmtk_env())
+        assert echo.returncode == 0, echo.stderr
+        storescu(port, files)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"\x07\x00" + bytes(30))  # not a PDU pynetdicom expects: it complains
+        wait_for(lambda: (s := status(config).get(uid)) and s["state"] in COMPLETED, 30,
+                 what="series to complete")
+    finally:
+        assert node.stop() == 0
+    lines = node.log.read_text().splitlines()
+    assert lines
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
+    events = [json.loads(line) for line in lines]
+    foreign = {e["logger"] for e in events if "logger" in e}
+    assert "py.warnings" in foreign  # other libraries' lines are JSON too
+    assert all(e["level"] in ("warning", "error", "critical") for e in events if "logger" in e)
+    assert "Test^Phantom" not in node.log.read_text()
 
 
 def test_unknown_calling_ae_rejected_known_peer_accepted(tmp_path):
