@@ -27,18 +27,11 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import (
-    JPEG2000,
-    ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLSNearLossless,
-    generate_uid,
-)
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pipelines.errors import PipelineError
 from pipelines.files import atomic_write
-from pipelines.series import Volume
+from pipelines.series import Volume, lossy_compression
 
 MANUFACTURER = "dicomnode"
 UNKNOWN_MANUFACTURER = "UNKNOWN"  # the acquiring scanner's, when the source leaves it empty
@@ -55,8 +48,6 @@ PRIVATE_ELEMENTS: dict[int, tuple[str, str, str]] = {
            "JSON: architecture, intensity normalisation and its anchors for this series,"
            " inference device and precision"),
 }
-LOSSY_SYNTAXES = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1",
-                  JPEGLSNearLossless: "ISO_14495_1"}
 # Derivation Code Sequence (CID 7203 is extensible and has no harmonisation concept).
 HARMONISATION_CODE = ("HARMONISATION", "Scanner harmonisation by an image-to-image generator",
                       "99DICOMNODE")
@@ -276,16 +267,13 @@ def _source_image(source: Dataset, frame_number: int | None = None) -> Dataset:
 
 
 def _mark_lossy(ds: Dataset, source: Dataset) -> None:
-    """A source that was ever lossy compressed keeps saying so (PS3.3 C.7.6.1.1.5)."""
-    meta = getattr(source, "file_meta", None)
-    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    if syntax in LOSSY_SYNTAXES or source.get("LossyImageCompression") == "01":
+    """A source that was ever lossy compressed keeps saying so (PS3.3 C.7.6.1.1.5), with the
+    method of its own lossy transfer syntax when the source did not name one."""
+    lossy, method = lossy_compression(source)
+    if lossy:
         ds.LossyImageCompression = "01"
-        if syntax in LOSSY_SYNTAXES and "LossyImageCompressionMethod" not in ds:
-            ds.LossyImageCompressionMethod = LOSSY_SYNTAXES[syntax]
-    elif syntax == JPEG2000 and "LossyImageCompression" not in ds:
-        ds.LossyImageCompression = "01"  # JPEG 2000 (not the lossless-only syntax) may be lossy
-        ds.LossyImageCompressionMethod = "ISO_15444_1"
+        if method and "LossyImageCompressionMethod" not in ds:
+            ds.LossyImageCompressionMethod = method
 
 
 def _swap_words(ds: Dataset) -> None:

@@ -253,17 +253,23 @@ def test_failed_write_leaves_no_derived_folder(tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
-def test_real_ct_values_beyond_the_model_window_keep_their_values(tmp_path, name):
-    """693_J2KI: lossy, padding -2000 (-3024 HU) with ringing down to -3995 HU; the other has
-    no padding attribute and a -2000 HU background. Neither may be pulled to -1024 HU."""
+def harmonise_real(tmp_path, name):
+    """One of pydicom's real CT files through a CT smoother: (source, derived) datasets."""
     (tmp_path / "in").mkdir()
     shutil.copy(get_testdata_file(name), tmp_path / "in")
     make_model(tmp_path / "models", "ct-smooth", layers=2)
     outcome = harmonise_series([tmp_path / "in" / name], routes=ROUTES,
                                models_dir=tmp_path / "models", out_dir=tmp_path / "out",
                                options=FP32, model_name="ct-smooth")
-    source, (derived,) = dcmread(tmp_path / "in" / name), read(outcome.outputs)
+    (path,) = outcome.outputs
+    return dcmread(tmp_path / "in" / name), dcmread(path)
+
+
+@pytest.mark.parametrize("name", ["693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"])
+def test_real_ct_values_beyond_the_model_window_keep_their_values(tmp_path, name):
+    """693_J2KI: lossy, padding -2000 (-3024 HU) with ringing down to -3995 HU; the other has
+    no padding attribute and a -2000 HU background. Neither may be pulled to -1024 HU."""
+    source, derived = harmonise_real(tmp_path, name)
     stored = source.pixel_array.astype(np.int32)
     hu = stored * float(source.RescaleSlope) + float(source.RescaleIntercept)
     outside = (hu < -1024) | (hu > 3071)
@@ -278,19 +284,21 @@ def test_real_ct_values_beyond_the_model_window_keep_their_values(tmp_path, name
 def test_real_ct_sources_give_valid_derived_images(tmp_path, name, manufacturer):
     """J2K_pixelrep_mismatch leaves Manufacturer empty (Type 2): the acquiring scanner's
     Contributing Equipment item needs one (Type 1)."""
-    (tmp_path / "in").mkdir()
-    shutil.copy(get_testdata_file(name), tmp_path / "in")
-    make_model(tmp_path / "models", "ct-smooth")
-    outcome = harmonise_series([tmp_path / "in" / name], routes=ROUTES,
-                               models_dir=tmp_path / "models", out_dir=tmp_path / "out",
-                               options=FP32, model_name="ct-smooth")
-    (path,) = outcome.outputs
-    scanner = dcmread(path).ContributingEquipmentSequence[0]
+    _, derived = harmonise_real(tmp_path, name)
+    scanner = derived.ContributingEquipmentSequence[0]
     assert scanner.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"
     assert scanner.Manufacturer == manufacturer
     if not shutil.which("dciodvfy"):
         pytest.skip("dicom3tools not installed")
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    result = subprocess.run(["dciodvfy", derived.filename], capture_output=True, text=True)
     errors = [line for line in (result.stdout + result.stderr).splitlines()
               if line.startswith("Error")]
     assert errors == []
+
+
+def test_lossy_jpeg2000_source_already_flagged_gets_its_method(tmp_path):
+    """693_J2KI: JPEG 2000 (.91), LossyImageCompression 01, no method named."""
+    source, derived = harmonise_real(tmp_path, "693_J2KI.dcm")
+    assert "LossyImageCompressionMethod" not in source
+    assert derived.LossyImageCompression == "01"
+    assert derived.LossyImageCompressionMethod == "ISO_15444_1"

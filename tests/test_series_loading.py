@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+)
 
-from pipelines.series import SeriesError, find_series, load_series
+from pipelines.series import SeriesError, find_series, load_series, lossy_compression
 from tests.dicom_factory import phantom, write_enhanced_ct, write_series
 
 
@@ -159,3 +167,20 @@ def test_unreadable_and_empty_series_are_rejected(tmp_path):
         load_series([bad])
     with pytest.raises(SeriesError, match="no images"):
         load_series([])
+
+
+@pytest.mark.parametrize("syntax,flag,expected", [
+    (JPEG2000, "01", (True, "ISO_15444_1")),   # lossy and said so, method not named
+    (JPEG2000, None, (True, "ISO_15444_1")),   # may be lossy: assume it was
+    (JPEG2000, "00", (False, None)),           # the header says reversible
+    (JPEGBaseline8Bit, None, (True, "ISO_10918_1")),
+    (ExplicitVRLittleEndian, "01", (True, None)),  # lossy once, uncompressed now
+    (RLELossless, None, (False, None)),
+])
+def test_lossy_compression_from_syntax_and_flag(syntax, flag, expected):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    if flag:
+        ds.LossyImageCompression = flag
+    assert lossy_compression(ds) == expected
