@@ -7,7 +7,10 @@ matching rule wins. Patterns:
 * ``["B6*", "LUNG"]``: any of the listed patterns
 * ``">=2.5"``, ``"<1000"``, ``"1.4..1.6"``: numeric comparison or inclusive range
 * ``"re:^T1.*"``: regular expression (``re.search``, case-insensitive)
-* a bare number: numeric equality
+* a bare number, or a quoted plain number (``"3"``) for a keyword whose VR is numeric (DS, IS,
+  FL, FD, US, UL, SS, SL, SV, UV): numeric equality, so ``MagneticFieldStrength = "3"``
+  matches ``3.0``; for a text keyword a quoted number stays a glob (``SeriesNumber`` is IS:
+  numeric; ``StationName = "3"`` is text)
 
 A multi-valued element (``ImageType``, ``ScanningSequence``) matches when the pattern
 matches the backslash-joined value or any single value of it. Routing looks only at
@@ -30,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from pipelines.derived import already_harmonised
 
@@ -38,6 +41,7 @@ _NUMERIC = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+
 _RANGE = re.compile(
     r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*\.\.\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 ROUTE_KEYS = {"name", "model", "send_to", "match", "target"}
+NUMERIC_VRS = {"DS", "IS", "FL", "FD", "US", "UL", "SS", "SL", "SV", "UV"}
 # Enhanced MR names for what single-frame MR calls these (MR Echo and MR Modifier macros).
 ENHANCED_NAMES = {"EchoTime": "EffectiveEchoTime", "InversionTime": "InversionTimes"}
 
@@ -58,7 +62,8 @@ class Pattern:
     high: float = math.nan
 
     @classmethod
-    def parse(cls, raw: Any, where: str) -> Pattern:
+    def parse(cls, raw: Any, where: str, numeric: bool = False) -> Pattern:
+        """``numeric``: the keyword's VR is a number, so a plain number compares as one."""
         if isinstance(raw, bool):
             raise RoutingError(f"{where}: pattern must be a string or number, got {raw!r}")
         if isinstance(raw, int | float):
@@ -76,8 +81,8 @@ class Pattern:
             if low > high:
                 raise RoutingError(f"{where}: range {raw!r} has its low end above its high end")
             return cls(raw, "range", low=low, high=high)
-        if (m := _NUMERIC.match(raw)) and m.group(1):
-            return cls(raw, "numeric", op=m.group(1), low=float(m.group(2)))
+        if (m := _NUMERIC.match(raw)) and (m.group(1) or numeric):
+            return cls(raw, "numeric", op=m.group(1) or "==", low=float(m.group(2)))
         glob = re.compile(fnmatch.translate(raw), re.IGNORECASE | re.DOTALL)
         return cls(raw, "glob", regex=glob)
 
@@ -182,7 +187,8 @@ def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
         values = value if isinstance(value, list) else [value]
         if not values:
             raise RoutingError(f"{where}.{keyword}: empty pattern list")
-        patterns = tuple(Pattern.parse(v, f"{where}.{keyword}") for v in values)
+        numeric = any(vr in NUMERIC_VRS for vr in dictionary_VR(keyword).split(" or "))
+        patterns = tuple(Pattern.parse(v, f"{where}.{keyword}", numeric) for v in values)
         conditions.append(Condition(keyword, patterns))
     return tuple(conditions)
 

@@ -40,6 +40,13 @@ def matches(pattern, **tags) -> bool:
     ("MagneticFieldStrength", "1.4..1.6", "1.5", True),
     ("MagneticFieldStrength", "1.4..1.6", "1.61", False),
     ("MagneticFieldStrength", 1.5, "1.5", True),
+    ("MagneticFieldStrength", "3", "3.0", True),   # DS: a quoted number is a number
+    ("MagneticFieldStrength", "3", "3.5", False),
+    ("MagneticFieldStrength", " 1.50 ", "1.5", True),
+    ("EchoTrainLength", "1", "01", True),           # IS
+    ("PixelPaddingValue", "-2000", "-2000.0", True),  # US or SS
+    ("StationName", "3", "3.0", False),             # text: still a glob
+    ("MagneticFieldStrength", "3*", "3.0", True),   # a glob still works
     ("SeriesDescription", "re:t1", "Ax T1 FSE", True),
     ("SeriesDescription", "re:^t1$", "Ax T1 FSE", False),
     ("SeriesDescription", ">=2.5", "not a number", False),
