@@ -3,7 +3,10 @@
 2D generators see slices (N, 1, H, W), whole or in ``patch_size`` tiles; 3D generators see
 (N, 1, D, H, W) patches (``patch_size`` 0 = the whole volume at once). ``batch_size`` tiles
 go through per forward pass, which bounds memory. Overlapping tiles are blended with
-:mod:`pipelines.tiling` weights, so there are no seams.
+:mod:`pipelines.tiling` weights over a margin of the generator's receptive radius
+(:func:`plan_tiles` raises a too small overlap or patch), so there are no seams: tiled equals
+whole up to float rounding, except for generators with global pooling (CBAM), whose tiles
+each see their own statistics and can only come close.
 
 Precision is deterministic for a given model on a given machine, because a re-run of a job
 must write the same bytes under the same derived UIDs: CUDA runs under AMP (bf16, or fp16
@@ -17,18 +20,25 @@ from __future__ import annotations
 import fcntl
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import structlog
 import torch
 from torch import nn
 
 from pipelines.errors import InferenceError
 from pipelines.files import atomic_write
+from pipelines.networks import receptive_field
 from pipelines.settings import InferenceSettings
 from pipelines.tiling import tile_weight, tiles
+
+log = structlog.get_logger(component="inference")
 
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,12 +92,40 @@ def _prepare(generator: nn.Module, dims: int, settings: InferenceSettings) -> tu
     return device, layout
 
 
-def _plan(volume: np.ndarray, dims: int, settings: InferenceSettings) -> tuple[
-        tuple[int, ...], list[tuple[slice, ...]]]:
-    """The shape the generator tiles (a slice, or the volume) and its tiles."""
-    shape = volume.shape if dims == 3 else volume.shape[1:]
-    size = settings.patch_size or max(shape)
-    return shape, tiles(shape, [size] * len(shape), settings.patch_overlap)
+@dataclass(frozen=True)
+class Plan:
+    """How a volume is cut: ``shape`` is what the generator tiles (a slice, or the volume)."""
+
+    shape: tuple[int, ...]
+    grid: list[tuple[slice, ...]]
+    patch: int = 0  # 0: one tile, no blending
+    overlap: int = 0
+    margin: int = 0  # zero-weight border of each tile (the receptive radius)
+    exact: bool = True
+
+
+def plan_tiles(generator: nn.Module, volume: np.ndarray, dims: int,
+               settings: InferenceSettings, name: str = "generator") -> Plan:
+    """The tiles for ``settings.patch_size``, made seam-free for this generator.
+
+    The overlap is raised to ``2 * radius + 2`` of the generator's receptive field, the
+    patch, where its step would fall below the overlap, to twice the overlap (on the
+    pooling grid): a smaller patch bounds memory, but not at the price of seams.
+    """
+    shape = tuple(volume.shape if dims == 3 else volume.shape[1:])
+    if not settings.patch_size or settings.patch_size >= max(shape):
+        return Plan(shape, [tuple(slice(0, n) for n in shape)])
+    field = receptive_field(generator)
+    if field is None:
+        raise InferenceError(f"{name}: {type(generator).__name__} declares no receptive field,"
+                             " so it cannot be tiled without seams; set [inference]"
+                             " patch_size = 0")
+    overlap = max(settings.patch_overlap, 2 * field.radius + 2)
+    patch = settings.patch_size
+    if patch - overlap < overlap:
+        patch = -(-2 * overlap // field.align) * field.align
+    grid = tiles(shape, [patch] * len(shape), overlap, field.align)
+    return Plan(shape, grid, patch, overlap, field.radius, field.exact)
 
 
 def _seconds(generator: nn.Module, x: torch.Tensor, device: torch.device,
@@ -125,8 +163,8 @@ def choose_precision(generator: nn.Module, volume: np.ndarray, dims: int,
             known = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
             if entry not in known:
                 device, layout = _prepare(generator, dims, settings)
-                _, grid = _plan(volume, dims, settings)
-                tile = volume[(0, *grid[0])] if dims == 2 else volume[grid[0]]
+                first = plan_tiles(generator, volume, dims, settings).grid[0]
+                tile = volume[(0, *first)] if dims == 2 else volume[first]
                 x = torch.from_numpy(np.ascontiguousarray(tile)[None, None])
                 x = x.to(device).contiguous(memory_format=layout)
                 faster = _seconds(generator, x, device, dtype) < \
@@ -143,9 +181,12 @@ def choose_precision(generator: nn.Module, volume: np.ndarray, dims: int,
     return known[entry]
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), max(1, size)):
-        yield items[i:i + size]
+def _batches(items: list, size: int, key: Callable[[Any], Any]) -> Iterator[list]:
+    """Runs of up to ``size`` items of one ``key`` (tiles of one shape, which stack)."""
+    for _, group in groupby(sorted(items, key=key), key):
+        run = list(group)
+        for i in range(0, len(run), max(1, size)):
+            yield run[i:i + size]
 
 
 def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
@@ -164,17 +205,26 @@ def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
     settings = settings or InferenceSettings()
     device, layout = _prepare(generator, dims, settings)
     dtype = PRECISIONS[precision or choose_precision(generator, volume, dims, settings)]
-    shape, grid = _plan(volume, dims, settings)
+    plan = plan_tiles(generator, volume, dims, settings, name)
+    if plan.patch and (plan.patch, plan.overlap) != (settings.patch_size, settings.patch_overlap):
+        log.warning("tiling_raised", model=name, patch_size=plan.patch, overlap=plan.overlap,
+                    configured=[settings.patch_size, settings.patch_overlap],
+                    reason=f"receptive radius {plan.margin} px")
+    if plan.patch and not plan.exact:
+        log.info("tiling_approximate", model=name,
+                 reason="global pooling (CBAM) sees each tile, not the whole image")
+    shape, grid = plan.shape, plan.grid
     # 2D: every (slice, tile) pair is one network input; 3D: every patch is one.
     jobs = [(s, k) for s in range(volume.shape[0]) for k in range(len(grid))] if dims == 2 \
         else [(None, k) for k in range(len(grid))]
     blend = len(grid) > 1
     out = np.zeros(volume.shape, dtype=np.float32)
     weight_sum = np.zeros(volume.shape, dtype=np.float32) if blend else None
-    weights = [tile_weight(shape, t, settings.patch_overlap) for t in grid] if blend else []
+    weights = [tile_weight(shape, t, plan.overlap, plan.margin) for t in grid] if blend else []
     try:
         with torch.inference_mode():
-            for batch in _batches(jobs, settings.batch_size):
+            for batch in _batches(jobs, settings.batch_size,
+                                  lambda job: [t.stop - t.start for t in grid[job[1]]]):
                 index = [(s, *grid[k]) if s is not None else grid[k] for s, k in batch]
                 x = torch.from_numpy(np.stack([volume[i] for i in index])[:, None])
                 x = x.to(device).contiguous(memory_format=layout)

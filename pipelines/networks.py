@@ -1,6 +1,7 @@
 """Generator architectures, by name.
 
-A new architecture is one ``nn.Module`` class and one line in :data:`GENERATORS`.
+A new architecture is one ``nn.Module`` class and one line in :data:`GENERATORS`; its
+``receptive_field()`` (a :class:`ReceptiveField`) lets the runtime tile it without seams.
 Every generator maps a normalised image batch (N, C, H, W) or (N, C, D, H, W) to the
 same shape, so the runtime can tile, batch and blend without knowing which it runs.
 No generator uses batch or instance normalisation: their statistics would depend on the
@@ -10,11 +11,35 @@ tile or batch the runtime happens to feed, and tiles would no longer blend seaml
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """How far a generator looks, which is what seam-free tiling needs (:mod:`pipelines.tiling`).
+
+    ``radius``: input pixels on each side that one output pixel can depend on, a bound from
+    the architecture (kernel sizes, pooling, upsampling). ``align``: tiles must start on
+    multiples of this, or pooling sees another grid than on the whole image. ``exact``:
+    False when global pooling (CBAM's channel attention) lets every output depend on the
+    whole input, so no overlap makes tiles identical to the whole image; ``radius`` then
+    covers the local path only.
+    """
+
+    radius: int
+    align: int = 1
+    exact: bool = True
+
+
+def receptive_field(generator: nn.Module) -> ReceptiveField | None:
+    """The generator's own :class:`ReceptiveField`, or None where it declares none."""
+    method = getattr(generator, "receptive_field", None)
+    return method() if callable(method) else None
 
 
 def conv(dims: int, cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Module:
@@ -76,7 +101,13 @@ class PlainResidualCNN(nn.Module):
                 layers.append(CBAM(features, dims))
         layers.append(conv(dims, features, channels))
         self.body = nn.Sequential(*layers)
+        self.cbam = cbam
         _zero_last(self.body[-1])
+
+    def receptive_field(self) -> ReceptiveField:
+        """One pixel per 3x3 conv, three per CBAM's 7x7 spatial attention."""
+        convs = sum(isinstance(m, nn.Conv2d | nn.Conv3d) for m in self.body)
+        return ReceptiveField(radius=convs + 3 * self.cbam, exact=self.cbam == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -102,7 +133,7 @@ class ResidualUNet(nn.Module):
     def __init__(self, channels: int = 1, features: int = 32, levels: int = 3,
                  dims: int = 2, cbam: bool = False) -> None:
         super().__init__()
-        self.dims, self.levels = dims, levels
+        self.dims, self.levels, self.cbam = dims, levels, cbam
         widths = [features * 2 ** min(i, 3) for i in range(levels + 1)]
         self.down = nn.ModuleList([_DoubleConv(dims, channels, widths[0], False)])
         self.down.extend(_DoubleConv(dims, widths[i], widths[i + 1], cbam and i + 1 == levels)
@@ -113,6 +144,19 @@ class ResidualUNet(nn.Module):
                                    for i in reversed(range(levels)))
         self.out = conv(dims, widths[0], channels, kernel=1)
         _zero_last(self.out)
+
+    def receptive_field(self) -> ReceptiveField:
+        """Along the deepest path, in full-resolution pixels, a level ``i`` pixel being
+        ``2**i`` wide: two 3x3 convs per level down, each 2x2 average pool (+``2**(i-1)``),
+        then per level up a bilinear upsampling (+``2**(i+1)``), a 3x3 conv and two in the
+        merge; CBAM adds its 7x7 spatial conv where it sits. Tiles start on multiples of
+        ``2**levels`` so every pooling sees the whole image's grid."""
+        down = 2 + sum(2 ** (i - 1) + 2 * 2**i for i in range(1, self.levels + 1))
+        up = sum(2 ** (i + 1) + 3 * 2**i for i in range(self.levels))
+        attention = 3 * (2**self.levels + sum(2**i for i in range(self.levels))) \
+            if self.cbam else 0
+        return ReceptiveField(radius=down + up + attention, align=2**self.levels,
+                              exact=not self.cbam)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]

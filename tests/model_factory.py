@@ -1,4 +1,5 @@
-"""Tiny real generators for tests: a fixed 3x3 smoothing convolution, 2D or 3D."""
+"""Generators for tests: a fixed 3x3 smoothing convolution (2D or 3D), and small shipped
+architectures with random weights."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import torch
 from torch import nn
 
 from pipelines.model_folder import save_model_folder
-from pipelines.networks import GENERATORS, PlainResidualCNN, conv
+from pipelines.networks import (
+    GENERATORS,
+    PlainResidualCNN,
+    ReceptiveField,
+    build_generator,
+    conv,
+)
 
 CT_NORM = {"kind": "hu_window", "low": -1024, "high": 3071}
 MR_NORM = {"kind": "percentile", "low": 0.5, "high": 99.5}
@@ -25,6 +32,9 @@ class Smoother(nn.Module):
                 layer.weight.fill_(1.0 / layer.weight[0, 0].numel())
                 layer.bias.zero_()
         self.mix = mix
+
+    def receptive_field(self) -> ReceptiveField:
+        return ReceptiveField(radius=len(self.body))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (1 - self.mix) * x + self.mix * self.body(x)
@@ -62,3 +72,14 @@ def make_plain_model(models_dir: Path, name: str, *, blocks: int = 3) -> Path:
         models_dir / name, net, name=name, version="1.0", architecture="plain", params=params,
         source={"name": "siemens-b70f", "Modality": "CT"},
         target={"name": "siemens-b30f", "Modality": "CT"}, normalisation=CT_NORM)
+
+
+def random_generator(architecture: str, **params) -> nn.Module:
+    """A shipped architecture with seeded random weights, output layer included (not the
+    identity an untrained residual generator starts as), in eval mode."""
+    torch.manual_seed(0)
+    net = build_generator(architecture, params).eval()
+    last = net.out if architecture == "unet" else net.body[-1]
+    with torch.no_grad():
+        last.weight.normal_(0, 0.5)
+    return net
