@@ -6,15 +6,21 @@ queue survives restarts and ``kill -9``. A row moves
     pending --claim--> sending --Success/Warning--> sent
                           \\--failure--> pending (next_attempt = now + backoff)
                                           or failed (queued longer than max_age_hours)
+    sending --crash, recover--> uncertain --peer holds it (C-FIND)--> sent
+                                          \\--it does not, or cannot say--> pending
 
 Each transition is its own committed transaction: rows are claimed (``sending``) before
 the association opens, and a row is marked ``sent`` in the commit that immediately
-follows the peer's Success/Warning response. After a crash, ``recover`` puts ``sending``
-rows back to ``pending``. The only way a peer can receive an instance twice is the
-crash window between the peer's response arriving and that one commit (a few
-milliseconds per instance); every other interruption leaves the row unsent or sent.
-A ``sent`` row is never sent again unless ``dicomnode resend`` asks for it, or the
-instance's content changes (a re-harmonised series with other bytes under the same UID).
+follows the peer's Success/Warning response. A crash between the peer's response and
+that commit leaves a row ``sending`` whose instance did arrive; ``recover`` therefore
+makes ``sending`` rows ``uncertain``, and before sending them again the outbox asks the
+destination (Study Root C-FIND, IMAGE level, by SOP Instance UID): an instance it
+already holds is marked sent without a second C-STORE. That makes delivery exactly once
+to a peer that answers C-FIND (Orthanc, most PACS, once they let us query); a peer that
+offers no C-FIND (dcmtk's storescp) gets those instances again: at least once, logged
+as ``sends_uncertain_resent``. A ``sent`` row is never sent again unless ``dicomnode
+resend`` asks for it, or the instance's content changes (a re-harmonised series with
+other bytes under the same UID).
 
 Retries back off exponentially per row: ``retry_initial * 2**(attempts-1)`` seconds,
 capped at ``retry_max_interval``; a failed attempt on a row first queued more than
@@ -26,7 +32,6 @@ with the error.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -36,19 +41,21 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.presentation import build_context
 from pynetdicom.status import code_to_category
 
 from dicomnode import index as ix
+from dicomnode.client import Unreachable, client_ae, held_by_peer, nodelay
 from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.log import get_logger
 
 log = get_logger("outbox")
 
-PENDING, SENDING, SENT, FAILED = "pending", "sending", "sent", "failed"
-OUTBOX_STATES = (PENDING, SENDING, SENT, FAILED)
+PENDING, SENDING, UNCERTAIN = "pending", "sending", "uncertain"
+SENT, FAILED = "sent", "failed"
+OUTBOX_STATES = (PENDING, SENDING, UNCERTAIN, SENT, FAILED)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 SEND_ERROR_PREFIX = "send to "
 BATCH = 200  # instances per association
@@ -140,7 +147,8 @@ def _source_state(index: Index, uid: str, state: str, error: str | None) -> None
 
 
 def resend(index: Index, *, series_uid: str | None = None, destination: str | None = None,
-           states: Sequence[str] = (SENT, FAILED, PENDING), now: float | None = None) -> int:
+           states: Sequence[str] = (SENT, FAILED, PENDING, UNCERTAIN),
+           now: float | None = None) -> int:
     """Queue rows again (explicit operator request); returns how many were re-queued."""
     now = time.time() if now is None else now
     where, args = [f"state IN ({', '.join('?' * len(states))})"], list(states)
@@ -161,11 +169,12 @@ def resend(index: Index, *, series_uid: str | None = None, destination: str | No
 
 
 def recover(index: Index, now: float | None = None) -> int:
-    """After a crash or stop: rows left 'sending' were never confirmed; send them again."""
+    """After a crash: rows left 'sending' may have reached the peer unconfirmed; they
+    become 'uncertain', to be checked with the peer before they are sent again."""
     now = time.time() if now is None else now
     with index.transaction() as db:
         return db.execute("UPDATE outbox SET state = ?, next_attempt = ?, updated = ?"
-                          " WHERE state = ?", (PENDING, now, now, SENDING)).rowcount
+                          " WHERE state = ?", (UNCERTAIN, now, now, SENDING)).rowcount
 
 
 def summary(index: Index) -> dict[str, dict[str, dict[str, int]]]:
@@ -209,14 +218,6 @@ def store_contexts(items: Iterable[tuple[str, str]]) -> list[Any]:
                 contexts.append(build_context(sop_class, [ts]))
         contexts.append(build_context(sop_class, list(UNCOMPRESSED)))
     return contexts[:MAX_CONTEXTS]
-
-
-def nodelay(event: evt.Event) -> None:
-    """Disable Nagle on our outgoing associations: each C-STORE would otherwise wait for
-    the peer's delayed ACK (40 ms on Linux) before its last PDU leaves."""
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class NotSendable(ValueError):
@@ -271,10 +272,11 @@ class Outbox:
         """Try every due row once, one association per destination; returns rows tried."""
         now = time.time() if now is None else now
         dests = [r["destination"] for r in self.index.db.execute(
-            "SELECT DISTINCT destination FROM outbox WHERE state = ? AND next_attempt <= ?",
-            (PENDING, now))]
+            "SELECT DISTINCT destination FROM outbox WHERE state IN (?, ?)"
+            " AND next_attempt <= ?", (PENDING, UNCERTAIN, now))]
         tried = 0
         for dest in dests:
+            self._settle(dest, now)
             while True:
                 rows = self._claim(dest, now)
                 if not rows:
@@ -285,13 +287,59 @@ class Outbox:
                     break
         return tried
 
-    def _claim(self, dest: str, now: float) -> list[Any]:
+    def _claim(self, dest: str, now: float, state: str = PENDING,
+               limit: int = BATCH) -> list[Any]:
         with self.index.transaction() as db:
             return db.execute(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, updated = ? WHERE id IN"
                 " (SELECT id FROM outbox WHERE destination = ? AND state = ? AND next_attempt"
                 " <= ? ORDER BY id LIMIT ?) RETURNING *",
-                (SENDING, now, dest, PENDING, now, BATCH)).fetchall()
+                (SENDING, now, dest, state, now, limit)).fetchall()
+
+    def _settle(self, dest: str, now: float) -> None:
+        """Uncertain rows of ``dest``: sent if the peer holds the instance, else pending.
+
+        While the peer cannot be reached they stay uncertain (retried with backoff, failed
+        after max_age_hours like any send), so the check is not skipped by an outage.
+        """
+        rows = self._claim(dest, now, UNCERTAIN, limit=-1)
+        if not rows:
+            return
+        peer = self.config.peer(dest)
+        if peer is None or peer.port is None:
+            self._release(rows)  # the send reports what is wrong with the peer
+            return
+        ids = [r["id"] for r in rows]
+        located = self.index.db.execute(
+            "SELECT i.sop_instance_uid, i.series_uid, s.study_uid FROM outbox o JOIN instances"
+            " i USING (sop_instance_uid) JOIN series s ON s.series_uid = i.series_uid"
+            f" WHERE o.id IN ({', '.join('?' * len(ids))})", ids).fetchall()
+        try:
+            held = held_by_peer(self.config, peer, [
+                (r["study_uid"], r["series_uid"], r["sop_instance_uid"]) for r in located])
+        except Unreachable as exc:
+            self._fail_all(rows, str(exc), again=UNCERTAIN)
+            return
+        stamp = time.time()
+        with self.index.transaction() as db:
+            for r in rows:
+                if held and r["sop_instance_uid"] in held:
+                    db.execute("UPDATE outbox SET state = ?, sent_at = ?, updated = ?,"
+                               " error = NULL WHERE id = ?", (SENT, stamp, stamp, r["id"]))
+                else:  # due in this same pass
+                    db.execute("UPDATE outbox SET state = ?, next_attempt = ?, updated = ?"
+                               " WHERE id = ?", (PENDING, now, stamp, r["id"]))
+        for series_uid in sorted({r["series_uid"] for r in rows}):
+            mine = [r["sop_instance_uid"] for r in rows if r["series_uid"] == series_uid]
+            if held is None:
+                log.warning("sends_uncertain_resent", series_uid=series_uid, destination=dest,
+                            instances=len(mine), reason=f"{dest} offers no C-FIND to check"
+                            " what arrived before the crash: delivery is at least once")
+            else:
+                found = len(held.intersection(mine))
+                log.info("sends_uncertain_checked", series_uid=series_uid, destination=dest,
+                         instances=len(mine), already_held=found, to_send=len(mine) - found)
+        rollup(self.index, {r["series_uid"] for r in rows})
 
     def _send(self, dest: str, rows: list[Any]) -> None:
         cfg = self.config
@@ -311,10 +359,7 @@ class Outbox:
             self._fail_all(rows, reason)
             rollup(self.index, {r["series_uid"] for r in rows + missing})
             return
-        ae = AE(ae_title=node.ae_title)
-        ae.acse_timeout, ae.dimse_timeout = node.acse_timeout, node.dimse_timeout
-        ae.network_timeout = node.network_timeout
-        ae.connection_timeout = min(node.acse_timeout, 30.0)
+        ae = client_ae(cfg)
         contexts = store_contexts((i["sop_class_uid"], i["transfer_syntax"])
                                   for i in info.values() if i is not None)
         assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=dest,
@@ -382,9 +427,9 @@ class Outbox:
         log.debug("instance_sent", sop_instance_uid=row["sop_instance_uid"],
                   destination=row["destination"], status=f"0x{code:04X}")
 
-    def _fail_all(self, rows: Sequence[Any], reason: str) -> None:
+    def _fail_all(self, rows: Sequence[Any], reason: str, again: str = PENDING) -> None:
         """One failed attempt for many rows (association failed): one commit, one log
-        line per series, not one per instance."""
+        line per series, not one per instance. Rows to retry go back to ``again``."""
         now = time.time()
         ob = self.config.outbox
         outcome: dict[tuple[str, bool], list[float]] = defaultdict(list)
@@ -394,7 +439,7 @@ class Outbox:
                 delay = backoff(row["attempts"], ob.retry_initial, ob.retry_max_interval)
                 db.execute("UPDATE outbox SET state = ?, next_attempt = ?, updated = ?,"
                            " status = NULL, error = ? WHERE id = ? AND state = ?",
-                           (FAILED if expired else PENDING, now + delay, now, reason,
+                           (FAILED if expired else again, now + delay, now, reason,
                             row["id"], SENDING))
                 outcome[(row["series_uid"], expired)].append(delay)
         dest = rows[0]["destination"] if rows else None
@@ -434,7 +479,7 @@ def rollup(index: Index, series_uids: Iterable[str]) -> None:
         counts = {r["state"]: r["n"] for r in index.db.execute(
             "SELECT state, COUNT(*) AS n FROM outbox WHERE series_uid = ? GROUP BY state",
             (uid,))}
-        if not counts or counts.get(PENDING) or counts.get(SENDING):
+        if not counts or counts.get(PENDING) or counts.get(SENDING) or counts.get(UNCERTAIN):
             continue
         series = index.series(uid)
         if series is None:
@@ -456,10 +501,10 @@ def rollup(index: Index, series_uids: Iterable[str]) -> None:
 
 
 def schedule(scheduler: Any, config: Config, index: Index) -> Outbox:
-    """Put rows a crash left 'sending' back to pending and dispatch every poll_interval."""
-    requeued = recover(index)
-    if requeued:
-        log.info("outbox_recovered", requeued=requeued)
+    """Mark rows a crash left 'sending' uncertain and dispatch every poll_interval."""
+    uncertain = recover(index)
+    if uncertain:
+        log.info("outbox_recovered", uncertain=uncertain)
     outbox = Outbox(config, index)
     scheduler.add_job(outbox.dispatch, "interval", seconds=config.outbox.poll_interval,
                       id="outbox", max_instances=1, coalesce=True)

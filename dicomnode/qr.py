@@ -17,9 +17,10 @@ from pydicom import dcmread
 from pynetdicom import evt
 from pynetdicom import sop_class as sc
 
+from dicomnode.client import nodelay
 from dicomnode.index import Index
 from dicomnode.log import get_logger
-from dicomnode.outbox import describe_failure, fit_to_association, nodelay, store_contexts
+from dicomnode.outbox import describe_failure, fit_to_association, store_contexts
 from dicomnode.query import (
     LEVELS,
     Query,

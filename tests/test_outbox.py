@@ -175,12 +175,14 @@ def test_destination_down_then_up_everything_arrives_exactly_once(tmp_path):
 
 # --- kill -9 in the middle of sending, restart -----------------------------------------
 
-def test_kill_9_while_sending_then_restart_delivers_each_instance_once(tmp_path):
+def test_kill_9_while_sending_then_restart_delivers_each_instance_exactly_once(tmp_path):
     orthanc_port = free_port()
-    config, _ = node_config(tmp_path, orthanc_port=orthanc_port)
+    config, port = node_config(tmp_path, orthanc_port=orthanc_port)
     files = derived_files(tmp_path, 60, size=16)
     uid = seed_series(config, files, send_to=("ORTHANC",))
-    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port).start()
+    # Orthanc knows the node as a modality, so it answers the node's C-FIND
+    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port,
+                      modalities={"HARMONISE": ("127.0.0.1", port)}).start()
     node = NodeProcess(config, tmp_path / "node.log")
     try:
         node.start()
@@ -192,11 +194,9 @@ def test_kill_9_while_sending_then_restart_delivers_each_instance_once(tmp_path)
         state = rows(config, "SELECT sop_instance_uid, state FROM outbox")
         sent = {r["sop_instance_uid"] for r in state if r["state"] == "sent"}
         sending = {r["sop_instance_uid"] for r in state if r["state"] == "sending"}
-        # confirmed means received; the only received-but-unconfirmed instance is the one
-        # whose response was in flight at the kill (the documented crash window)
-        assert sent <= in_orthanc
-        lost_confirmations = (in_orthanc - sent) & sending
-        assert in_orthanc - sent == lost_confirmations and len(lost_confirmations) <= 1
+        # confirmed means received; a received-but-unconfirmed instance can only be one
+        # whose response was in flight at the kill
+        assert sent <= in_orthanc and in_orthanc - sent <= sending
         node.start()
         orthanc.wait_instances(60, timeout=60)
         wait_for(lambda: series_state(config, uid) == "sent", 30, what="series sent")
@@ -206,9 +206,76 @@ def test_kill_9_while_sending_then_restart_delivers_each_instance_once(tmp_path)
             node.stop()
         orthanc.stop()
     assert final == sop_uids(files)
-    assert orthanc.overwrites() == len(lost_confirmations)
-    assert orthanc.store_requests("HARMONISE") == 60 + len(lost_confirmations)
-    assert node.events("outbox_recovered")
+    assert orthanc.overwrites() == 0  # exactly once: uncertain rows were asked about first
+    assert orthanc.store_requests("HARMONISE") == 60
+    [recovered] = node.events("outbox_recovered")
+    assert recovered["uncertain"] == len(sending)
+    [checked] = node.events("sends_uncertain_checked")
+    assert checked["instances"] == len(sending)
+    assert checked["already_held"] == len(in_orthanc - sent)
+
+
+def crash_mid_send(config: Path, held: list[Path], not_held: list[Path]) -> None:
+    """Leave outbox rows as a kill -9 would: 'sending', some already at the peer."""
+    uids = sop_uids(held) | sop_uids(not_held)
+    index = Index(load_config(config).index_path)
+    with index.transaction() as db:
+        db.execute(f"UPDATE outbox SET state = 'sending', attempts = 1 WHERE sop_instance_uid"
+                   f" IN ({', '.join('?' * len(uids))})", tuple(uids))
+    assert outbox.recover(index) == len(uids)
+    index.close()
+
+
+def test_uncertain_sends_are_checked_by_c_find_and_not_sent_twice(tmp_path):
+    orthanc_port = free_port()
+    config, port = node_config(tmp_path, orthanc_port=orthanc_port)
+    files = derived_files(tmp_path, 5)
+    uid = seed_series(config, files, send_to=("ORTHANC",))
+    crash_mid_send(config, held=files[:2], not_held=files[2:3])
+    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port,
+                      modalities={"HARMONISE": ("127.0.0.1", port)}).start()
+    cfg = load_config(config)
+    index = Index(cfg.index_path)
+    try:
+        storescu(orthanc_port, files[:2], aet="EARLIER", options=["-aec", "ORTHANC"])
+        outbox.Outbox(cfg, index).dispatch()
+        assert series_state(config, uid) == "sent"
+        final = set(orthanc.sop_uids())
+    finally:
+        index.close()
+        orthanc.stop()
+    assert final == sop_uids(files)
+    assert orthanc.store_requests("HARMONISE") == 3 and orthanc.overwrites() == 0
+    by_uid = {r["sop_instance_uid"]: r for r in rows(config, "SELECT * FROM outbox")}
+    assert {by_uid[u]["status"] for u in sop_uids(files[:2])} == {None}  # confirmed by query
+    assert {by_uid[u]["status"] for u in sop_uids(files[2:])} == {0}  # confirmed by C-STORE
+
+
+def test_uncertain_sends_to_a_peer_without_c_find_are_resent_and_logged(tmp_path, capsys):
+    configure("info")
+    scp_port = free_port()
+    config, _ = node_config(tmp_path, orthanc_port=free_port(), STORESCP=scp_port)
+    files = derived_files(tmp_path, 3)
+    seed_series(config, files, send_to=("STORESCP",))
+    crash_mid_send(config, held=[], not_held=files[:2])
+    out = tmp_path / "storescp"
+    out.mkdir()
+    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "+uf", "-od", str(out),
+                            str(scp_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cfg = load_config(config)
+    index = Index(cfg.index_path)
+    try:
+        time.sleep(0.5)  # storescp listening
+        outbox.Outbox(cfg, index).dispatch()
+    finally:
+        index.close()
+        scp.terminate()
+        scp.wait(10)
+    assert {r["state"] for r in rows(config, "SELECT state FROM outbox")} == {"sent"}
+    assert len(list(out.iterdir())) == 3
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    [resent] = [e for e in events if e["event"] == "sends_uncertain_resent"]
+    assert resent["instances"] == 2 and "at least once" in resent["reason"]
 
 
 # --- give up after max age, status, explicit resend ------------------------------------

@@ -79,13 +79,19 @@ def test_unknown_destination_is_retried_not_lost(node):
     assert row["state"] == "pending" and "not in [[peers]]" in row["error"]
 
 
-def test_recover_puts_sending_back_to_pending(node):
+def test_recover_makes_sending_uncertain_and_an_outage_keeps_it_so(node):
     cfg, index, uid, files = node
     outbox.enqueue_series(index, uid, ["PACS"])
     index.db.execute("UPDATE outbox SET state = 'sending' WHERE id = 1")
     index.db.execute("UPDATE outbox SET state = 'sent' WHERE id = 2")
     assert outbox.recover(index) == 1
-    assert [s for _, s, _ in states(index)] == ["pending", "sent", "pending"]
+    assert [s for _, s, _ in states(index)] == ["uncertain", "sent", "pending"]
+    # the peer is down: nothing can be checked, so the row stays uncertain, with backoff
+    outbox.Outbox(cfg, index).dispatch()
+    row = index.db.execute("SELECT * FROM outbox WHERE id = 1").fetchone()
+    assert (row["state"], row["attempts"]) == ("uncertain", 1)
+    assert "association with PACS" in row["error"] and row["next_attempt"] > row["updated"]
+    assert index.series(uid)["state"] != "sent"
 
 
 def test_backoff_doubles_and_caps():

@@ -1,0 +1,80 @@
+"""Outgoing associations: our AE as a client of peers (outbox sends, delivery checks).
+
+:func:`held_by_peer` asks a peer by C-FIND whether it already holds instances: after a
+crash, an instance whose C-STORE was in flight may or may not have arrived, and asking
+is how the outbox avoids sending it twice.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.status import code_to_category
+
+from dicomnode.config import Config, Peer
+
+
+class Unreachable(ConnectionError):
+    """No association with the peer (down, or refusing us): try again later."""
+
+
+def nodelay(event: evt.Event) -> None:
+    """Disable Nagle on our outgoing associations: each small DIMSE message would
+    otherwise wait for the peer's delayed ACK (40 ms on Linux) before it leaves."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def client_ae(config: Config) -> AE:
+    """An AE with our title and timeouts for one outgoing association."""
+    node = config.node
+    ae = AE(ae_title=node.ae_title)
+    ae.acse_timeout, ae.dimse_timeout = node.acse_timeout, node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    ae.connection_timeout = min(node.acse_timeout, 30.0)
+    return ae
+
+
+def held_by_peer(config: Config, peer: Peer, instances: Iterable[tuple[str, str, str]]
+                 ) -> set[str] | None:
+    """Which of ``(study, series, SOP instance UID)`` the peer already holds, by Study
+    Root C-FIND at IMAGE level; None when it offers no C-FIND (or cannot answer one).
+
+    Verification is proposed too, so a peer that takes no C-FIND still accepts the
+    association and says so, rather than looking down. Raises :class:`Unreachable`.
+    """
+    ae = client_ae(config)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+    if not assoc.is_established:
+        raise Unreachable(f"association with {peer.ae_title} at {peer.host}:{peer.port}"
+                          f" {'rejected' if assoc.is_rejected else 'failed'}")
+    try:
+        if not any(cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
+                   for cx in assoc.accepted_contexts):
+            return None
+        held = set()
+        for study, series, sop in instances:
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID, query.SeriesInstanceUID = study, series
+            query.SOPInstanceUID = sop
+            for status, found in assoc.send_c_find(query,
+                                                   StudyRootQueryRetrieveInformationModelFind):
+                category = code_to_category(status.Status) if "Status" in status else None
+                if category == "Pending":
+                    if found is not None and str(found.get("SOPInstanceUID", "")) == sop:
+                        held.add(sop)
+                elif category != "Success":
+                    return None  # refused, failed or no answer: it cannot tell us
+        return held
+    finally:
+        if assoc.is_established:
+            assoc.release()
