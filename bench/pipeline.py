@@ -1,13 +1,15 @@
 """Pipeline throughput on one CT series: load / inference / write, against matmul peak.
 
-Writes a synthetic CT series (default 200 slices of 512x512), harmonises it with a
-``plain`` residual CNN through :func:`pipelines.harmonise.harmonise_series`, and prints the
-time split and inference's effective GFLOP/s (forward FLOPs counted by torch) next to the
-machine's own matmul GFLOP/s in fp32 and bf16, measured in the same run.
-Targets: load + write <= 15% of the total; inference >= 50% of matmul throughput (of the
-precision inference ran in).
+Writes a synthetic CT series (default 200 slices of 512x512) and harmonises it through
+:func:`pipelines.harmonise.harmonise_series` as the node does (headers, routing, decoding,
+inference, writing), with a shipped model's architecture and size (read from its
+``model.json``; random weights, which time the same). Prints the time split (load =
+headers + routing + model + pixels) and inference's effective GFLOP/s (forward FLOPs
+counted by torch) next to this machine's fp32 and bf16 matmul GFLOP/s, measured in the same
+run. Targets: load + write <= 15% of the total; inference >= 50% of the matmul throughput of
+the precision inference ran in (decided, and timed, before the clock starts).
 
-    python3 bench/pipeline.py [--slices 200] [--size 512] [--features 32] [--blocks 6]
+    python3 bench/pipeline.py [--slices 200] [--size 512] [--model ct-kernel-sharp-to-smooth]
                               [--batch-size 8] [--no-bf16] [--device auto] [--threads 0]
 """
 
@@ -20,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import structlog
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,10 +30,17 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.harmonise import ModelCache, harmonise_series  # noqa: E402
-from pipelines.inference import InferenceSettings, resolve_device  # noqa: E402
-from pipelines.model_folder import save_model_folder  # noqa: E402
-from pipelines.networks import build_generator  # noqa: E402
+from pipelines.inference import (  # noqa: E402
+    InferenceSettings,
+    choose_precision,
+    resolve_device,
+)
+from pipelines.model_folder import read_model_info, save_model_folder  # noqa: E402
+from pipelines.routing import parse_routes  # noqa: E402
 from tests.dicom_factory import write_series  # noqa: E402
+from tests.model_factory import random_generator  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048,
@@ -59,8 +69,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--features", type=int, default=32)
-    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--model", default="ct-kernel-sharp-to-smooth",
+                        help="shipped model whose architecture and size to run")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--patch-size", type=int, default=0)
     parser.add_argument("--no-bf16", action="store_true")
@@ -74,21 +84,27 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(settings.device)
-    params = {"features": args.features, "blocks": args.blocks, "dims": 2}
+    shipped = read_model_info(MODELS / args.model)
+    if shipped.dims != 2 or shipped.source.get("Modality") != "CT":
+        parser.error(f"--model {args.model}: this benchmark runs a 2D CT model")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
-        files = write_series(root / "in", slices=args.slices, size=args.size)
-        generator = build_generator("plain", params)
-        torch.nn.init.normal_(generator.body[-1].weight, std=1e-3)  # not the identity
-        save_model_folder(root / "models" / "bench", generator, name="bench", version="1",
-                          architecture="plain", params=params, source={"Modality": "CT"},
-                          target={"Modality": "CT"},
-                          normalisation={"kind": "hu_window", "low": -1024, "high": 3071})
-        cache = ModelCache()
-        # a fresh precision cache: the model is timed in bf16 and fp32 as the node would
-        outcome = harmonise_series(files, routes=(), models_dir=root / "models",
-                                   out_dir=root / "out", options=settings, model_name="bench",
-                                   cache=cache, precision_cache=root / "precision.json")
+        files = write_series(root / "in", slices=args.slices, size=args.size, kernel="B70f")
+        generator = random_generator(shipped.architecture, **shipped.params)
+        folder = save_model_folder(
+            root / "models" / "bench", generator, name="bench", version="1",
+            architecture=shipped.architecture, params=shipped.params, source=shipped.source,
+            target=shipped.target, normalisation=shipped.normalisation.to_spec())
+        routes = parse_routes([{"name": "bench", "model": "bench",
+                                "match": {"Modality": "CT", "ConvolutionKernel": "B7*"}}])
+        cache, precisions = ModelCache(), root / "precision.json"
+        # the node's once-per-model precision decision, outside the timed run
+        choose_precision(cache.get(folder).generator, np.zeros((1, args.size, args.size),
+                         np.float32), 2, settings, key=read_model_info(folder).weights_sha256,
+                         cache=precisions)
+        outcome = harmonise_series(files, routes=routes, models_dir=root / "models",
+                                   out_dir=root / "out", options=settings, cache=cache,
+                                   precision_cache=precisions)
         assert outcome.status == "harmonised", outcome.reason
     seconds = outcome.seconds
     total = sum(seconds.values())
@@ -101,7 +117,8 @@ def main() -> int:
     io_share = (seconds["load"] + seconds["write"]) / total
     report = {
         "series": f"{args.slices} x {args.size} x {args.size} CT",
-        "model": f"plain features={args.features} blocks={args.blocks}",
+        "model": f"{args.model} architecture: {shipped.architecture} {shipped.params}"
+                 " (random weights)",
         "device": device.type, "threads": torch.get_num_threads(), "precision": ran_in,
         "seconds": {k: round(v, 2) for k, v in seconds.items()} | {"total": round(total, 2)},
         "load_write_share": round(io_share, 3),

@@ -56,7 +56,8 @@ class SeriesOutcome:
     derived_series_uid: str | None = None
     outputs: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()
-    seconds: dict[str, float] = field(default_factory=dict)  # load, inference, write
+    # load (headers, routing, model, pixels), inference (with normalisation), write
+    seconds: dict[str, float] = field(default_factory=dict)
     report: Path | None = None  # the algorithm SR, when asked for
     precision: str | None = None  # fp32 | bf16 | fp16, as recorded in the derived series
 
@@ -133,6 +134,7 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     :class:`~pipelines.errors.PipelineError` subclasses for model and runtime failures,
     ``ValueError`` for an unknown ``route_name``.
     """
+    started = time.perf_counter()  # "load": headers, routing, model and pixels
     try:
         headers = read_headers(files)
     except SeriesError as exc:
@@ -160,7 +162,6 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     if expected and modality and expected.upper() != modality.upper():
         return SeriesOutcome("rejected", uid, f"model '{info.name}' is for {expected},"
                              f" series is {modality}", route_label, ref)
-    started = time.perf_counter()
     try:
         volume = load_series(files)
     except SeriesError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -19,7 +20,7 @@ from pipelines.harmonise import ModelCache, harmonise_series
 from pipelines.inference import InferenceSettings
 from pipelines.model_folder import WEIGHTS_FILE, save_model_folder
 from pipelines.networks import GENERATORS
-from pipelines.routing import parse_routes
+from pipelines.routing import parse_routes, route_series
 from tests.dicom_factory import write_series
 from tests.model_factory import CT_NORM, make_model
 
@@ -226,3 +227,13 @@ def test_rerun_writes_identical_bytes_and_records_the_precision(setup, monkeypat
     assert outputs[0] == outputs[1]
     block = dcmread(outcome.outputs[0]).private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
     assert json.loads(block[0x14].value)["inference"] == {"device": "cpu", "precision": "bf16"}
+
+
+def test_load_time_includes_headers_and_routing(setup, monkeypatch):
+    """The benchmark's load share must not leave out reading headers and routing."""
+    tmp_path, files = setup
+    def slow(datasets, routes):
+        time.sleep(0.2)
+        return route_series(datasets, routes)
+    monkeypatch.setattr(harmonise_module, "route_series", slow)
+    assert run(tmp_path, files).seconds["load"] >= 0.2
