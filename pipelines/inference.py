@@ -161,6 +161,8 @@ def choose_precision(generator: nn.Module, volume: np.ndarray, dims: int,
         with cache.with_name(cache.name + ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one decision even with concurrent runs
             known = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
+            if not isinstance(known, dict):
+                raise ValueError("not a JSON object")
             if entry not in known:
                 device, layout = _prepare(generator, dims, settings)
                 first = plan_tiles(generator, volume, dims, settings).grid[0]
