@@ -87,18 +87,22 @@ def denormalise(values: np.ndarray, anchors: tuple[float, float]) -> np.ndarray:
 
 def keep_source(source: np.ndarray, output: np.ndarray, anchors: tuple[float, float],
                 norm: Normalisation, padding: np.ndarray | None = None) -> np.ndarray:
-    """``output`` inside the window, ``source`` unchanged beyond it and wherever ``padding``.
+    """``output`` inside the window (ends included), ``source`` unchanged beyond it and
+    wherever ``padding``.
 
     A clipped value (air below -1024 HU, padding, metal above 3071 HU) reached the network as
-    the window's end and would come back there. Over the :data:`EDGE` innermost fraction of
-    the window at each end the two blend linearly, so the result stays a continuous function
-    of the source value. Without clipping only ``padding`` passes through. Updates ``output``
-    in place and returns it.
+    the window's end and would come back as the output there. Over :data:`EDGE` of the
+    window's width just beyond each end the two blend linearly, so the result stays a
+    continuous function of the source value. The ends themselves belong to the model: -1024
+    HU is where scanners clip noisy lung and air, well inside what the model has learnt.
+    Without clipping only ``padding`` passes through. Updates ``output`` in place and
+    returns it.
     """
     if norm.clip:
         lo, hi = anchors
         inside = np.minimum(source - np.float32(lo), np.float32(hi) - source)
         inside *= np.float32(1.0 / ((hi - lo) * EDGE))
+        inside += np.float32(1.0)
         np.clip(inside, 0.0, 1.0, out=inside)
     else:
         inside = np.ones(source.shape, np.float32)

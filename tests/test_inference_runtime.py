@@ -149,12 +149,12 @@ def test_normalisation_round_trips():
 
 def test_keep_source_passes_values_beyond_a_clipping_window_through():
     ct = Normalisation.from_spec({"kind": "hu_window", "low": -1024, "high": 3071})
-    source = np.array([-3000, -1025, -1024, -1020, -1016, 0, 3063, 3071, 5000], np.float32)
+    source = np.array([-3000, -1032, -1028, -1024, -1016, 0, 3071, 3079, 5000], np.float32)
     output = np.full(source.shape, 7.0, np.float32)  # what a network might say anywhere
     kept = keep_source(source, output.copy(), (-1024.0, 3071.0), ct)
-    np.testing.assert_array_equal(kept[[0, 1, 2, 7, 8]], source[[0, 1, 2, 7, 8]])
-    np.testing.assert_array_equal(kept[[4, 5, 6]], 7.0)  # 8 HU and more inside
-    assert kept[3] == pytest.approx(0.5 * -1020 + 0.5 * 7.0, abs=0.2)  # half-way into the edge
+    np.testing.assert_array_equal(kept[[0, 1, 7, 8]], source[[0, 1, 7, 8]])  # 8 HU beyond
+    np.testing.assert_array_equal(kept[[3, 4, 5, 6]], 7.0)  # the window, ends included
+    assert kept[2] == pytest.approx(0.5 * -1028 + 0.5 * 7.0, abs=0.2)  # half-way out
     padding = np.zeros(source.shape, bool)
     padding[5] = True
     assert keep_source(source, output.copy(), (-1024.0, 3071.0), ct, padding)[5] == 0.0
