@@ -7,7 +7,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -77,20 +76,30 @@ def test_300_instance_series_completes_with_right_count(node, tmp_path):
 def test_two_series_interleaved_over_concurrent_associations(node, tmp_path):
     a = write_series(tmp_path / "a", slices=40, size=16, seed=1)
     b = write_series(tmp_path / "b", slices=40, size=16, seed=2)
-    results: list[subprocess.CompletedProcess[str]] = []
-    threads = [threading.Thread(target=lambda f=f: results.append(storescu(node.port, f)))
-               for f in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert len(results) == 2
-    uids = {str(dcmread(f[0]).SeriesInstanceUID) for f in (a, b)}
+    ae = AE(ae_title="MODALITY_A")
+    ae.add_requested_context(CTImageStorage)
+    first = ae.associate("127.0.0.1", node.port, ae_title="HARMONISE")
+    assert first.is_established
+    statuses = [first.send_c_store(p).Status for p in a[:20]]
+    storescu(node.port, b, aet="MODALITY_B")  # a whole association while A's is open
+    statuses += [first.send_c_store(p).Status for p in a[20:]]
+    first.release()
+    assert set(statuses) == {0x0000}
+    uids = {name: str(dcmread(f[0]).SeriesInstanceUID) for name, f in (("a", a), ("b", b))}
     done = wait_for(lambda: (s := status(node.config)) and all(
-        s.get(u, {}).get("state") in COMPLETED for u in uids) and s, 30, what="both series")
-    assert {done[u]["instances"] for u in uids} == {40}
-    starts = [e for e in node.events("association_accepted") if e["calling_ae"] == "MODALITY"]
-    assert len(starts) == 2
+        s.get(u, {}).get("state") in COMPLETED for u in uids.values()) and s, 30,
+        what="both series")
+    assert {done[u]["instances"] for u in uids.values()} == {40}
+    # The node's own log shows the two associations overlapping, and their instances
+    # interleaved: A opened, B opened and closed, then A's last instances, A closed.
+    order = [(e["event"], e.get("calling_ae") or e.get("series_uid")) for e in node.events()
+             if e["event"] in ("association_accepted", "association_released")
+             or (e["event"] == "instance_stored" and e["series_uid"] == uids["a"])]
+    where = {key: i for i, key in enumerate(order)}  # last occurrence of each
+    opened_a = order.index(("association_accepted", "MODALITY_A"))
+    opened_b = order.index(("association_accepted", "MODALITY_B"))
+    assert opened_a < opened_b < where[("association_released", "MODALITY_B")] \
+        < where[("instance_stored", uids["a"])] < where[("association_released", "MODALITY_A")]
 
 
 def test_malformed_instance_rejected_rest_of_association_stored(node, tmp_path):
@@ -214,28 +223,56 @@ def test_unknown_calling_ae_rejected_known_peer_accepted(tmp_path):
     assert len(rejected) == 1 and rejected[0]["calling_ae"] == "INTRUDER"
 
 
-def test_kill_9_mid_series_then_resume(tmp_path):
+def acknowledged(storescu_output: str) -> list[Path]:
+    """Files a verbose storescu run got Success for, from its "Sending file" / "Received
+    Store Response (Success)" line pairs."""
+    done, current = [], None
+    for line in storescu_output.splitlines():
+        if "Sending file: " in line:
+            current = Path(line.split("Sending file: ", 1)[1].strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            done.append(current)
+            current = None
+    return done
+
+
+def test_kill_9_while_storescu_is_sending_then_resume(tmp_path):
     port = free_port()
     config = write_config(tmp_path / "node.toml", port, tmp_path / "var")
-    files = write_series(tmp_path / "in", slices=60, size=16)
+    files = write_series(tmp_path / "in", slices=400, size=64)
     uid = str(dcmread(files[0]).SeriesInstanceUID)
     node = NodeProcess(config, tmp_path / "node.log").start()
-    storescu(port, files[:30])
-    node.stop(signal.SIGKILL)
-    # Every instance that got Success is on disk and indexed.
-    spool = tmp_path / "var" / "spool"
-    assert len(list(spool.rglob("*.dcm"))) == 30
+    sender = subprocess.Popen([dcmtk("storescu"), "-v", "-aet", "MODALITY", "-aec", "HARMONISE",
+                               "127.0.0.1", str(port), *map(str, files)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dcmtk_env())
+    try:
+        wait_for(lambda: len(node.events("instance_stored")) >= 40, 60, interval=0.01,
+                 what="storescu to be under way")
+        node.stop(signal.SIGKILL)  # mid-association, mid-series
+        output, _ = sender.communicate(timeout=60)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+    assert sender.returncode != 0, "storescu should have lost its association"
+    done = acknowledged(output)
+    assert 30 <= len(done) < len(files), output[-2000:]
+    # Every instance that got Success is on disk, whole, and indexed.
     db = sqlite3.connect(tmp_path / "var" / "index.sqlite")
-    assert db.execute("SELECT COUNT(*) FROM instances").fetchone() == (30,)
+    indexed = dict(db.execute("SELECT sop_instance_uid, path FROM instances").fetchall())
     db.close()
+    for path in done:
+        sent = dcmread(path)
+        assert str(sent.SOPInstanceUID) in indexed
+        assert dcmread(tmp_path / "var" / indexed[str(sent.SOPInstanceUID)]) == sent
     node = NodeProcess(config, tmp_path / "node.log").start()
     try:
-        storescu(port, files[30:])
+        storescu(port, [f for f in files if f not in set(done)])
         series = wait_for(lambda: (s := status(config).get(uid)) and s["state"] in COMPLETED
-                          and s, 30, what="series to complete after restart")
+                          and s, 60, what="series to complete after restart")
     finally:
         assert node.stop() == 0
-    assert series["instances"] == 60
+    assert series["instances"] == len(files)
     assert len([e for e in node.events("series_complete") if e["series_uid"] == uid]) == 1
     db = sqlite3.connect(tmp_path / "var" / "index.sqlite")
     assert db.execute("SELECT COUNT(*) FROM jobs WHERE series_uid = ?", (uid,)).fetchone() == (1,)

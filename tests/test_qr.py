@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -14,10 +16,15 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicomnode.config import load_config
+from dicomnode.index import Index
+from dicomnode.qr import handle_find
+from dicomnode.scp import ScpContext
 from tests.dicom_factory import write_series
 from tests.nodeutil import NodeProcess, dcmtk, dcmtk_env, free_port, wait_for, write_config
 from tests.orthanc import Orthanc, have_orthanc, seed_series
@@ -231,6 +238,92 @@ def test_c_get_cancel_stops_sub_operations(qr):
     assert 0 < len(received) < 40
     assert final.NumberOfRemainingSuboperations > 0
     assert qr.events("get_cancelled")
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """A node holding one long series: a cancel sent after the first responses always
+    arrives long before the last one would have been sent."""
+    tmp = tmp_path_factory.mktemp("many")
+    port, move_port = free_port(), free_port()
+    config = write_config(tmp / "node.toml", port, tmp / "var", extra=(
+        f'[[peers]]\nae_title = "MOVESCU"\nhost = "127.0.0.1"\nport = {move_port}\n'))
+    files = write_series(tmp / "s", slices=1000, size=8, seed=4)
+    uid = seed_series(config, files, kind="original")
+    node = NodeProcess(config, tmp / "node.log").start()
+    node.port, node.move_port = port, move_port
+    node.query = Dataset()
+    node.query.QueryRetrieveLevel = "SERIES"
+    node.query.StudyInstanceUID = str(dcmread(files[0]).StudyInstanceUID)
+    node.query.SeriesInstanceUID = uid
+    yield node
+    node.stop()
+
+
+def cancelled_after_two(assoc, responses, msg_id: int, sop_class) -> list[Any]:
+    """Collect responses, sending C-CANCEL once two Pending ones have arrived."""
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == sop_class)
+    got = []
+    for rsp, _ in responses:
+        got.append(rsp)
+        if rsp.Status == 0xFF00 and len(got) == 2:
+            assoc.send_c_cancel(msg_id, cx.context_id)
+    return got
+
+
+class CancelAfter:
+    """A C-FIND event whose C-CANCEL arrives after ``n`` checks of ``is_cancelled``."""
+
+    def __init__(self, identifier: Dataset, n: int) -> None:
+        self.identifier, self.n = identifier, n
+        self.request = SimpleNamespace(
+            AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind)
+        self.assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="CANCELSCU"))
+
+    @property
+    def is_cancelled(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+def test_c_find_cancel_stops_the_responses(many):
+    # Over the network this races: pynetdicom's reactor sends every queued response
+    # before it reads the next PDU, and drops a cancel that arrives before the request
+    # is being served; so the handler is driven directly, as pynetdicom drives it.
+    query = Dataset()
+    query.update(many.query)
+    query.QueryRetrieveLevel, query.SOPInstanceUID = "IMAGE", ""
+    config = load_config(many.config)
+    index = Index(config.index_path)
+    try:
+        got = [status for status, _ in handle_find(CancelAfter(query, 2),
+                                                   ScpContext(config, index))]
+    finally:
+        index.close()
+    assert got == [0xFF00, 0xFF00, 0xFE00]  # of 1000 matches
+
+
+def test_c_move_cancel_stops_sub_operations(many):
+    received = []
+    scp = AE(ae_title="MOVESCU")
+    scp.add_supported_context(CTImageStorage)
+    server = scp.start_server(("127.0.0.1", many.move_port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda e: received.append(e.request.AffectedSOPInstanceUID) or 0)])
+    try:
+        ae = AE(ae_title="MOVESCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", many.port, ae_title="HARMONISE")
+        assert assoc.is_established
+        move = StudyRootQueryRetrieveInformationModelMove
+        got = cancelled_after_two(assoc, assoc.send_c_move(many.query, "MOVESCU", move,
+                                                           msg_id=11), 11, move)
+        assoc.release()
+    finally:
+        server.shutdown()
+    final = got[-1]
+    assert final.Status == 0xFE00, [hex(r.Status) for r in got]
+    assert 0 < len(received) < 1000 and final.NumberOfRemainingSuboperations > 0
+    assert many.events("move_cancelled")
 
 
 @pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed")
