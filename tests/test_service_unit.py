@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from dicomnode.config import load_config
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "dicomnode.service"
 
@@ -40,3 +43,29 @@ def test_systemd_analyze_verify(tmp_path):
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "dicomnode.service" not in out.stderr, out.stderr
+
+
+def test_unit_allows_the_gpu_and_nothing_else():
+    text = UNIT.read_text()
+    s = unit_settings()
+    assert "PrivateDevices" not in s  # it would hide /dev/nvidia*
+    assert s["DevicePolicy"] == "closed"
+    allowed = [line.split("=", 1)[1] for line in text.splitlines()
+               if line.startswith("DeviceAllow=")]
+    assert allowed == ["char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps r"]
+
+
+def test_the_units_config_is_the_shipped_one_with_absolute_paths_in_its_state_dir():
+    root = UNIT.parent.parent
+    service, shipped = load_config(UNIT.parent / "node.toml"), load_config(root / "conf"
+                                                                           / "node.toml")
+    assert unit_settings()["StateDirectory"] == "dicomnode"
+    assert service.node.data_dir == Path("/var/lib/dicomnode")
+    assert service.node.models_dir == Path("/var/lib/dicomnode/models")
+    assert "Environment=DICOMNODE_CONFIG=/etc/dicomnode/node.toml" in UNIT.read_text()
+    assert "systemd/node.toml /etc/dicomnode/node.toml" in UNIT.read_text()  # install step
+    paths = {"data_dir": None, "models_dir": None}
+    assert replace(service.node, **paths) == replace(shipped.node, **paths)
+    assert (service.peers, service.routes, service.inference, service.outbox,
+            service.archive) == (shipped.peers, shipped.routes, shipped.inference,
+                                 shipped.outbox, shipped.archive)
