@@ -15,6 +15,7 @@ recognises as already sent, so the only effect is one more retention period.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,32 +49,40 @@ def _prune_dirs(start: Path, stop: Path) -> None:
         d = d.parent
 
 
+def drop_series(config: Config, index: Index, uid: str, states: Sequence[str]) -> int | None:
+    """Delete a series' index rows (one transaction that re-checks it is still in one of
+    ``states``), then its files; the number of instances, or None if it was kept (a new
+    instance re-opened it meanwhile)."""
+    data_dir = config.node.data_dir
+    with index.transaction() as db:
+        state = db.execute("SELECT state FROM series WHERE series_uid = ?", (uid,)).fetchone()
+        if state is None or state["state"] not in states:
+            return None
+        paths = [data_dir / r["path"] for r in db.execute(
+            "SELECT path FROM instances WHERE series_uid = ?", (uid,))]
+        db.execute("DELETE FROM instances WHERE series_uid = ?", (uid,))
+        db.execute("DELETE FROM jobs WHERE series_uid = ? AND state IN ('done', 'failed',"
+                   " 'cancelled')", (uid,))
+        db.execute("DELETE FROM series WHERE series_uid = ?", (uid,))
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if paths:
+        _prune_dirs(paths[0].parent, data_dir)
+    return len(paths)
+
+
 def purge_originals(config: Config, index: Index, now: float | None = None) -> dict[str, int]:
     """Delete originals older than the retention; returns series and instance counts."""
     now = time.time() if now is None else now
-    data_dir = config.node.data_dir
     series = instances = 0
     for s in expired_originals(index, config.archive.original_retention_days, now):
-        uid = s["series_uid"]
-        with index.transaction() as db:
-            state = db.execute("SELECT state FROM series WHERE series_uid = ?",
-                               (uid,)).fetchone()
-            if state is None or state["state"] not in PURGEABLE:
-                continue  # re-opened by a new instance meanwhile: keep it
-            paths = [data_dir / r["path"] for r in db.execute(
-                "SELECT path FROM instances WHERE series_uid = ?", (uid,))]
-            db.execute("DELETE FROM instances WHERE series_uid = ?", (uid,))
-            db.execute("DELETE FROM jobs WHERE series_uid = ? AND state IN ('done', 'failed',"
-                       " 'cancelled')", (uid,))
-            db.execute("DELETE FROM series WHERE series_uid = ?", (uid,))
-        for path in paths:
-            path.unlink(missing_ok=True)
-        if paths:
-            _prune_dirs(paths[0].parent, data_dir)
+        dropped = drop_series(config, index, s["series_uid"], PURGEABLE)
+        if dropped is None:
+            continue  # re-opened by a new instance meanwhile: keep it
         series += 1
-        instances += len(paths)
-        log.info("original_purged", series_uid=uid, study_uid=s["study_uid"],
-                 instances=len(paths), state=s["state"],
+        instances += dropped
+        log.info("original_purged", series_uid=s["series_uid"], study_uid=s["study_uid"],
+                 instances=dropped, state=s["state"],
                  age_days=round((now - s["last_received"]) / 86400, 3))
     if series:
         log.info("archive_purge_done", series=series, instances=instances)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode import index as ix
+from dicomnode.archive import drop_series
 from dicomnode.config import Config
 from dicomnode.index import Index, Job
 from dicomnode.log import get_logger
@@ -67,6 +68,8 @@ class Worker:
             self.index.finish_job(job, ok=True)
             log.info("series_unmatched", series_uid=job.series_uid, action=state,
                      reason=outcome.reason)
+            if state == ix.IGNORED:
+                self._drop(job.series_uid)
             return
         if outcome.status != "harmonised":
             self.index.set_series_state(job.series_uid, ix.FAILED, only_if=[ix.PROCESSING],
@@ -94,6 +97,14 @@ class Worker:
                  route=outcome.route, model=outcome.model.name,
                  weights_sha256=outcome.model.sha256, instances=len(outcome.outputs),
                  sends_queued=queued, reopened_while_processing=reopened)
+
+    def _drop(self, series_uid: str) -> None:
+        """``unmatched = "ignore"``: the originals are not kept (files and index rows)."""
+        study_uid = self.index.series(series_uid)["study_uid"]
+        dropped = drop_series(self.config, self.index, series_uid, [ix.IGNORED])
+        if dropped is not None:
+            log.info("series_dropped", series_uid=series_uid, study_uid=study_uid,
+                     instances=dropped)
 
     def _archive(self, files: Sequence[Path]) -> str:
         """Store staged instances of one derived series durably in the archive; its UID."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydicom import dcmread
 from dicomnode import worker as worker_module
 from dicomnode.config import load_config
 from dicomnode.index import Index
+from dicomnode.log import configure
 from dicomnode.receive import parse_header, receive_instance
 from dicomnode.worker import Worker
 from tests.dicom_factory import write_series
@@ -184,4 +186,36 @@ def test_late_instances_while_queued_or_processing_harmonise_and_send_the_whole_
     sends = index.db.execute("SELECT sop_instance_uid FROM outbox").fetchall()
     assert len(sends) == 6
     assert [r["state"] for r in index.jobs()] == ["cancelled", "done", "done"]
+    index.close()
+
+
+def test_unmatched_ignore_deletes_the_originals_once_complete(setup, capsys):
+    tmp_path, _, config_path = setup
+    config_path.write_text(config_path.read_text().replace(
+        "[node]\n", '[node]\nunmatched = "ignore"\n'))
+    config = load_config(config_path)
+    configure("info")
+    kept = write_series(tmp_path / "sharp", slices=3, size=32, kernel="B70f", seed=8)
+    dropped = write_series(tmp_path / "smooth", slices=3, size=32, kernel="B30f", seed=9)
+    index = Index(config.index_path)
+    for path in kept + dropped:
+        data = path.read_bytes()
+        receive_instance(data, parse_header(data), index=index,
+                         data_dir=config.node.data_dir, root=config.spool_dir,
+                         reserve_bytes=0, duplicate_policy="replace")
+    index.complete_quiet_series(0.0)
+    worker = Worker(config, index)
+    while worker.step():
+        pass
+    uid = str(dcmread(dropped[0]).SeriesInstanceUID)
+    assert index.series(uid) is None
+    assert not index.db.execute("SELECT 1 FROM instances WHERE series_uid = ?",
+                                (uid,)).fetchall()
+    spool = {p.name for p in config.spool_dir.rglob("*.dcm")}
+    assert spool == {f"{dcmread(p).SOPInstanceUID}.dcm" for p in kept}  # matched: kept
+    assert index.series(str(dcmread(kept[0]).SeriesInstanceUID))["state"] == "harmonised"
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    [event] = [e for e in events if e["event"] == "series_dropped"]
+    assert (event["series_uid"], event["instances"]) == (uid, 3)
+    assert event["study_uid"] == str(dcmread(dropped[0]).StudyInstanceUID)
     index.close()
