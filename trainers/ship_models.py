@@ -11,13 +11,16 @@ target training subjects differ too, so no anatomy is shared between the two sid
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainers import simulation
 from trainers.simulation import simulate_series
 
 SIZE, SLICES = 128, 16
@@ -40,7 +43,7 @@ MODELS = {
         "CT", "siemens-b70f", "siemens-b30f", "paired", tuple(range(6)), tuple(range(6)),
         ("--architecture", "plain", "--param", "features=32", "--param", "blocks=8",
          "--patch", "48", "--batch", "8", "--steps", "1200", "--lr", "1e-3", "--ssim", "0.5",
-         "--val-every", "100", "--minutes", "25")),
+         "--val-every", "100", "--minutes", "45")),
     "ct-vendor-ge-to-siemens": Spec(
         "CT", "ge-standard", "siemens-b30f", "unpaired", tuple(range(6)), tuple(range(10, 16)),
         ("--architecture", "plain", "--param", "features=24", "--param", "blocks=6",
@@ -51,15 +54,30 @@ MODELS = {
     "mr-t1w-ge15-to-siemens3": Spec(
         "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "unpaired", tuple(range(6)),
         tuple(range(10, 16)),
-        ("--architecture", "unet", "--param", "features=12", "--param", "levels=3",
-         "--patch", "64", "--batch", "4", "--steps", "800", "--identity", "1",
-         "--cycle", "10", "--gram", "1", "--disc-features", "16", "--disc-layers", "3",
-         "--val-every", "100", "--minutes", "35")),
+        ("--architecture", "unet", "--param", "features=16", "--param", "levels=3",
+         "--patch", "64", "--batch", "4", "--steps", "4000", "--identity", "1",
+         "--cycle", "10", "--gram", "10", "--disc-features", "16", "--disc-layers", "3",
+         "--val-every", "100", "--minutes", "55")),
 }
 
 
+def _simulator_digest() -> str:
+    """sha256 of the simulator's source: series simulated by other code are not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(simulation.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def simulate(spec: Spec, root: Path) -> dict[str, Path]:
-    """Train and test folders for both domains (skips series already simulated)."""
+    """Train and test folders for both domains (skips series already simulated by this
+    version of the simulator; simulates everything again when the simulator changed)."""
+    stamp, digest = root / "simulator.sha256", _simulator_digest()
+    if not stamp.is_file() or stamp.read_text().strip() != digest:
+        for key in ("train-source", "train-target", "test-source", "test-target"):
+            shutil.rmtree(root / key, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest + "\n")
     plan = {"train-source": (spec.source, spec.source_subjects),
             "train-target": (spec.target, spec.target_subjects),
             "test-source": (spec.source, TEST_SUBJECTS),
@@ -69,9 +87,12 @@ def simulate(spec: Spec, root: Path) -> dict[str, Path]:
         folders[key] = root / key
         for subject in subjects:
             out = folders[key] / f"{domain}-{subject:03d}"
-            if not out.is_dir():
-                simulate_series(spec.modality, domain, out, subject=subject, slices=SLICES,
+            if not out.is_dir():   # written aside and renamed: an interrupted run leaves none
+                partial = out.with_name(out.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                simulate_series(spec.modality, domain, partial, subject=subject, slices=SLICES,
                                 size=SIZE, progress=False)
+                partial.rename(out)
     return folders
 
 
@@ -99,6 +120,42 @@ def build(name: str, work: Path, models_dir: Path, train: bool = True) -> dict:
     return json.loads(out)
 
 
+def _cell(metrics: dict, key: str, digits: int) -> str:
+    """``before -> after (histogram matching)`` for one metric of an evaluation."""
+    def get(d: dict) -> tuple[float, float]:
+        value = d[key]
+        if key == "radiomics_ccc":
+            return d["radiomics_ccc_before"]["texture_mean"], value["texture_mean"]
+        if key == "domain_accuracy":
+            return d["domain_accuracy_before"], value
+        return value["before"], value["after"]
+
+    before, after = get(metrics)
+    baseline = metrics["baseline"]
+    base = baseline[key]["texture_mean"] if key == "radiomics_ccc" else (
+        baseline[key] if key == "domain_accuracy" else baseline[key]["after"])
+    return f"{before:.{digits}f} → **{after:.{digits}f}** ({base:.{digits}f})"
+
+
+def table(models_dir: Path) -> str:
+    """The README's table of the shipped models, from their evaluation reports."""
+    rows = ["| model | training | SSIM | PSNR (dB) | texture radiomics CCC | domain accuracy"
+            " | weights | CPU training |", "|---|---|---|---|---|---|---|---|"]
+    for name, spec in MODELS.items():
+        folder = models_dir / name
+        info = json.loads((folder / "model.json").read_text())
+        metrics = json.loads((folder / "report" / "evaluation" / "metrics.json").read_text())
+        size = (folder / info["weights"]).stat().st_size / 1e6
+        training = info["training"]
+        rows.append(
+            f"| `{name}` | {spec.mode}, {info['architecture']}, {spec.source} → {spec.target}"
+            f" | {_cell(metrics, 'ssim', 3)} | {_cell(metrics, 'psnr', 1)}"
+            f" | {_cell(metrics, 'radiomics_ccc', 3)} | {_cell(metrics, 'domain_accuracy', 2)}"
+            f" | {training['parameters'] / 1e3:.0f}k params, {size:.2f} MB"
+            f" | {training['steps']} steps, {training['seconds'] / 60:.0f} min |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=sorted(MODELS), action="append",
@@ -108,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", type=Path, default=Path("models"))
     p.add_argument("--evaluate-only", action="store_true",
                    help="skip training; evaluate the model folders already there")
+    p.add_argument("--table", action="store_true",
+                   help="only print the README's markdown table of the shipped models")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(args.models_dir))
+        return 0
     results = {}
     for name in args.only or list(MODELS):
         results[name] = build(name, args.work, args.models_dir, not args.evaluate_only)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipelines.inference import InferenceSettings, run_generator
-from pipelines.intensity import Normalisation, denormalise, normalise
+from pipelines.intensity import Normalisation, denormalise, keep_source, normalise
 from pipelines.model_folder import save_model_folder
 from pipelines.networks import build_generator, count_parameters
 from trainers import report
@@ -90,7 +90,8 @@ def harmonise_array(generator: nn.Module, volume: np.ndarray, norm: Normalisatio
     """Real values in, real values out, exactly as the node's runtime does it."""
     normalised, anchors = normalise(volume, norm)
     settings = InferenceSettings(device=device.type, batch_size=4, bf16=False)
-    return denormalise(run_generator(generator, normalised, dims, settings), anchors)
+    output = denormalise(run_generator(generator, normalised, dims, settings), anchors)
+    return keep_source(volume, output, anchors, norm)
 
 
 def _report_slices(depth: int) -> list[int]:
