@@ -61,21 +61,23 @@ def check_listen(host: str, port: int) -> None:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def reconcile_spool(index: Index, data_dir: Path, root: Path) -> dict[str, int]:
-    """Bring the spool and the index back in step after a crash.
+def reconcile(index: Index, config: Config) -> dict[str, int]:
+    """Bring the spool, the archive and the index back in step after a crash.
 
-    A temporary file was never acknowledged: remove it. A complete file that is not
-    indexed was renamed into place just before the crash, also unacknowledged, but its
-    bytes are whole, so index it rather than throw it away (the peer will resend it and
-    the duplicate policy makes that harmless).
+    A temporary file in the spool was never acknowledged, one in the archive was never
+    indexed (its job is rerun and writes it again): remove both. A complete spool file
+    that is not indexed was renamed into place just before the crash, also
+    unacknowledged, but its bytes are whole, so index it rather than throw it away (the
+    peer will resend it and the duplicate policy makes that harmless).
     """
+    data_dir, spool = config.node.data_dir, config.spool_dir
     removed = adopted = 0
-    for tmp in leftover_temp_files(root):
+    for tmp in [*leftover_temp_files(spool), *leftover_temp_files(config.archive_dir)]:
         tmp.unlink(missing_ok=True)
         removed += 1
-    if root.exists():
+    if spool.exists():
         known = index.known_paths()
-        for path in root.rglob("*.dcm"):
+        for path in spool.rglob("*.dcm"):
             rel = str(path.relative_to(data_dir))
             if rel in known:
                 continue
@@ -107,7 +109,7 @@ class Node:
         cfg = self.config
         check_listen(cfg.node.host, cfg.node.port)
         recovered = self.index.recover(cfg.node.max_job_attempts)
-        reconciled = reconcile_spool(self.index, cfg.node.data_dir, cfg.spool_dir)
+        reconciled = reconcile(self.index, cfg)
         log.info("node_recovered", **recovered, **reconciled)
         self.scheduler.add_job(self.sweep, "interval", seconds=cfg.node.sweep_interval,
                                id="series-completion", max_instances=1, coalesce=True)
