@@ -1,0 +1,76 @@
+"""The shipped config and models work together out of the box.
+
+Every route of ``conf/node.toml`` names a model folder that loads (sha256 verified), stays
+within the size limit and carries its training and evaluation reports; a simulated series
+of the model's source scanner is routed there by the shipped rules and comes out as valid
+DICOM that agrees better with the same anatomy seen by the target scanner.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicomnode.config import load_config
+from pipelines.harmonise import ModelCache, harmonise_series
+from pipelines.inference import InferenceSettings
+from pipelines.model_folder import load_model_folder
+from pipelines.series import load_series
+from trainers.data import body_mask
+from trainers.metrics import metric_units, rmse
+from trainers.simulation import simulate_series
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = load_config(ROOT / "conf" / "node.toml")
+ROUTES = {route.name: route for route in CONFIG.routes}
+MAX_BYTES = 10 * 1024 * 1024
+SUBJECT = 123  # a subject none of the shipped models trained or was evaluated on
+
+
+def _folder(route: str) -> Path:
+    return CONFIG.node.models_dir / ROUTES[route].model
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_route_model_loads_within_size_and_has_reports(route):
+    folder = _folder(route)
+    loaded = load_model_folder(folder)
+    assert sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) <= MAX_BYTES
+    training = json.loads((folder / "report" / "metrics.json").read_text())
+    assert training["steps"] > 0
+    evaluation = json.loads((folder / "report" / "evaluation" / "metrics.json").read_text())
+    assert evaluation["weights_sha256"] == loaded.info.weights_sha256
+    assert evaluation["model"] == loaded.info.name == ROUTES[route].model
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route, tmp_path):
+    info = load_model_folder(_folder(route)).info
+    modality = info.source["Modality"]
+    source = simulate_series(modality, info.source["name"], tmp_path / "source",
+                             subject=SUBJECT, slices=4, size=128, progress=False)
+    target = simulate_series(modality, info.target["name"], tmp_path / "target",
+                             subject=SUBJECT, slices=4, size=128, progress=False)
+    outcome = harmonise_series(source, routes=CONFIG.routes, models_dir=CONFIG.node.models_dir,
+                               out_dir=tmp_path / "out", cache=ModelCache(),
+                               options=InferenceSettings(device="cpu", bf16=False))
+    assert (outcome.status, outcome.route) == ("harmonised", route), outcome.reason
+    assert len(outcome.outputs) == 4
+
+    if shutil.which("dciodvfy"):
+        result = subprocess.run(["dciodvfy", str(outcome.outputs[0])], capture_output=True,
+                                text=True)
+        errors = [line for line in (result.stdout + result.stderr).splitlines()
+                  if line.startswith("Error")]
+        assert errors == []
+
+    before, after, truth = (metric_units(load_series(files).array, modality)
+                            for files in (source, outcome.outputs, target))
+    mask = body_mask(load_series(target).array, modality)
+    assert np.isfinite(after).all()
+    assert rmse(after, truth, mask) < rmse(before, truth, mask)
