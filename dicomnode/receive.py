@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -34,6 +35,8 @@ QUERY_KEYWORDS = (
 # Without these an instance cannot be filed (each is also one of QUERY_KEYWORDS).
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)")
+
+_UID_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 # C-STORE failure statuses a rejection maps to (PS3.4 B.2.3)
 DATASET_MISMATCH = 0xA900
@@ -133,28 +136,43 @@ def parse_header(data: bytes, transfer_syntax: str | None = None,
         instance_number=number, attrs=attrs)
 
 
+def _uid_lock(sop_instance_uid: str) -> threading.Lock:
+    """Stores of one SOP Instance UID run one at a time: two associations may send it at
+    once, and each must read, write, index and clean up against a settled index row."""
+    return _UID_LOCKS[hash(sop_instance_uid) % len(_UID_LOCKS)]
+
+
 def receive_instance(data: bytes, record: InstanceRecord, *, index: Index, data_dir: Path,
                      root: Path, reserve_bytes: int, duplicate_policy: str,
                      kind: str = "original") -> ReceiveOutcome:
-    """Store and index one instance under ``root``; returns only once both are durable."""
+    """Store and index one instance under ``root``; returns only once both are durable.
+
+    The index always describes a whole file on disk: a replacement is written under a
+    name the indexed copy does not have, indexed, and only then is the old copy removed.
+    A crash in between leaves an unindexed file whose UID is indexed, which start-up
+    reconciliation removes (see :func:`dicomnode.service.reconcile`).
+    """
+    uid = record.sop_instance_uid
     try:
-        path = instance_path(root, record.study_uid, record.series_uid, record.sop_instance_uid)
+        path = instance_path(root, record.study_uid, record.series_uid, uid)
     except ValueError as exc:
         raise RejectedInstance(str(exc)) from None
-    existing = index.instance(record.sop_instance_uid)
-    old: Path | None = None
-    if existing is not None:
-        if existing["sha256"] == hashlib.sha256(data).hexdigest():
-            return ReceiveOutcome(record, data_dir / existing["path"], len(data), "duplicate")
-        if duplicate_policy == "keep-first":
-            return ReceiveOutcome(record, data_dir / existing["path"], len(data), "kept-first")
-        if existing["path"] != str(path.relative_to(data_dir)):
-            old = data_dir / existing["path"]
-    check_free_space(root, len(data), reserve_bytes)
-    stored = store_bytes(path, data)
-    reopened = index.add_instance(record, str(path.relative_to(data_dir)), stored.size,
-                                  stored.sha256, kind=kind)
-    if old is not None:
-        old.unlink(missing_ok=True)  # the instance moved series: no stale second copy
+    sha256 = hashlib.sha256(data).hexdigest()
+    with _uid_lock(uid):
+        existing = index.instance(uid)
+        old = existing["path"] if existing is not None else None
+        if existing is not None:
+            if existing["sha256"] == sha256:
+                return ReceiveOutcome(record, data_dir / old, len(data), "duplicate")
+            if duplicate_policy == "keep-first":
+                return ReceiveOutcome(record, data_dir / old, len(data), "kept-first")
+            if old == str(path.relative_to(data_dir)):
+                path = path.with_name(f"{uid}-{sha256[:16]}.dcm")
+        check_free_space(root, len(data), reserve_bytes)
+        stored = store_bytes(path, data)
+        rel = str(path.relative_to(data_dir))
+        reopened = index.add_instance(record, rel, stored.size, stored.sha256, kind=kind)
+        if old is not None and old != rel:
+            (data_dir / old).unlink(missing_ok=True)  # replaced: no stale second copy
     return ReceiveOutcome(record, path, stored.size,
                           "replaced" if existing is not None else "stored", reopened)

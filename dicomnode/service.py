@@ -65,19 +65,22 @@ def reconcile(index: Index, config: Config) -> dict[str, int]:
     """Bring the spool, the archive and the index back in step after a crash.
 
     A temporary file in the spool was never acknowledged, one in the archive was never
-    indexed (its job is rerun and writes it again): remove both. A complete spool file
-    that is not indexed was renamed into place just before the crash, also
-    unacknowledged, but its bytes are whole, so index it rather than throw it away (the
-    peer will resend it and the duplicate policy makes that harmless).
+    indexed (its job is rerun and writes it again): remove both. An unindexed whole file
+    whose SOP Instance UID is indexed under another name is a replacement that was never
+    indexed (so never acknowledged) or the copy a committed replacement superseded: the
+    index is right, remove it. A whole spool file whose UID is not indexed at all was
+    renamed into place just before the crash, also unacknowledged, but its bytes are
+    whole, so index it rather than throw it away (the peer will resend it and the
+    duplicate policy makes that harmless).
     """
     data_dir, spool = config.node.data_dir, config.spool_dir
-    removed = adopted = 0
+    removed = superseded = adopted = 0
     for tmp in [*leftover_temp_files(spool), *leftover_temp_files(config.archive_dir)]:
         tmp.unlink(missing_ok=True)
         removed += 1
-    if spool.exists():
-        known = index.known_paths()
-        for path in spool.rglob("*.dcm"):
+    known = index.known_paths()
+    for root in (spool, config.archive_dir):
+        for path in (root.rglob("*.dcm") if root.exists() else ()):
             rel = str(path.relative_to(data_dir))
             if rel in known:
                 continue
@@ -87,9 +90,14 @@ def reconcile(index: Index, config: Config) -> dict[str, int]:
             except RejectedInstance as exc:
                 log.warning("spool_file_unreadable", path=rel, reason=str(exc))
                 continue
-            index.add_instance(record, rel, len(data), hashlib.sha256(data).hexdigest())
-            adopted += 1
-    return {"temp_removed": removed, "files_adopted": adopted}
+            if index.instance(record.sop_instance_uid) is not None:
+                path.unlink()
+                superseded += 1
+            elif root == spool:
+                index.add_instance(record, rel, len(data), hashlib.sha256(data).hexdigest())
+                adopted += 1
+    return {"temp_removed": removed, "superseded_removed": superseded,
+            "files_adopted": adopted}
 
 
 class Node:

@@ -105,7 +105,9 @@ def test_job_interrupted_by_crash_reruns_without_duplicates(setup):
     assert index.complete_quiet_series(0.0)
     worker = Worker(config, index)
     assert worker.step()  # first run completes and archives
-    first = sorted(p.name for p in config.archive_dir.rglob("*.dcm"))
+    def archived() -> list[str]:
+        return sorted(str(dcmread(p).SOPInstanceUID) for p in config.archive_dir.rglob("*.dcm"))
+    first = archived()
     # A crash mid-job: the job was claimed (running) when the node died.
     uid = str(dcmread(files[0]).SeriesInstanceUID)
     with index.transaction() as db:
@@ -114,7 +116,7 @@ def test_job_interrupted_by_crash_reruns_without_duplicates(setup):
     assert index.recover(config.node.max_job_attempts)["jobs_requeued"] == 1
     assert worker.step()
     assert not worker.step()  # nothing left
-    again = sorted(p.name for p in config.archive_dir.rglob("*.dcm"))
+    again = archived()
     assert again == first and len(first) == 4
     derived = [r for r in index.all_series(kind="derived")]
     assert len(derived) == 1 and derived[0]["instances"] == 4

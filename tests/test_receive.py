@@ -1,0 +1,100 @@
+"""Receiving one instance without a network: the index always describes the file on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicomnode.config import load_config
+from dicomnode.index import Index
+from dicomnode.receive import parse_header, receive_instance
+from dicomnode.service import reconcile
+from tests.dicom_factory import write_series
+from tests.nodeutil import free_port, write_config
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    config = load_config(write_config(tmp_path / "node.toml", free_port(), tmp_path / "var"))
+    index = Index(config.index_path)
+    [path] = write_series(tmp_path / "in", slices=1, size=16)
+    ds = dcmread(path)
+    variants = []
+    for value in range(41):  # the same SOP Instance UID with other bytes
+        ds.PixelData = bytes([value]) * len(ds.PixelData)
+        ds.save_as(tmp_path / "v.dcm", enforce_file_format=True)
+        variants.append((tmp_path / "v.dcm").read_bytes())
+    yield config, index, variants
+    index.close()
+
+
+def store(config, index, data: bytes):
+    return receive_instance(data, parse_header(data), index=index,
+                            data_dir=config.node.data_dir, root=config.spool_dir,
+                            reserve_bytes=0, duplicate_policy="replace")
+
+
+def consistent(config, index) -> bytes:
+    """The one file of the instance on disk, checked against its index row."""
+    [row] = index.db.execute("SELECT * FROM instances").fetchall()
+    [on_disk] = config.spool_dir.rglob("*.dcm")
+    assert str(on_disk.relative_to(config.node.data_dir)) == row["path"]
+    data = on_disk.read_bytes()
+    assert (hashlib.sha256(data).hexdigest(), len(data)) == (row["sha256"], row["size"])
+    return data
+
+
+def test_concurrent_replacements_of_one_uid_leave_index_and_file_in_step(node):
+    config, index, variants = node
+    store(config, index, variants[0])
+    errors: list[Exception] = []
+
+    def send(start: threading.Barrier, data: bytes) -> None:
+        start.wait()
+        try:
+            store(config, index, data)  # each thread: its own connection
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            index.close()
+
+    for n in range(1, 41, 2):  # two new contents at once, both replacing the stored one
+        start = threading.Barrier(2)
+        threads = [threading.Thread(target=send, args=(start, v)) for v in variants[n:n + 2]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors
+        assert consistent(config, index) in variants[n:n + 2]
+
+
+def test_a_crash_between_writing_a_replacement_and_indexing_it(node, monkeypatch):
+    config, index, (first, second, *_) = node
+    store(config, index, first)
+
+    def crash(*args, **kw):
+        raise SystemExit("killed")  # the process dies before the commit
+    with monkeypatch.context() as m:
+        m.setattr(index, "add_instance", crash)
+        with pytest.raises(SystemExit):
+            store(config, index, second)
+    assert len(list(config.spool_dir.rglob("*.dcm"))) == 2  # the index still has the first
+    assert reconcile(index, config)["superseded_removed"] == 1
+    assert consistent(config, index) == first  # never acknowledged: the peer resends it
+    assert store(config, index, second).action == "replaced"
+    assert consistent(config, index) == second
+
+
+def test_a_crash_after_indexing_a_replacement_before_removing_the_old_copy(node):
+    config, index, (first, second, *_) = node
+    old = store(config, index, first).path
+    store(config, index, second)
+    old.write_bytes(first)  # as if the process died before unlinking it
+    assert reconcile(index, config) == {"temp_removed": 0, "superseded_removed": 1,
+                                        "files_adopted": 0}
+    assert consistent(config, index) == second
