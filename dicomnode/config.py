@@ -34,6 +34,7 @@ class NodeSettings:
     series_timeout: float = 10.0
     models_dir: Path = Path("models")
     accept_any_loopback: bool = True
+    require_called_aet: bool = True  # reject associations addressed to another AE title
     max_associations: int = 10
     max_pdu_size: int = 1_048_576  # 0 = unlimited; large PDUs = fewer messages per image
     acse_timeout: float = 30.0

@@ -124,15 +124,22 @@ def handle_conn_open(event: evt.Event, ctx: ScpContext) -> None:
 
 
 def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
-    """Reject associations from unknown peers: A-ASSOCIATE-RJ, permanent, calling AE."""
+    """Reject associations meant for another AE title or from unknown peers: A-ASSOCIATE-RJ,
+    rejected-permanent, service user, reason called / calling AE title not recognised."""
     assoc = event.assoc
     calling = assoc.requestor.primitive.calling_ae_title.strip()
+    called = assoc.requestor.primitive.called_ae_title.strip()
     host = assoc.requestor.address
-    reason = peer_allowed(ctx.config, calling, host)
+    node = ctx.config.node
+    if node.require_called_aet and called != node.ae_title:
+        reason, code = f"called AE title '{called}' is not ours ('{node.ae_title}')", 0x07
+    else:
+        reason, code = peer_allowed(ctx.config, calling, host), 0x03
     if reason is None:
         return
-    log.warning("association_rejected", calling_ae=calling, host=host, reason=reason)
-    assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE
+    log.warning("association_rejected", calling_ae=calling, called_ae=called, host=host,
+                reason=reason)
+    assoc.acse.send_reject(0x01, 0x01, code)
     assoc.is_rejected = True
     assoc.kill()
 

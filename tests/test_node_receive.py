@@ -223,6 +223,27 @@ def test_unknown_calling_ae_rejected_known_peer_accepted(tmp_path):
     assert len(rejected) == 1 and rejected[0]["calling_ae"] == "INTRUDER"
 
 
+def test_wrong_called_ae_title_rejected_unless_configured_off(node, tmp_path):
+    def echo(port: int, called: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([dcmtk("echoscu"), "-aec", called, "127.0.0.1", str(port)],
+                              capture_output=True, text=True, timeout=30, env=dcmtk_env())
+    wrong = echo(node.port, "SOMEBODY_ELSE")
+    assert wrong.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong.stderr, wrong.stderr
+    [rejected] = node.events("association_rejected")
+    assert rejected["called_ae"] == "SOMEBODY_ELSE" and "not ours" in rejected["reason"]
+    assert echo(node.port, "HARMONISE").returncode == 0
+    port = free_port()
+    config = write_config(tmp_path / "lax.toml", port, tmp_path / "lax",
+                          extra_node="require_called_aet = false")
+    lax = NodeProcess(config, tmp_path / "lax.log").start()
+    try:
+        anything = echo(port, "SOMEBODY_ELSE")
+    finally:
+        assert lax.stop() == 0
+    assert anything.returncode == 0, anything.stderr
+
+
 def acknowledged(storescu_output: str) -> list[Path]:
     """Files a verbose storescu run got Success for, from its "Sending file" / "Received
     Store Response (Success)" line pairs."""
