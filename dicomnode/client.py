@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterable
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -38,6 +39,19 @@ def client_ae(config: Config) -> AE:
     ae.network_timeout = node.network_timeout
     ae.connection_timeout = min(node.acse_timeout, 30.0)
     return ae
+
+
+def association_problem(config: Config, peer: Peer, contexts: list[Any]) -> str | None:
+    """Why an association with ``peer`` proposing ``contexts`` cannot be made, or None
+    (it was opened and released again)."""
+    assoc = client_ae(config).associate(peer.host, peer.port, contexts=contexts,
+                                        ae_title=peer.ae_title,
+                                        evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+    if assoc.is_established:
+        assoc.release()
+        return None
+    return (f"association with {peer.ae_title} at {peer.host}:{peer.port}"
+            f" {'rejected' if assoc.is_rejected else 'failed'}")
 
 
 def held_by_peer(config: Config, peer: Peer, instances: Iterable[tuple[str, str, str]]

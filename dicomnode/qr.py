@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pynetdicom import evt
 from pynetdicom import sop_class as sc
 
-from dicomnode.client import nodelay
+from dicomnode.client import association_problem, nodelay
 from dicomnode.index import Index
 from dicomnode.log import get_logger
 from dicomnode.outbox import describe_failure, fit_to_association, store_contexts
@@ -172,6 +172,10 @@ def _load(ctx: ScpContext, row: Any, accepted: Any, role: str) -> Any:
         return f"unavailable: {reason}"  # pynetdicom counts a non-dataset as a failed sub-op
 
 
+class MoveDestinationUnreachable(ConnectionError):
+    """A configured C-MOVE destination could not be associated with."""
+
+
 def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
     dest = str(event.move_destination or "").strip()
     peer = ctx.config.peer(dest)
@@ -194,10 +198,18 @@ def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
     def accepted(ev: evt.Event) -> None:
         store["assoc"] = ev.assoc
 
+    contexts = store_contexts((r["sop_class_uid"], r["transfer_syntax"]) for r in rows)
+    problem = association_problem(ctx.config, peer, contexts) if rows else None
+    if problem is not None:
+        # pynetdicom would answer 0xA801 (Move Destination Unknown) for a known peer that
+        # is down; failing before the first yield answers 0xC514 (Unable to process)
+        log.error("move_destination_unreachable", calling_ae=_calling(event),
+                  destination=dest, host=peer.host, port=peer.port, instances=len(rows),
+                  reason=problem)
+        raise MoveDestinationUnreachable(problem)
     node = ctx.config.node
     yield peer.host, peer.port, {
-        "contexts": store_contexts((r["sop_class_uid"], r["transfer_syntax"]) for r in rows)
-        or None,
+        "contexts": contexts or None,
         "evt_handlers": [(evt.EVT_ACCEPTED, accepted), (evt.EVT_CONN_OPEN, nodelay)],
         "max_pdu": node.max_pdu_size}
     log.info("move", calling_ae=_calling(event), destination=dest, level=query.level,

@@ -43,7 +43,8 @@ def qr(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qr")
     port, move_port, orthanc_port = free_port(), free_port(), free_port()
     peers = (f'[[peers]]\nae_title = "MOVESCU"\nhost = "127.0.0.1"\nport = {move_port}\n'
-             f'[[peers]]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc_port}\n')
+             f'[[peers]]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc_port}\n'
+             f'[[peers]]\nae_title = "DOWN"\nhost = "127.0.0.1"\nport = {free_port()}\n')
     config = write_config(tmp / "node.toml", port, tmp / "var", extra=peers,
                           series_timeout=0.5)
     a = write_series(tmp / "a", slices=4, size=16, seed=1)
@@ -192,6 +193,15 @@ def test_movescu_series_pending_counts_and_unknown_destination(qr, tmp_path):
     text = bad.stdout + bad.stderr
     assert "0xa801" in text.lower() or "Move Destination Unknown" in text, text
     assert qr.events("move_destination_unknown")
+
+    # a configured destination that is down is not "unknown": a failure, and a log event
+    down = subprocess.run([*base, "-aem", "DOWN", "127.0.0.1", str(qr.port)],
+                          capture_output=True, text=True, timeout=60, env=dcmtk_env())
+    text = down.stdout + down.stderr
+    assert "0xc514" in text.lower() and "0xa801" not in text.lower(), text
+    [event] = qr.events("move_destination_unreachable")
+    assert event["destination"] == "DOWN" and event["instances"] == 4
+    assert "association with DOWN" in event["reason"]
 
 
 def test_getscu_study(qr, tmp_path):
