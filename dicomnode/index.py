@@ -116,6 +116,8 @@ class Job:
     series_uid: str
     kind: str
     attempts: int
+    created: float          # when it was queued: the processing time its output records,
+                            # so a re-run after a crash writes the same bytes
 
 
 class Index:
@@ -297,7 +299,7 @@ class Index:
                 return None
             db.execute("UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ?",
                        (PROCESSING, now, row["series_uid"]))
-        return Job(row["id"], row["series_uid"], row["kind"], row["attempts"])
+        return Job(row["id"], row["series_uid"], row["kind"], row["attempts"], row["created"])
 
     def finish_job(self, job: Job, ok: bool, error: str | None = None) -> None:
         with self.transaction() as db:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dicomnode import index as ix
@@ -21,7 +22,7 @@ from dicomnode.index import Index, Job
 from dicomnode.log import get_logger
 from dicomnode.outbox import enqueue_series
 from dicomnode.receive import parse_header, receive_instance
-from pipelines.harmonise import harmonise_series
+from pipelines.harmonise import PRECISION_CACHE, harmonise_series
 
 log = get_logger("worker")
 
@@ -60,7 +61,9 @@ class Worker:
                  attempt=job.attempts)
         outcome = harmonise_series(files, routes=cfg.routes, models_dir=cfg.node.models_dir,
                                    out_dir=staging, options=cfg.inference,
-                                   sr=cfg.node.write_sr)
+                                   sr=cfg.node.write_sr,
+                                   precision_cache=cfg.node.data_dir / PRECISION_CACHE,
+                                   when=datetime.fromtimestamp(job.created, UTC))
         if outcome.status == "unmatched":
             state = ix.UNMATCHED if cfg.node.unmatched == "archive" else ix.IGNORED
             self.index.set_series_state(job.series_uid, state, only_if=[ix.PROCESSING],

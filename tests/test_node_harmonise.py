@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -105,8 +106,9 @@ def test_job_interrupted_by_crash_reruns_without_duplicates(setup):
     assert index.complete_quiet_series(0.0)
     worker = Worker(config, index)
     assert worker.step()  # first run completes and archives
-    def archived() -> list[str]:
-        return sorted(str(dcmread(p).SOPInstanceUID) for p in config.archive_dir.rglob("*.dcm"))
+    def archived() -> dict[str, str]:  # SOP Instance UID -> sha256 of the archived file
+        return {str(dcmread(p).SOPInstanceUID): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in config.archive_dir.rglob("*.dcm")}
     first = archived()
     # A crash mid-job: the job was claimed (running) when the node died.
     uid = str(dcmread(files[0]).SeriesInstanceUID)
@@ -117,7 +119,7 @@ def test_job_interrupted_by_crash_reruns_without_duplicates(setup):
     assert worker.step()
     assert not worker.step()  # nothing left
     again = archived()
-    assert again == first and len(first) == 4
+    assert again == first and len(first) == 4  # the same bytes: nothing replaced or resent
     derived = [r for r in index.all_series(kind="derived")]
     assert len(derived) == 1 and derived[0]["instances"] == 4
     assert index.series(uid)["state"] == "harmonised"
