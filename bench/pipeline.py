@@ -7,7 +7,8 @@ inference, writing), with a shipped model's architecture and size (read from its
 headers + routing + model + pixels) and inference's effective GFLOP/s (forward FLOPs
 counted by torch) next to this machine's fp32 and bf16 matmul GFLOP/s, measured in the same
 run. Targets: load + write <= 15% of the total; inference >= 50% of the matmul throughput of
-the precision inference ran in (decided, and timed, before the clock starts).
+the precision inference ran in (decided, and timed, before the clock starts, with the CPU
+tiling, as the node does once per model and machine).
 
     python3 bench/pipeline.py [--slices 200] [--size 512] [--model ct-kernel-sharp-to-smooth]
                               [--batch-size 8] [--no-bf16] [--device auto] [--threads 0]
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.harmonise import ModelCache, harmonise_series  # noqa: E402
 from pipelines.inference import (  # noqa: E402
     InferenceSettings,
-    choose_precision,
+    choose_execution,
     resolve_device,
 )
 from pipelines.model_folder import read_model_info, save_model_folder  # noqa: E402
@@ -97,14 +98,14 @@ def main() -> int:
             target=shipped.target, normalisation=shipped.normalisation.to_spec())
         routes = parse_routes([{"name": "bench", "model": "bench",
                                 "match": {"Modality": "CT", "ConvolutionKernel": "B7*"}}])
-        cache, precisions = ModelCache(), root / "precision.json"
-        # the node's once-per-model precision decision, outside the timed run
-        choose_precision(cache.get(folder).generator, np.zeros((1, args.size, args.size),
-                         np.float32), 2, settings, key=read_model_info(folder).weights_sha256,
-                         cache=precisions)
+        cache, executions = ModelCache(), root / "execution.json"
+        # the node's once-per-model decision (precision, CPU tiles), outside the timed run
+        sample = np.zeros((args.slices, args.size, args.size), np.float32)
+        choose_execution(cache.get(folder).generator, sample, 2, settings,
+                         key=read_model_info(folder).weights_sha256, cache=executions)
         outcome = harmonise_series(files, routes=routes, models_dir=root / "models",
                                    out_dir=root / "out", options=settings, cache=cache,
-                                   precision_cache=precisions)
+                                   execution_cache=executions)
         assert outcome.status == "harmonised", outcome.reason
     seconds = outcome.seconds
     total = sum(seconds.values())
@@ -120,6 +121,7 @@ def main() -> int:
         "model": f"{args.model} architecture: {shipped.architecture} {shipped.params}"
                  " (random weights)",
         "device": device.type, "threads": torch.get_num_threads(), "precision": ran_in,
+        "cpu_tile": outcome.tile,
         "seconds": {k: round(v, 2) for k, v in seconds.items()} | {"total": round(total, 2)},
         "load_write_share": round(io_share, 3),
         "inference_tflop": round(flops / 1e12, 2),

@@ -22,7 +22,7 @@ from dicomnode.index import Index, Job
 from dicomnode.log import get_logger
 from dicomnode.outbox import enqueue_series
 from dicomnode.receive import parse_header, receive_instance
-from pipelines.harmonise import PRECISION_CACHE, harmonise_series
+from pipelines.harmonise import EXECUTION_CACHE, harmonise_series
 
 log = get_logger("worker")
 
@@ -62,7 +62,7 @@ class Worker:
         outcome = harmonise_series(files, routes=cfg.routes, models_dir=cfg.node.models_dir,
                                    out_dir=staging, options=cfg.inference,
                                    sr=cfg.node.write_sr,
-                                   precision_cache=cfg.node.data_dir / PRECISION_CACHE,
+                                   execution_cache=cfg.node.data_dir / EXECUTION_CACHE,
                                    when=datetime.fromtimestamp(job.created, UTC))
         if outcome.status == "unmatched":
             state = ix.UNMATCHED if cfg.node.unmatched == "archive" else ix.IGNORED

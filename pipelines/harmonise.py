@@ -22,7 +22,7 @@ import structlog
 from pipelines import software_version
 from pipelines.derived import Provenance, already_harmonised, write_derived_series
 from pipelines.errors import ModelError
-from pipelines.inference import InferenceSettings, choose_precision, resolve_device, run_generator
+from pipelines.inference import InferenceSettings, choose_execution, resolve_device, run_generator
 from pipelines.intensity import denormalise, keep_source, normalise
 from pipelines.model_folder import LoadedModel, load_model_folder, read_model_info
 from pipelines.routing import Route, RoutingDecision, route_series
@@ -32,9 +32,9 @@ from pipelines.sr import write_algorithm_sr
 log = structlog.get_logger(component="harmonise")
 
 Status = Literal["harmonised", "unmatched", "rejected"]
-# The node keeps choose_precision's decisions in data_dir/PRECISION_CACHE, so the same model on
+# The node keeps choose_execution's decisions in data_dir/EXECUTION_CACHE, so the same model on
 # the same machine always runs, and writes, the same way.
-PRECISION_CACHE = "precision.json"
+EXECUTION_CACHE = "execution.json"
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class SeriesOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     report: Path | None = None  # the algorithm SR, when asked for
     precision: str | None = None  # fp32 | bf16 | fp16, as recorded in the derived series
+    tile: int = 0  # the CPU tile edge inference ran with (0: whole slices or as configured)
 
 
 class ModelCache:
@@ -119,7 +120,7 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
                      out_dir: Path, options: InferenceSettings | None = None,
                      route_name: str | None = None, model_name: str | None = None,
                      cache: ModelCache = MODELS, sr: bool = False,
-                     precision_cache: Path | None = None,
+                     execution_cache: Path | None = None,
                      when: datetime | None = None) -> SeriesOutcome:
     """Route, harmonise and write one series (all of ``files`` belong to it).
 
@@ -127,8 +128,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     dicomnode (<model> <version>)", whatever is forced: the node archives it as it is.
     ``route_name`` forces a route, ``model_name`` a model (no routing at all); ``sr`` also
     writes the companion algorithm SR (:func:`~pipelines.sr.write_algorithm_sr`);
-    ``precision_cache`` is the file :func:`~pipelines.inference.choose_precision` keeps its
-    per-model CPU precision decisions in (None: decided by hardware and settings); ``when``
+    ``execution_cache`` is the file :func:`~pipelines.inference.choose_execution` keeps its
+    per-model CPU decisions (precision, tiles) in (None: hardware and settings); ``when``
     is the processing time the derived series records (default now): a re-run given the same
     time writes the same bytes. Raises
     :class:`~pipelines.errors.PipelineError` subclasses for model and runtime failures,
@@ -169,11 +170,11 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     loaded = time.perf_counter()
     normalised, anchors = normalise(volume.array, info.normalisation)
     settings = options or InferenceSettings()
-    precision = choose_precision(model.generator, normalised, info.dims, settings,
-                                 key=info.weights_sha256, cache=precision_cache)
+    execution = choose_execution(model.generator, normalised, info.dims, settings,
+                                 key=info.weights_sha256, cache=execution_cache)
     output = keep_source(volume.array, denormalise(
         run_generator(model.generator, normalised, info.dims, settings,
-                      name=f"model '{info.name}'", precision=precision), anchors),
+                      name=f"model '{info.name}'", execution=execution), anchors),
         anchors, info.normalisation, volume.padding)
     inferred = time.perf_counter()
     provenance = Provenance(
@@ -182,7 +183,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
         parameters={"architecture": info.architecture, "params": info.params,
                     "normalisation": info.normalisation.to_spec(), "anchors": list(anchors),
                     "inference": {"device": resolve_device(settings.device).type,
-                                  "precision": precision}})
+                                  "precision": execution.precision,
+                                  "tile": execution.tile}})
     derived_uid, paths = write_derived_series(volume, output, provenance, out_dir)
     report = write_algorithm_sr(paths, provenance, out_dir) if sr else None
     written = time.perf_counter()
@@ -190,11 +192,12 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
                "write": written - inferred}
     bound.info("series_harmonised", derived_series_uid=derived_uid, model=info.name,
                model_version=info.version, route=route_label, instances=len(paths),
-               precision=precision,
+               execution=str(execution),
                **{f"{k}_s": round(v, 3) for k, v in seconds.items()})
     reason = f"harmonised {len(paths)} images with {info.name} {info.version}"
     if volume.warnings:
         reason += f" ({'; '.join(volume.warnings)})"
     return SeriesOutcome("harmonised", uid, reason, route_label, ref, derived_uid,
-                         tuple(paths), volume.warnings, seconds, report, precision)
+                         tuple(paths), volume.warnings, seconds, report, execution.precision,
+                         execution.tile)
 

@@ -8,11 +8,15 @@ go through per forward pass, which bounds memory. Overlapping tiles are blended 
 whole up to float rounding, except for generators with global pooling (CBAM), whose tiles
 each see their own statistics and can only come close.
 
-Precision is deterministic for a given model on a given machine, because a re-run of a job
-must write the same bytes under the same derived UIDs: CUDA runs under AMP (bf16, or fp16
-where bf16 is missing), a CPU with native bf16 (AVX512-BF16 or AMX) under bf16 autocast,
-anything else (or ``bf16 = false``) in fp32. Given a cache file, :func:`choose_precision`
-instead times bf16 against fp32 once per model and machine on the CPU and keeps the answer.
+How a model runs (its :class:`Execution`: precision, and on the CPU whether 2D slices go
+through whole or in cache-sized tiles) is deterministic for a given model on a given machine,
+because a re-run of a job must write the same bytes under the same derived UIDs. Without a
+cache file: CUDA runs under AMP (bf16, or fp16 where bf16 is missing), a CPU with native bf16
+(AVX512-BF16 or AMX) under bf16 autocast, anything else (or ``bf16 = false``) in fp32, slices
+whole. Given a cache file, :func:`choose_execution` times the candidates once per model,
+machine and slice size on the CPU and keeps the fastest: a 512 x 512 slice through a 32
+channel CNN makes every layer's activations tens of MB, far beyond the CPU's caches, while
+192 px tiles stay near its L2 and run about three times faster, blending included.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -128,34 +132,95 @@ def plan_tiles(generator: nn.Module, volume: np.ndarray, dims: int,
     return Plan(shape, grid, patch, overlap, field.radius, field.exact)
 
 
-def _seconds(generator: nn.Module, x: torch.Tensor, device: torch.device,
-             dtype: torch.dtype | None) -> float:
-    """One timed forward pass, after a warm-up pass (kernel selection, allocations)."""
-    with torch.inference_mode(), _precision(device, dtype):
-        generator(x)
-        start = time.perf_counter()
-        generator(x)
-        return time.perf_counter() - start
+# Edge of the tiles a 2D generator may see on the CPU (see the module doc): 32 channels of
+# 192 x 192 bf16 activations are 2.4 MB. Only ever used where timing shows it faster.
+CPU_TILE = 192
+# Bumped when the candidates change, so cached decisions made without them are made again.
+EXECUTION_CACHE_VERSION = 2
 
 
-def choose_precision(generator: nn.Module, volume: np.ndarray, dims: int,
+@dataclass(frozen=True)
+class Execution:
+    """How a generator runs: ``precision`` (fp32 | bf16 | fp16) and ``tile``, the edge of the
+    tiles (one per forward pass) 2D slices are cut into on the CPU; 0 = as ``[inference]``
+    says (whole slices unless ``patch_size`` is set)."""
+
+    precision: str = "fp32"
+    tile: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r} (known: {list(PRECISIONS)})")
+        if self.tile < 0:
+            raise ValueError(f"tile must be 0 or positive, got {self.tile}")
+
+    def __str__(self) -> str:
+        return self.precision + (f" tile {self.tile}" if self.tile else "")
+
+    @classmethod
+    def parse(cls, text: str) -> Execution:
+        """The inverse of ``str()``: ``"bf16"`` or ``"bf16 tile 192"``."""
+        parts = str(text).split()
+        if len(parts) == 1:
+            return cls(parts[0])
+        if len(parts) == 3 and parts[1] == "tile" and parts[2].isdigit():
+            return cls(parts[0], int(parts[2]))
+        raise ValueError(f"not an execution: {text!r}")
+
+    def settings(self, settings: InferenceSettings, dims: int) -> InferenceSettings:
+        """``settings`` with this execution's tiling applied (2D, no patch_size set)."""
+        if self.tile and dims == 2 and not settings.patch_size:
+            return replace(settings, patch_size=self.tile, batch_size=1)
+        return settings
+
+
+def _seconds(generator: nn.Module, sample: np.ndarray, dims: int,
+             settings: InferenceSettings, execution: Execution) -> float:
+    """One timed run of ``sample`` after a warm-up run (kernel selection, allocations)."""
+    run_generator(generator, sample, dims, settings, execution=execution)
+    start = time.perf_counter()
+    run_generator(generator, sample, dims, settings, execution=execution)
+    return time.perf_counter() - start
+
+
+def _candidates(generator: nn.Module, volume: np.ndarray, dims: int,
+                settings: InferenceSettings, dtype: torch.dtype | None) -> list[Execution]:
+    """What is worth timing: each precision, whole slices and, for a 2D generator with an
+    exact receptive field small enough for :data:`CPU_TILE`, tiles of it."""
+    precisions = list(dict.fromkeys([precision_name(dtype), "fp32"]))
+    tile_sizes = [0]
+    field = receptive_field(generator)
+    if dims == 2 and not settings.patch_size and field is not None and field.exact \
+            and 2 * max(settings.patch_overlap, 2 * field.radius + 2) <= CPU_TILE \
+            and max(volume.shape[1:]) > CPU_TILE:
+        tile_sizes.append(CPU_TILE)
+    return [Execution(p, t) for p in precisions for t in tile_sizes]
+
+
+def choose_execution(generator: nn.Module, volume: np.ndarray, dims: int,
                      settings: InferenceSettings | None = None, *, key: str | None = None,
-                     cache: Path | None = None) -> str:
-    """``fp32``, ``bf16`` or ``fp16``: what :func:`run_generator` should autocast to.
+                     cache: Path | None = None) -> Execution:
+    """The :class:`Execution` :func:`run_generator` should use for this model and volume.
 
     Without ``cache`` (or ``key``), decided by hardware and settings alone (see the module
-    doc). With both, on a CPU with native bf16: oneDNN convolutions gain from bf16, but e.g.
-    reflection padding can lose more than they gain, so one timed pass of each on the first
-    tile of ``volume`` decides, and the answer is stored in ``cache`` (JSON, under ``key`` =
-    the model's weights sha256, this CPU's capability and the torch version): every later
-    run of that model on this machine uses it, whatever the timings would say then.
+    doc). With both, on the CPU: oneDNN convolutions gain from bf16 but e.g. reflection
+    padding can lose more than they gain, and cache-sized tiles can beat whole slices, so
+    one timed run of each candidate on a batch of slices (2D) or the volume (3D) decides, and the
+    answer is stored in ``cache`` (JSON, under ``key`` = the model's weights sha256, the
+    slice size, this CPU's capability and the torch version): every later run of that model
+    on this machine uses it, whatever the timings would say then.
     """
     settings = settings or InferenceSettings()
     device = resolve_device(settings.device)
     dtype = autocast_dtype(device, settings.bf16)
-    if dtype is None or device.type != "cpu" or key is None or cache is None:
-        return precision_name(dtype)
-    entry = f"{key} cpu {torch.backends.cpu.get_cpu_capability()} torch {torch.__version__}"
+    if device.type != "cpu" or key is None or cache is None:
+        return Execution(precision_name(dtype))
+    # 2D: a full batch of slices, as whole slices go through batch_size at a time
+    sample = volume[:max(2, settings.batch_size)] if dims == 2 else volume
+    size = "x".join(str(n) for n in sample.shape[-2:] if dims == 2) or "x".join(
+        str(n) for n in sample.shape)
+    entry = (f"{key} {size} cpu {torch.backends.cpu.get_cpu_capability()}"
+             f" torch {torch.__version__} v{EXECUTION_CACHE_VERSION}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with cache.with_name(cache.name + ".lock").open("a") as lock:
@@ -164,23 +229,22 @@ def choose_precision(generator: nn.Module, volume: np.ndarray, dims: int,
             if not isinstance(known, dict):
                 raise ValueError("not a JSON object")
             if entry not in known:
-                device, layout = _prepare(generator, dims, settings)
-                first = plan_tiles(generator, volume, dims, settings).grid[0]
-                tile = volume[(0, *first)] if dims == 2 else volume[first]
-                x = torch.from_numpy(np.ascontiguousarray(tile)[None, None])
-                x = x.to(device).contiguous(memory_format=layout)
-                faster = _seconds(generator, x, device, dtype) < \
-                    _seconds(generator, x, device, None)
-                known[entry] = precision_name(dtype if faster else None)
+                candidates = _candidates(generator, volume, dims, settings, dtype)
+                if len(candidates) > 1:
+                    timed = {c: _seconds(generator, sample, dims, settings, c)
+                             for c in candidates}
+                    best = min(candidates, key=timed.__getitem__)
+                    log.info("execution_chosen", model=key, slice=size, execution=str(best),
+                             seconds={str(c): round(t, 4) for c, t in timed.items()})
+                else:
+                    best = candidates[0]
+                known[entry] = str(best)
                 text = json.dumps(known, indent=1, sort_keys=True).encode()
                 atomic_write(cache, lambda fh: fh.write(text))
+            return Execution.parse(known[entry])
     except (OSError, ValueError) as exc:  # unwritable folder, a damaged JSON file
-        raise InferenceError(f"precision cache {cache}: {exc} (delete the file to time"
+        raise InferenceError(f"execution cache {cache}: {exc} (delete the file to time"
                              " the models again)") from exc
-    if known[entry] not in PRECISIONS:
-        raise InferenceError(f"precision cache {cache}: unknown precision {known[entry]!r}"
-                             f" for {entry} (delete the file to time the models again)")
-    return known[entry]
 
 
 def _batches(items: list, size: int, key: Callable[[Any], Any]) -> Iterator[list]:
@@ -193,10 +257,10 @@ def _batches(items: list, size: int, key: Callable[[Any], Any]) -> Iterator[list
 
 def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
                   settings: InferenceSettings | None = None, *, name: str = "generator",
-                  precision: str | None = None) -> np.ndarray:
+                  execution: Execution | None = None) -> np.ndarray:
     """Apply ``generator`` to a normalised (slices, rows, cols) volume; same shape, float32.
 
-    ``precision`` comes from :func:`choose_precision` (None: its hardware-only answer).
+    ``execution`` comes from :func:`choose_execution` (None: its hardware-only answer).
     Raises :class:`InferenceError` (with ``name`` in the message) for anything the generator
     does wrong: an exception, a wrong output shape, non-finite values, running out of memory.
     """
@@ -206,9 +270,13 @@ def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
         raise InferenceError(f"{name}: dims must be 2 or 3, got {dims}")
     settings = settings or InferenceSettings()
     device, layout = _prepare(generator, dims, settings)
-    dtype = PRECISIONS[precision or choose_precision(generator, volume, dims, settings)]
+    execution = execution or choose_execution(generator, volume, dims, settings)
+    dtype = PRECISIONS[execution.precision]
+    configured = settings
+    settings = execution.settings(settings, dims)
     plan = plan_tiles(generator, volume, dims, settings, name)
-    if plan.patch and (plan.patch, plan.overlap) != (settings.patch_size, settings.patch_overlap):
+    if plan.patch and configured.patch_size and \
+            (plan.patch, plan.overlap) != (settings.patch_size, settings.patch_overlap):
         log.warning("tiling_raised", model=name, patch_size=plan.patch, overlap=plan.overlap,
                     configured=[settings.patch_size, settings.patch_overlap],
                     reason=f"receptive radius {plan.margin} px")

@@ -214,19 +214,20 @@ def test_rerun_writes_identical_bytes_and_records_the_precision(setup, monkeypat
     """Same model, machine, cache and processing time: the same bytes, even when the CPU's
     timings would now pick the other precision."""
     tmp_path, files = setup
-    cache, when = tmp_path / "var" / "precision.json", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    cache, when = tmp_path / "var" / "execution.json", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
     outputs = []
     for faster in (torch.bfloat16, None):
-        monkeypatch.setattr(inference, "_seconds", lambda g, x, d, dtype, f=faster:
-                            1.0 if dtype == f else 2.0)
+        monkeypatch.setattr(inference, "_seconds", lambda g, x, d, s, execution, f=faster:
+                            1.0 if inference.PRECISIONS[execution.precision] == f else 2.0)
         outcome = run(tmp_path, files, options=InferenceSettings(device="cpu"),
-                      precision_cache=cache, when=when)
+                      execution_cache=cache, when=when)
         assert outcome.precision == "bf16"
         outputs.append({p.name: p.read_bytes() for p in outcome.outputs})
     assert outputs[0] == outputs[1]
     block = dcmread(outcome.outputs[0]).private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
-    assert json.loads(block[0x14].value)["inference"] == {"device": "cpu", "precision": "bf16"}
+    assert json.loads(block[0x14].value)["inference"] == {"device": "cpu", "precision": "bf16",
+                                                          "tile": 0}
 
 
 def test_load_time_includes_headers_and_routing(setup, monkeypatch):

@@ -12,11 +12,12 @@ from torch import nn
 from pipelines import inference
 from pipelines.errors import InferenceError
 from pipelines.inference import (
+    CPU_TILE,
+    Execution,
     InferenceSettings,
     autocast_dtype,
-    choose_precision,
+    choose_execution,
     plan_tiles,
-    precision_name,
     run_generator,
 )
 from pipelines.intensity import Normalisation, denormalise, keep_source, normalise
@@ -68,39 +69,76 @@ def test_bf16_autocast_stays_close_to_fp32(volume):
 
 
 def timings(monkeypatch, faster: str):
-    """A CPU with native bf16 on which ``faster`` wins the timed pass; records the calls."""
+    """A CPU with native bf16 on which the execution ``faster`` wins the timed runs; records
+    the executions timed."""
     calls = []
-    def seconds(generator, x, device, dtype):
-        calls.append(dtype)
-        return 1.0 if precision_name(dtype) == faster else 2.0
+    def seconds(generator, sample, dims, settings, execution):
+        calls.append(str(execution))
+        return 1.0 if str(execution) == faster else 2.0
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(inference, "_seconds", seconds)
     return calls
 
 
-def test_precision_without_a_cache_is_decided_by_hardware_and_settings(volume, monkeypatch):
+def test_execution_without_a_cache_is_decided_by_hardware_and_settings(volume, monkeypatch):
     calls = timings(monkeypatch, "fp32")
     cpu = InferenceSettings(device="cpu")
-    assert choose_precision(Smoother(), volume, 2, cpu, key="abc") == "bf16"
-    assert choose_precision(Smoother(), volume, 2, InferenceSettings(**FP32)) == "fp32"
+    assert choose_execution(Smoother(), volume, 2, cpu, key="abc") == Execution("bf16")
+    assert choose_execution(Smoother(), volume, 2, InferenceSettings(**FP32)) == Execution()
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
-    assert choose_precision(Smoother(), volume, 2, cpu) == "fp32"
+    assert choose_execution(Smoother(), volume, 2, cpu) == Execution("fp32")
     assert calls == []  # nothing timed
 
 
-def test_timed_precision_is_kept_per_model_and_machine(volume, monkeypatch, tmp_path):
+def test_timed_execution_is_kept_per_model_and_machine(volume, monkeypatch, tmp_path):
     """A re-run (after a crash, in another process) must not time again and flip."""
-    cache, cpu = tmp_path / "state" / "precision.json", InferenceSettings(device="cpu")
+    cache, cpu = tmp_path / "state" / "execution.json", InferenceSettings(device="cpu")
     calls = timings(monkeypatch, "fp32")
-    assert choose_precision(Smoother(), volume, 2, cpu, key="sha-a", cache=cache) == "fp32"
-    assert len(calls) == 2
+    assert choose_execution(Smoother(), volume, 2, cpu, key="sha-a", cache=cache) == \
+        Execution("fp32")
+    assert calls == ["bf16", "fp32"]   # slices smaller than a CPU tile: no tiles to time
     timings(monkeypatch, "bf16")  # the machine is busier now: timings say otherwise
-    assert choose_precision(Smoother(), volume, 2, cpu, key="sha-a", cache=cache) == "fp32"
-    assert choose_precision(Smoother(), volume, 2, cpu, key="sha-b", cache=cache) == "bf16"
+    assert choose_execution(Smoother(), volume, 2, cpu, key="sha-a", cache=cache) == \
+        Execution("fp32")
+    assert choose_execution(Smoother(), volume, 2, cpu, key="sha-b", cache=cache) == \
+        Execution("bf16")
     assert sorted(json.loads(cache.read_text()).values()) == ["bf16", "fp32"]
     cache.write_text("{damaged")
-    with pytest.raises(InferenceError, match="precision cache .*delete the file"):
-        choose_precision(Smoother(), volume, 2, cpu, key="sha-a", cache=cache)
+    with pytest.raises(InferenceError, match="execution cache .*delete the file"):
+        choose_execution(Smoother(), volume, 2, cpu, key="sha-a", cache=cache)
+
+
+def test_cpu_tiles_are_timed_for_large_slices_of_exact_generators(monkeypatch, tmp_path):
+    """A 512 x 512 slice through a plain CNN may run faster in cache-sized tiles; CBAM
+    (global pooling, tiles not exact) and a configured patch_size are never re-tiled."""
+    big = np.random.default_rng(0).normal(0, 0.3, (2, 512, 512)).astype(np.float32)
+    cpu, cache = InferenceSettings(device="cpu"), tmp_path / "execution.json"
+    calls = timings(monkeypatch, f"bf16 tile {CPU_TILE}")
+    plain = random_generator("plain", features=4, blocks=2)
+    chosen = choose_execution(plain, big, 2, cpu, key="plain", cache=cache)
+    assert chosen == Execution("bf16", CPU_TILE)
+    assert calls == ["bf16", f"bf16 tile {CPU_TILE}", "fp32", f"fp32 tile {CPU_TILE}"]
+    calls.clear()
+    cbam = random_generator("plain", features=4, blocks=3, cbam=1)
+    assert choose_execution(cbam, big, 2, cpu, key="cbam", cache=cache) == Execution("bf16")
+    assert calls == ["bf16", "fp32"]
+    calls.clear()
+    patched = InferenceSettings(device="cpu", patch_size=256)
+    choose_execution(plain, big, 2, patched, key="patched", cache=cache)
+    assert calls == ["bf16", "fp32"]
+    # the tiled execution is seam-free: it equals whole slices up to float rounding
+    whole = run_generator(plain, big, 2, InferenceSettings(**FP32), execution=Execution())
+    tiled = run_generator(plain, big, 2, InferenceSettings(**FP32),
+                          execution=Execution("fp32", CPU_TILE))
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+
+
+def test_execution_text_round_trips():
+    for text in ("fp32", "bf16", f"bf16 tile {CPU_TILE}"):
+        assert str(Execution.parse(text)) == text
+    for bad in ("int8", "bf16 tile", "bf16 tile -3", "bf16 slice 2"):
+        with pytest.raises(ValueError):
+            Execution.parse(bad)
 
 
 class Broken(nn.Module):

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.harmonise import PRECISION_CACHE, harmonise_series
+    from pipelines.harmonise import EXECUTION_CACHE, harmonise_series
     from pipelines.model_folder import MODEL_JSON
     from pipelines.series import find_series
     config = load_config(args.config)
@@ -53,14 +53,14 @@ def run(args: argparse.Namespace) -> int:
     # the node's own precision decisions where it runs here: the same bytes as the node writes
     data_dir = config.node.data_dir
     ours = data_dir.is_dir() and os.access(data_dir, os.W_OK)
-    precision_cache = data_dir / PRECISION_CACHE if ours else None
+    execution_cache = data_dir / EXECUTION_CACHE if ours else None
     failures = 0
     for uid, files in groups.items():
         try:
             outcome = harmonise_series(files, routes=config.routes, models_dir=models_dir,
                                        out_dir=Path(args.output), options=config.inference,
                                        route_name=args.route, model_name=args.model,
-                                       sr=args.sr, precision_cache=precision_cache)
+                                       sr=args.sr, execution_cache=execution_cache)
         except Exception as exc:  # one series' failure, whatever it is, must not stop the rest
             failures += 1
             print(f"{uid}: failed: {one_line(exc)}", file=sys.stderr)
