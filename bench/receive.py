@@ -1,8 +1,10 @@
 """Receive throughput: dicomnode vs dcmtk's storescp, side by side in one run.
 
 N CT instances (default 500 at 512x512) are sent with dcmtk's storescu to dcmtk's
-storescp (writing files) and to ``dicomnode serve``, alternating over several rounds with
-fresh UIDs each time. Prints images/s of each, and the ratio (target: node/storescp >= 0.9).
+storescp (writing files), to ``dicomnode serve`` and to a pynetdicom SCP that stores
+nothing (``bench/noop_scp.py``, the floor any pynetdicom node sits on), rotating the order
+over several rounds with fresh UIDs each time. Prints images/s of each and the ratios
+(target: node/storescp >= 0.9).
 
 Note what is compared: storescp writes files without fsync; the node fsyncs each file and
 its folder and commits its index row before answering Success.
@@ -13,6 +15,7 @@ its folder and commits its index row before answering Success.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -21,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from tests.dicom_factory import write_series  # noqa: E402
 from tests.nodeutil import (  # noqa: E402
@@ -57,36 +61,48 @@ def main() -> None:
     scp = subprocess.Popen([dcmtk("storescp"), "-od", str(scp_dir), str(scp_port)],
                            env=dcmtk_env(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
+    noop_port = free_port()
+    noop = subprocess.Popen([sys.executable, str(Path(__file__).with_name("noop_scp.py")),
+                             str(noop_port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     config = write_config(work / "node.toml", node_port, work / "var", series_timeout=3600)
     node = NodeProcess(config, work / "node.log")
     node.start()
-    rates: dict[str, list[float]] = {"storescp": [], "dicomnode": []}
+    rates: dict[str, list[float]] = {"storescp": [], "dicomnode": [], "pynetdicom": []}
     try:
-        wait_for(lambda: subprocess.run([dcmtk("echoscu"), "127.0.0.1", str(scp_port)],
-                                        env=dcmtk_env(), capture_output=True).returncode == 0,
-                 10, what="storescp")
+        for port, what in ((scp_port, "storescp"), (noop_port, "no-op pynetdicom SCP")):
+            wait_for(lambda p=port: subprocess.run(
+                [dcmtk("echoscu"), "-aec", "NOOP", "127.0.0.1", str(p)], env=dcmtk_env(),
+                capture_output=True).returncode == 0, 10, what=what)
+        contenders = [("storescp", scp_port, "ANY-SCP"), ("dicomnode", node_port, "HARMONISE"),
+                      ("pynetdicom", noop_port, "NOOP")]
         for r in range(args.rounds):
-            order = [("storescp", scp_port, "ANY-SCP"), ("dicomnode", node_port, "HARMONISE")]
-            for name, port, called in order if r % 2 == 0 else order[::-1]:
+            k = r % len(contenders)
+            for name, port, called in contenders[k:] + contenders[:k]:
                 folder = work / f"in-{name}-{r}"
                 write_series(folder, slices=args.count, size=args.size, seed=r)
                 seconds = send(port, folder, called)
                 rates[name].append(args.count / seconds)
                 shutil.rmtree(folder)
-                print(f"round {r + 1} {name:<9}: {args.count / seconds:8.1f} images/s"
+                print(f"round {r + 1} {name:<10}: {args.count / seconds:8.1f} images/s"
                       f" ({seconds:.2f} s)", flush=True)
     finally:
         node.stop()
-        scp.terminate()
-        scp.wait(10)
+        for server in (scp, noop):
+            server.terminate()
+            server.wait(10)
     stored = len(list((work / "var" / "spool").rglob("*.dcm")))
     assert stored == args.count * args.rounds, f"node stored {stored} files"
     shutil.rmtree(work)
-    scp_rate = statistics.median(rates["storescp"])
-    node_rate = statistics.median(rates["dicomnode"])
-    print(f"storescp : {scp_rate:8.1f} images/s (median of {args.rounds})")
-    print(f"dicomnode: {node_rate:8.1f} images/s (median of {args.rounds})")
-    print(f"ratio node/storescp: {node_rate / scp_rate:.2f} (target >= 0.9)")
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    for name, rate in median.items():
+        print(f"{name:<10}: {rate:8.1f} images/s (median of {args.rounds})")
+    print(f"ratio node/storescp: {median['dicomnode'] / median['storescp']:.2f}"
+          " (target >= 0.9)")
+    print(f"ratio no-op pynetdicom/storescp: {median['pynetdicom'] / median['storescp']:.2f}"
+          " (the most a pynetdicom node could reach)")
+    print(f"ratio node/no-op pynetdicom: {median['dicomnode'] / median['pynetdicom']:.2f}")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def receive_instance(data: bytes, record: InstanceRecord, *, index: Index, data_
             if old == str(path.relative_to(data_dir)):
                 path = path.with_name(f"{uid}-{sha256[:16]}.dcm")
         check_free_space(root, len(data), reserve_bytes)
-        stored = store_bytes(path, data)
+        stored = store_bytes(path, data, sha256)
         rel = str(path.relative_to(data_dir))
         reopened = index.add_instance(record, rel, stored.size, stored.sha256, kind=kind)
         if old is not None and old != rel:

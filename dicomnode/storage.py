@@ -42,11 +42,12 @@ def ensure_dir(path: Path) -> None:
         fsync_dir(d.parent)
 
 
-def store_bytes(path: Path, data: bytes) -> StoredFile:
-    """Write ``data`` durably to ``path`` (creating its folders durably too)."""
+def store_bytes(path: Path, data: bytes, sha256: str | None = None) -> StoredFile:
+    """Write ``data`` durably to ``path`` (creating its folders durably too); ``sha256``
+    is the caller's digest of ``data`` where it has one already."""
     ensure_dir(path.parent)
     atomic_write(path, lambda fh: fh.write(data))
-    return StoredFile(path, len(data), hashlib.sha256(data).hexdigest())
+    return StoredFile(path, len(data), sha256 or hashlib.sha256(data).hexdigest())
 
 
 def check_free_space(path: Path, needed: int, reserve_bytes: int) -> None:
