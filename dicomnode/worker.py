@@ -49,6 +49,8 @@ class Worker:
             self.index.set_series_state(job.series_uid, ix.FAILED, only_if=[ix.PROCESSING],
                                         error=reason)
             self.index.finish_job(job, ok=False, error=reason)
+        finally:  # staged output is archived or worthless, whatever happened
+            shutil.rmtree(self.staging / str(job.id), ignore_errors=True)
         return True
 
     def run(self, job: Job) -> None:
@@ -84,7 +86,6 @@ class Worker:
         derived = [self._archive(outcome.outputs)]
         if outcome.report is not None:
             derived.append(self._archive([outcome.report]))
-        shutil.rmtree(staging, ignore_errors=True)
         for uid in derived:
             self.index.set_series_state(uid, ix.ARCHIVED, source_series_uid=job.series_uid,
                                         route=outcome.route, model=model)

@@ -223,3 +223,29 @@ def test_unmatched_ignore_deletes_the_originals_once_complete(setup, capsys):
     assert (event["series_uid"], event["instances"]) == (uid, 3)
     assert event["study_uid"] == str(dcmread(dropped[0]).StudyInstanceUID)
     index.close()
+
+
+def test_a_job_that_fails_mid_write_leaves_no_staged_files(setup, monkeypatch):
+    tmp_path, _, config_path = setup
+    config = load_config(config_path)
+    files = write_series(tmp_path / "sharp", slices=2, size=32, kernel="B70f", seed=9)
+    index = Index(config.index_path)
+    for path in files:
+        data = path.read_bytes()
+        receive_instance(data, parse_header(data), index=index,
+                         data_dir=config.node.data_dir, root=config.spool_dir,
+                         reserve_bytes=0, duplicate_policy="replace")
+    assert index.complete_quiet_series(0.0)
+
+    def half_written(files, *, out_dir, **kwargs):
+        out_dir.mkdir(parents=True)
+        (out_dir / "partial.dcm").write_bytes(b"half an image")
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(worker_module, "harmonise_series", half_written)
+    assert Worker(config, index).step()
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    assert index.series(uid)["state"] == "failed"
+    assert "disk went away" in index.series(uid)["error"]
+    staging = config.node.data_dir / "staging"
+    assert not staging.exists() or not any(staging.rglob("*.dcm"))
