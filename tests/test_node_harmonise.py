@@ -55,6 +55,18 @@ def derived_rows(config: Path) -> list[dict]:
     return [s for s in status(config).values() if s["kind"] == "derived"]
 
 
+def queue_series(config, files: list[Path]) -> Index:
+    """Receive ``files`` in-process and complete their series: one job is queued."""
+    index = Index(config.index_path)
+    for path in files:
+        data = path.read_bytes()
+        receive_instance(data, parse_header(data), index=index,
+                         data_dir=config.node.data_dir, root=config.spool_dir,
+                         reserve_bytes=0, duplicate_policy="replace")
+    assert index.complete_quiet_series(0.0)
+    return index
+
+
 def test_storescu_series_comes_out_harmonised_and_failures_are_contained(setup):
     tmp_path, port, config = setup
     sharp = write_series(tmp_path / "sharp", slices=6, size=32, kernel="B70f", seed=1)
@@ -97,13 +109,7 @@ def test_job_interrupted_by_crash_reruns_without_duplicates(setup):
     tmp_path, _, config_path = setup
     config = load_config(config_path)
     files = write_series(tmp_path / "sharp", slices=4, size=32, kernel="B70f", seed=5)
-    index = Index(config.index_path)
-    for path in files:
-        data = path.read_bytes()
-        receive_instance(data, parse_header(data), index=index,
-                         data_dir=config.node.data_dir, root=config.spool_dir,
-                         reserve_bytes=0, duplicate_policy="replace")
-    assert index.complete_quiet_series(0.0)
+    index = queue_series(config, files)
     worker = Worker(config, index)
     assert worker.step()  # first run completes and archives
     def archived() -> dict[str, str]:  # SOP Instance UID -> sha256 of the archived file
@@ -130,13 +136,7 @@ def test_write_sr_archives_an_algorithm_report_beside_the_images(setup):
     config_path.write_text(config_path.read_text().replace("[node]\n", "[node]\nwrite_sr = true\n"))
     config = load_config(config_path)
     files = write_series(tmp_path / "sharp", slices=3, size=32, kernel="B70f", seed=6)
-    index = Index(config.index_path)
-    for path in files:
-        data = path.read_bytes()
-        receive_instance(data, parse_header(data), index=index,
-                         data_dir=config.node.data_dir, root=config.spool_dir,
-                         reserve_bytes=0, duplicate_policy="replace")
-    index.complete_quiet_series(0.0)
+    index = queue_series(config, files)
     assert Worker(config, index).step()
     derived = index.all_series(kind="derived")
     assert sorted(r["modality"] for r in derived) == ["CT", "SR"]
@@ -229,13 +229,7 @@ def test_a_job_that_fails_mid_write_leaves_no_staged_files(setup, monkeypatch):
     tmp_path, _, config_path = setup
     config = load_config(config_path)
     files = write_series(tmp_path / "sharp", slices=2, size=32, kernel="B70f", seed=9)
-    index = Index(config.index_path)
-    for path in files:
-        data = path.read_bytes()
-        receive_instance(data, parse_header(data), index=index,
-                         data_dir=config.node.data_dir, root=config.spool_dir,
-                         reserve_bytes=0, duplicate_policy="replace")
-    assert index.complete_quiet_series(0.0)
+    index = queue_series(config, files)
 
     def half_written(files, *, out_dir, **kwargs):
         out_dir.mkdir(parents=True)

@@ -77,6 +77,17 @@ def derived_files(tmp: Path, count: int, seed: int = 5, size: int = 16, **kw) ->
 def sop_uids(files: list[Path]) -> set[str]:
     return {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
 
+def start_storescp(out: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """dcmtk's storescp as peer STORESCP writing into ``out``, once it accepts connections."""
+    out.mkdir()
+    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "+uf", "-od", str(out),
+                            str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: subprocess.run([dcmtk("echoscu"), "-aec", "STORESCP", "127.0.0.1",
+                                     str(port)], capture_output=True).returncode == 0,
+             10, what="storescp listening")
+    return scp, out
+
+
 
 # --- end to end: storescu -> node -> harmonised -> Orthanc ----------------------------
 
@@ -258,14 +269,10 @@ def test_uncertain_sends_to_a_peer_without_c_find_are_resent_and_logged(tmp_path
     files = derived_files(tmp_path, 3)
     seed_series(config, files, send_to=("STORESCP",))
     crash_mid_send(config, held=[], not_held=files[:2])
-    out = tmp_path / "storescp"
-    out.mkdir()
-    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "+uf", "-od", str(out),
-                            str(scp_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    scp, out = start_storescp(tmp_path / "storescp", scp_port)
     cfg = load_config(config)
     index = Index(cfg.index_path)
     try:
-        time.sleep(0.5)  # storescp listening
         outbox.Outbox(cfg, index).dispatch()
     finally:
         index.close()
@@ -337,15 +344,11 @@ def test_compressed_instance_sent_as_stored_or_decompressed_for_an_uncompressed_
     config, _ = node_config(tmp_path, orthanc_port=orthanc_port, STORESCP=scp_port)
     files = derived_files(tmp_path, 2, size=32, syntax=JPEG2000Lossless)
     uid = seed_series(config, files, send_to=("ORTHANC", "STORESCP"))
-    out = tmp_path / "storescp"
-    out.mkdir()
-    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "+uf", "-od", str(out),
-                            str(scp_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    scp, out = start_storescp(tmp_path / "storescp", scp_port)
     orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port).start()
     cfg = load_config(config)
     index = Index(cfg.index_path)
     try:
-        time.sleep(0.5)  # storescp listening
         wait_for(lambda: (outbox.Outbox(cfg, index).dispatch(),
                           series_state(config, uid) == "sent")[1], 30, interval=0.3,
                  what="both destinations")
@@ -384,15 +387,11 @@ def test_unreadable_archived_files_fail_their_own_send_only(tmp_path, monkeypatc
     data = archived[no_codec].read_bytes()  # a syntax pydicom has no decoder for
     archived[no_codec].write_bytes(data.replace(b"1.2.840.10008.1.2.4.90",
                                                 b"1.2.840.10008.1.2.4.92"))
-    out = tmp_path / "storescp"
-    out.mkdir()
-    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "+uf", "-od", str(out),
-                            str(scp_port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    scp, out = start_storescp(tmp_path / "storescp", scp_port)
     cfg = load_config(config)
     index = Index(cfg.index_path)
     box = outbox.Outbox(cfg, index)
     try:
-        time.sleep(0.5)  # storescp listening
         assert box.dispatch() == 4
         state = {r["sop_instance_uid"]: r for r in rows(config, "SELECT * FROM outbox")}
         received = sorted(str(dcmread(p).SOPInstanceUID) for p in out.iterdir())
