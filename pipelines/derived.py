@@ -285,6 +285,16 @@ def _swap_words(ds: Dataset) -> None:
     ds.walk(swap)
 
 
+def _frame_of_reference(ds: Dataset, source_series_uid: str) -> None:
+    """Give a source that lost its Frame of Reference (de-identification tools strip it)
+    one that every instance of its series shares, so the derived images' position and
+    orientation mean something to a viewer (the CT and MR IODs require it)."""
+    ds.FrameOfReferenceUID = generate_uid(
+        entropy_srcs=["dicomnode-frame-of-reference", source_series_uid])
+    if "PositionReferenceIndicator" not in ds:
+        ds.PositionReferenceIndicator = ""
+
+
 def _derived_header(source: Dataset, *, series_uid: str, series_ref: Dataset,
                     provenance: Provenance) -> Dataset:
     """The source header with what every derived instance gets, single- or multi-frame."""
@@ -300,6 +310,8 @@ def _derived_header(source: Dataset, *, series_uid: str, series_ref: Dataset,
     ds.SOPInstanceUID = derived_instance_uid(str(source.SOPInstanceUID),
                                              provenance.weights_sha256)
     ds.SeriesInstanceUID = series_uid
+    if not str(source.get("FrameOfReferenceUID", "")).strip():
+        _frame_of_reference(ds, str(source.SeriesInstanceUID))
     ds.SeriesDescription = _series_description(source, provenance.model_name)
     if str(source.get("SeriesNumber", "")).strip():
         ds.SeriesNumber = int(source.SeriesNumber) + 1000

@@ -303,3 +303,26 @@ def test_lossy_jpeg2000_source_already_flagged_gets_its_method(tmp_path):
     assert "LossyImageCompressionMethod" not in source
     assert derived.LossyImageCompression == "01"
     assert derived.LossyImageCompressionMethod == "ISO_15444_1"
+
+
+def test_source_without_frame_of_reference_gets_one_shared_by_its_series(tmp_path):
+    """De-identification tools may strip FrameOfReferenceUID (Type 1 in the CT and MR
+    IODs); the derived series gets one, the same for every instance and every re-run."""
+    files = write_series(tmp_path / "in", slices=3)
+    for path in files:
+        ds = dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    make_model(tmp_path / "models", "ct-smooth", layers=2)
+    frames = set()
+    for run_dir in ("a", "b"):
+        outcome = harmonise_series(files, routes=ROUTES, models_dir=tmp_path / "models",
+                                   out_dir=tmp_path / run_dir, options=FP32)
+        frames |= {str(dcmread(p).FrameOfReferenceUID) for p in outcome.outputs}
+    assert len(frames) == 1 and frames.pop().startswith("1.2.")
+    if not shutil.which("dciodvfy"):
+        pytest.skip("dicom3tools not installed")
+    result = subprocess.run(["dciodvfy", str(outcome.outputs[0])], capture_output=True,
+                            text=True)
+    assert [line for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error")] == []
