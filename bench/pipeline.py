@@ -6,9 +6,10 @@ inference, writing), with a shipped model's architecture and size (read from its
 ``model.json``; random weights, which time the same). Prints the time split (load =
 headers + routing + model + pixels) and inference's effective GFLOP/s (forward FLOPs
 counted by torch) next to this machine's fp32 and bf16 matmul GFLOP/s, measured in the same
-run. Targets: load + write <= 15% of the total; inference >= 50% of the matmul throughput of
-the precision inference ran in (decided, and timed, before the clock starts, with the CPU
-tiling, as the node does once per model and machine).
+run just before and just after the harmonisation (their mean is the reference). Targets:
+load + write <= 15% of the total; inference >= 50% of the matmul throughput of the precision
+inference ran in (decided, and timed, before the clock starts, with the CPU tiling, as the
+node does once per model and machine).
 
     python3 bench/pipeline.py [--slices 200] [--size 512] [--model ct-kernel-sharp-to-smooth]
                               [--batch-size 8] [--no-bf16] [--device auto] [--threads 0]
@@ -59,6 +60,11 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048,
     return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
 
 
+def peak_gflops(device: torch.device) -> dict[str, float]:
+    return {"fp32": matmul_gflops(torch.float32, device),
+            "bf16": matmul_gflops(torch.bfloat16, device)}
+
+
 def forward_flops(model: torch.nn.Module, size: int) -> int:
     """FLOPs of one slice through the generator."""
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -103,16 +109,19 @@ def main() -> int:
         sample = np.zeros((args.slices, args.size, args.size), np.float32)
         choose_execution(cache.get(folder).generator, sample, 2, settings,
                          key=read_model_info(folder).weights_sha256, cache=executions)
+        # matmul peak measured just before and just after the timed run, and averaged:
+        # a shared or thermally throttled CPU drifts by 10-20% over a minute
+        before = peak_gflops(device)
         outcome = harmonise_series(files, routes=routes, models_dir=root / "models",
                                    out_dir=root / "out", options=settings, cache=cache,
                                    execution_cache=executions)
         assert outcome.status == "harmonised", outcome.reason
+        after = peak_gflops(device)
     seconds = outcome.seconds
     total = sum(seconds.values())
     flops = forward_flops(generator, args.size) * args.slices
     inference_gflops = flops / seconds["inference"] / 1e9
-    peak = {"fp32": matmul_gflops(torch.float32, device),
-            "bf16": matmul_gflops(torch.bfloat16, device)}
+    peak = {k: (before[k] + after[k]) / 2 for k in before}
     ran_in = outcome.precision or "fp32"
     reference = peak.get(ran_in, peak["fp32"])
     io_share = (seconds["load"] + seconds["write"]) / total
@@ -127,6 +136,8 @@ def main() -> int:
         "inference_tflop": round(flops / 1e12, 2),
         "inference_gflops": round(inference_gflops, 1),
         "matmul_gflops": {k: round(v, 1) for k, v in peak.items()},
+        "matmul_gflops_before_after": {k: [round(before[k], 1), round(after[k], 1)]
+                                       for k in before},
         "inference_vs_matmul": round(inference_gflops / reference, 3),
         "targets": {"load_write_share<=0.15": io_share <= 0.15,
                     "inference_vs_matmul>=0.5": inference_gflops / reference >= 0.5},
