@@ -41,6 +41,12 @@ def client_ae(config: Config) -> AE:
     return ae
 
 
+def _refusal(peer: Peer, assoc: Any) -> str:
+    """Why an association with ``peer`` was not established, for logs and status."""
+    return (f"association with {peer.ae_title} at {peer.host}:{peer.port}"
+            f" {'rejected' if assoc.is_rejected else 'failed'}")
+
+
 def association_problem(config: Config, peer: Peer, contexts: list[Any]) -> str | None:
     """Why an association with ``peer`` proposing ``contexts`` cannot be made, or None
     (it was opened and released again)."""
@@ -50,8 +56,7 @@ def association_problem(config: Config, peer: Peer, contexts: list[Any]) -> str 
     if assoc.is_established:
         assoc.release()
         return None
-    return (f"association with {peer.ae_title} at {peer.host}:{peer.port}"
-            f" {'rejected' if assoc.is_rejected else 'failed'}")
+    return _refusal(peer, assoc)
 
 
 def held_by_peer(config: Config, peer: Peer, instances: Iterable[tuple[str, str, str]]
@@ -68,8 +73,7 @@ def held_by_peer(config: Config, peer: Peer, instances: Iterable[tuple[str, str,
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
     if not assoc.is_established:
-        raise Unreachable(f"association with {peer.ae_title} at {peer.host}:{peer.port}"
-                          f" {'rejected' if assoc.is_rejected else 'failed'}")
+        raise Unreachable(_refusal(peer, assoc))
     try:
         if not any(cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
                    for cx in assoc.accepted_contexts):

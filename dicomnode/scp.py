@@ -31,6 +31,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
+from dicomnode.client import nodelay
 from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.log import get_logger
@@ -128,9 +129,7 @@ def handle_conn_open(event: evt.Event, ctx: ScpContext) -> None:
     dul = event.assoc.dul
     if hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_IDLE_SLEEP
-    sock = dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    nodelay(event)
 
 
 def handle_requested(event: evt.Event, ctx: ScpContext) -> None:

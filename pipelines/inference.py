@@ -38,7 +38,7 @@ from torch import nn
 
 from pipelines.errors import InferenceError
 from pipelines.files import atomic_write
-from pipelines.networks import receptive_field
+from pipelines.networks import ReceptiveField, receptive_field
 from pipelines.settings import InferenceSettings
 from pipelines.tiling import tile_weight, tiles
 
@@ -108,6 +108,12 @@ class Plan:
     exact: bool = True
 
 
+def seamless_overlap(settings: InferenceSettings, field: ReceptiveField) -> int:
+    """The configured overlap, raised to what ``field`` needs for tiles without seams: a
+    zero-weight margin of the receptive radius on both sides, and a ramp between."""
+    return max(settings.patch_overlap, 2 * field.radius + 2)
+
+
 def plan_tiles(generator: nn.Module, volume: np.ndarray, dims: int,
                settings: InferenceSettings, name: str = "generator") -> Plan:
     """The tiles for ``settings.patch_size``, made seam-free for this generator.
@@ -124,7 +130,7 @@ def plan_tiles(generator: nn.Module, volume: np.ndarray, dims: int,
         raise InferenceError(f"{name}: {type(generator).__name__} declares no receptive field,"
                              " so it cannot be tiled without seams; set [inference]"
                              " patch_size = 0")
-    overlap = max(settings.patch_overlap, 2 * field.radius + 2)
+    overlap = seamless_overlap(settings, field)
     patch = settings.patch_size
     if patch - overlap < overlap:
         patch = -(-2 * overlap // field.align) * field.align
@@ -191,7 +197,7 @@ def _candidates(generator: nn.Module, volume: np.ndarray, dims: int,
     tile_sizes = [0]
     field = receptive_field(generator)
     if dims == 2 and not settings.patch_size and field is not None and field.exact \
-            and 2 * max(settings.patch_overlap, 2 * field.radius + 2) <= CPU_TILE \
+            and 2 * seamless_overlap(settings, field) <= CPU_TILE \
             and max(volume.shape[1:]) > CPU_TILE:
         tile_sizes.append(CPU_TILE)
     return [Execution(p, t) for p in precisions for t in tile_sizes]
@@ -217,8 +223,7 @@ def choose_execution(generator: nn.Module, volume: np.ndarray, dims: int,
         return Execution(precision_name(dtype))
     # 2D: a full batch of slices, as whole slices go through batch_size at a time
     sample = volume[:max(2, settings.batch_size)] if dims == 2 else volume
-    size = "x".join(str(n) for n in sample.shape[-2:] if dims == 2) or "x".join(
-        str(n) for n in sample.shape)
+    size = "x".join(map(str, sample.shape[-2:] if dims == 2 else sample.shape))
     entry = (f"{key} {size} cpu {torch.backends.cpu.get_cpu_capability()}"
              f" torch {torch.__version__} v{EXECUTION_CACHE_VERSION}")
     try:

@@ -55,14 +55,19 @@ def derived_rows(config: Path) -> list[dict]:
     return [s for s in status(config).values() if s["kind"] == "derived"]
 
 
-def queue_series(config, files: list[Path]) -> Index:
-    """Receive ``files`` in-process and complete their series: one job is queued."""
-    index = Index(config.index_path)
+def receive_files(config, index: Index, files: list[Path]) -> None:
+    """Receive ``files`` in-process, as the C-STORE handler does."""
     for path in files:
         data = path.read_bytes()
         receive_instance(data, parse_header(data), index=index,
                          data_dir=config.node.data_dir, root=config.spool_dir,
                          reserve_bytes=0, duplicate_policy="replace")
+
+
+def queue_series(config, files: list[Path]) -> Index:
+    """Receive ``files`` in-process and complete their series: one job is queued."""
+    index = Index(config.index_path)
+    receive_files(config, index, files)
     assert index.complete_quiet_series(0.0)
     return index
 
@@ -156,24 +161,16 @@ def test_late_instances_while_queued_or_processing_harmonise_and_send_the_whole_
     files = write_series(tmp_path / "sharp", slices=6, size=32, kernel="B70f", seed=7)
     uid = str(dcmread(files[0]).SeriesInstanceUID)
     index = Index(config.index_path)
-
-    def receive(paths):
-        for path in paths:
-            data = path.read_bytes()
-            receive_instance(data, parse_header(data), index=index,
-                             data_dir=config.node.data_dir, root=config.spool_dir,
-                             reserve_bytes=0, duplicate_policy="replace")
-
-    receive(files[:4])
+    receive_files(config, index, files[:4])
     index.complete_quiet_series(0.0)
-    receive(files[4:5])  # arrives while the job is queued
+    receive_files(config, index, files[4:5])  # arrives while the job is queued
     worker = Worker(config, index)
     assert not worker.step()  # the partial series is not processed
     index.complete_quiet_series(0.0)
     real = worker_module.harmonise_series
 
     def late_during_processing(*args, **kw):
-        receive(files[5:])
+        receive_files(config, index, files[5:])
         return real(*args, **kw)
     monkeypatch.setattr(worker_module, "harmonise_series", late_during_processing)
     assert worker.step()

@@ -122,19 +122,16 @@ def build(name: str, work: Path, models_dir: Path, train: bool = True) -> dict:
 
 def _cell(metrics: dict, key: str, digits: int) -> str:
     """``before -> after (histogram matching)`` for one metric of an evaluation."""
-    def get(d: dict) -> tuple[float, float]:
-        value = d[key]
-        if key == "radiomics_ccc":
-            return d["radiomics_ccc_before"]["texture_mean"], value["texture_mean"]
-        if key == "domain_accuracy":
-            return d["domain_accuracy_before"], value
-        return value["before"], value["after"]
-
-    before, after = get(metrics)
-    baseline = metrics["baseline"]
-    base = baseline[key]["texture_mean"] if key == "radiomics_ccc" else (
-        baseline[key] if key == "domain_accuracy" else baseline[key]["after"])
-    return f"{before:.{digits}f} → **{after:.{digits}f}** ({base:.{digits}f})"
+    value, base = metrics[key], metrics["baseline"][key]
+    if key == "radiomics_ccc":
+        numbers = (metrics["radiomics_ccc_before"]["texture_mean"], value["texture_mean"],
+                   base["texture_mean"])
+    elif key == "domain_accuracy":
+        numbers = (metrics["domain_accuracy_before"], value, base)
+    else:
+        numbers = (value["before"], value["after"], base["after"])
+    before, after, baseline = (f"{n:.{digits}f}" for n in numbers)
+    return f"{before} → **{after}** ({baseline})"
 
 
 def table(models_dir: Path) -> str:
