@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, Association, evt
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from pynetdicom.status import code_to_category
 
@@ -41,7 +42,14 @@ def client_ae(config: Config) -> AE:
     return ae
 
 
-def _refusal(peer: Peer, assoc: Any) -> str:
+def associate(config: Config, peer: Peer, **options: Any) -> Association:
+    """An association from our AE to ``peer`` (without Nagle); ``options`` go to pynetdicom's
+    ``AE.associate`` (``contexts``, ``max_pdu``). Check ``is_established``."""
+    return client_ae(config).associate(peer.host, peer.port, ae_title=peer.ae_title,
+                                       evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)], **options)
+
+
+def refusal(peer: Peer, assoc: Association) -> str:
     """Why an association with ``peer`` was not established, for logs and status."""
     return (f"association with {peer.ae_title} at {peer.host}:{peer.port}"
             f" {'rejected' if assoc.is_rejected else 'failed'}")
@@ -50,13 +58,11 @@ def _refusal(peer: Peer, assoc: Any) -> str:
 def association_problem(config: Config, peer: Peer, contexts: list[Any]) -> str | None:
     """Why an association with ``peer`` proposing ``contexts`` cannot be made, or None
     (it was opened and released again)."""
-    assoc = client_ae(config).associate(peer.host, peer.port, contexts=contexts,
-                                        ae_title=peer.ae_title,
-                                        evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+    assoc = associate(config, peer, contexts=contexts)
     if assoc.is_established:
         assoc.release()
         return None
-    return _refusal(peer, assoc)
+    return refusal(peer, assoc)
 
 
 def held_by_peer(config: Config, peer: Peer, instances: Iterable[tuple[str, str, str]]
@@ -67,13 +73,10 @@ def held_by_peer(config: Config, peer: Peer, instances: Iterable[tuple[str, str,
     Verification is proposed too, so a peer that takes no C-FIND still accepts the
     association and says so, rather than looking down. Raises :class:`Unreachable`.
     """
-    ae = client_ae(config)
-    ae.add_requested_context(Verification)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+    assoc = associate(config, peer, contexts=[
+        build_context(Verification), build_context(StudyRootQueryRetrieveInformationModelFind)])
     if not assoc.is_established:
-        raise Unreachable(_refusal(peer, assoc))
+        raise Unreachable(refusal(peer, assoc))
     try:
         if not any(cx.abstract_syntax == StudyRootQueryRetrieveInformationModelFind
                    for cx in assoc.accepted_contexts):

@@ -41,12 +41,11 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import evt
 from pynetdicom.presentation import build_context
 from pynetdicom.status import code_to_category
 
 from dicomnode import index as ix
-from dicomnode.client import Unreachable, client_ae, held_by_peer, nodelay
+from dicomnode.client import Unreachable, associate, held_by_peer, refusal
 from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.log import get_logger
@@ -359,15 +358,11 @@ class Outbox:
             self._fail_all(rows, reason)
             rollup(self.index, {r["series_uid"] for r in rows + missing})
             return
-        ae = client_ae(cfg)
         contexts = store_contexts((i["sop_class_uid"], i["transfer_syntax"])
                                   for i in info.values() if i is not None)
-        assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=dest,
-                             max_pdu=node.max_pdu_size,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+        assoc = associate(cfg, peer, contexts=contexts, max_pdu=node.max_pdu_size)
         if not assoc.is_established:
-            reason = (f"association with {dest} at {peer.host}:{peer.port} "
-                      f"{'rejected' if assoc.is_rejected else 'failed'}")
+            reason = refusal(peer, assoc)
             log.warning("send_association_failed", destination=dest, host=peer.host,
                         port=peer.port, instances=len(rows), reason=reason)
             self._fail_all(rows, reason)
