@@ -49,6 +49,10 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def _cannot_listen(host: str, port: int, exc: OSError) -> UserError:
+    return UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
 def check_listen(host: str, port: int) -> None:
     """Bind (and release) the listening address the way pynetdicom will, so a node that
     cannot listen stops before recovery has changed anything."""
@@ -58,7 +62,7 @@ def check_listen(host: str, port: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address.as_tuple)
     except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise _cannot_listen(host, port, exc) from None
 
 
 def reconcile(index: Index, config: Config) -> dict[str, int]:
@@ -130,8 +134,7 @@ class Node:
             self._server = self.ae.start_server((cfg.node.host, cfg.node.port), block=False,
                                                 evt_handlers=event_handlers(ctx))
         except OSError as exc:  # taken since check_listen: only this start is affected
-            raise UserError(f"cannot listen on {cfg.node.host}:{cfg.node.port}:"
-                            f" {exc.strerror or exc}") from None
+            raise _cannot_listen(cfg.node.host, cfg.node.port, exc) from None
         log.info("node_listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
                  port=cfg.node.port, data_dir=str(cfg.node.data_dir))
 
