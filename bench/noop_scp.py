@@ -15,12 +15,13 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
+from dicomnode.config import NodeSettings
 from dicomnode.scp import handle_conn_open
 
 
 def main() -> None:
     ae = AE(ae_title="NOOP")
-    ae.maximum_pdu_size = 1048576
+    ae.maximum_pdu_size = NodeSettings.max_pdu_size  # the node's default, as bench runs it
     ae.add_supported_context(sc.CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.add_supported_context(sc.Verification)
     handlers = [(evt.EVT_C_STORE, lambda event: 0x0000),
