@@ -24,6 +24,7 @@ from pipelines.series import load_series
 from trainers.data import body_mask
 from trainers.metrics import metric_units, rmse
 from trainers.simulation import simulate_series
+from trainers.simulation.series import DEFAULT_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "conf" / "node.toml")
@@ -43,19 +44,25 @@ def test_route_model_loads_within_size_and_has_reports(route):
     assert sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) <= MAX_BYTES
     training = json.loads((folder / "report" / "metrics.json").read_text())
     assert training["steps"] > 0
-    evaluation = json.loads((folder / "report" / "evaluation" / "metrics.json").read_text())
-    assert evaluation["weights_sha256"] == loaded.info.weights_sha256
-    assert evaluation["model"] == loaded.info.name == ROUTES[route].model
+    for report in ("evaluation", "evaluation-clinical"):  # training and clinical matrix
+        evaluation = json.loads((folder / "report" / report / "metrics.json").read_text())
+        assert evaluation["weights_sha256"] == loaded.info.weights_sha256
+        assert evaluation["model"] == loaded.info.name == ROUTES[route].model
 
 
+@pytest.mark.parametrize("matrix", ["small", "clinical"])
 @pytest.mark.parametrize("route", sorted(ROUTES))
-def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route, tmp_path):
+def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route, matrix,
+                                                                         tmp_path):
+    """At a coarse 128 matrix and at the modality's clinical one (CT 512, MR 256): pixel
+    size changes the noise per pixel and the scale of anatomy the model sees."""
     info = load_model_folder(_folder(route)).info
     modality = info.source["Modality"]
+    size = 128 if matrix == "small" else DEFAULT_SIZE[modality]
     source = simulate_series(modality, info.source["name"], tmp_path / "source",
-                             subject=SUBJECT, slices=4, size=128, progress=False)
+                             subject=SUBJECT, slices=4, size=size, progress=False)
     target = simulate_series(modality, info.target["name"], tmp_path / "target",
-                             subject=SUBJECT, slices=4, size=128, progress=False)
+                             subject=SUBJECT, slices=4, size=size, progress=False)
     outcome = harmonise_series(source, routes=CONFIG.routes, models_dir=CONFIG.node.models_dir,
                                out_dir=tmp_path / "out", cache=ModelCache(),
                                options=InferenceSettings(device="cpu", bf16=False))
@@ -73,4 +80,9 @@ def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route,
                             for files in (source, outcome.outputs, target))
     mask = body_mask(load_series(target).array, modality)
     assert np.isfinite(after).all()
-    assert rmse(after, truth, mask) < rmse(before, truth, mask)
+    closer = rmse(after, truth, mask) < rmse(before, truth, mask)
+    # Known and reported (README; the model's report/evaluation-clinical): at 512x512 the
+    # vendor model leaves GE's images no closer to Siemens' (held out: PSNR 39.8 -> 39.6 dB).
+    # Should that change, this fails: update the README and make it an ordinary case.
+    known_short = (route, matrix) == ("ct-ge-to-siemens", "clinical")
+    assert closer is not known_short

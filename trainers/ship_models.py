@@ -2,10 +2,12 @@
 
     python -m trainers.ship_models [--only NAME] [--work runs/ship] [--models-dir models]
 
-Everything is seeded, runs on the CPU and prints each ``dicomnode`` command before running
-it, so ``models/README.md`` can list the exact commands. Training series and held-out test
-series come from different simulated subjects; for the unpaired models the source and
-target training subjects differ too, so no anatomy is shared between the two sides.
+Everything is seeded, runs on the CPU and prints each ``dicomnode`` command (with its
+output) on stderr before running it; stdout is the evaluations' JSON. Training series and
+held-out test series come from different simulated subjects; for the unpaired models the
+source and target training subjects differ too, so no anatomy is shared between the two
+sides. Each model is evaluated twice, at its training matrix and at the clinical one
+(``report/evaluation`` and ``report/evaluation-clinical``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,22 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from trainers import simulation
 from trainers.simulation import simulate_series
+from trainers.simulation.series import DEFAULT_SIZE
 
-SIZE, SLICES = 128, 16
+SLICES = 16
 TEST_SUBJECTS = (100, 101, 102)
+SMALL = 128  # the matrix the models train on by default: minutes on a CPU
+
+
+def evaluation_sizes(modality: str) -> dict[str, int]:
+    """Report folder -> matrix of the held-out series evaluated there: the training matrix
+    and the simulator's default, clinical one (CT 512, MR 256). Pixel size changes the
+    noise per pixel and the scale of anatomy in pixels, so a model is measured on both."""
+    return {"evaluation": SMALL, "evaluation-clinical": DEFAULT_SIZE[modality]}
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,8 @@ class Spec:
     source_subjects: tuple[int, ...]
     target_subjects: tuple[int, ...]
     args: tuple[str, ...] = field(default=())
+    train_sizes: tuple[int, ...] = (SMALL,)  # each training subject at each matrix
+    version: str = "1.0"  # a retrained shipped model gets a new one
 
 
 MODELS = {
@@ -57,7 +72,7 @@ MODELS = {
         ("--architecture", "unet", "--param", "features=16", "--param", "levels=3",
          "--patch", "64", "--batch", "4", "--steps", "4000", "--identity", "1",
          "--cycle", "10", "--gram", "10", "--disc-features", "16", "--disc-layers", "3",
-         "--val-every", "100", "--minutes", "55")),
+         "--val-every", "100", "--minutes", "55"), train_sizes=(128, 256), version="1.1"),
 }
 
 
@@ -73,33 +88,38 @@ def simulate(spec: Spec, root: Path) -> dict[str, Path]:
     """Train and test folders for both domains (skips series already simulated by this
     version of the simulator; simulates everything again when the simulator changed)."""
     stamp, digest = root / "simulator.sha256", _simulator_digest()
+    root.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file() or stamp.read_text().strip() != digest:
-        for key in ("train-source", "train-target", "test-source", "test-target"):
-            shutil.rmtree(root / key, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+        for old in (p for p in root.iterdir() if p.name.startswith(("train-", "test-"))):
+            shutil.rmtree(old)
         stamp.write_text(digest + "\n")
-    plan = {"train-source": (spec.source, spec.source_subjects),
-            "train-target": (spec.target, spec.target_subjects),
-            "test-source": (spec.source, TEST_SUBJECTS),
-            "test-target": (spec.target, TEST_SUBJECTS)}
+    plan = {"train-source": (spec.source, spec.source_subjects, spec.train_sizes),
+            "train-target": (spec.target, spec.target_subjects, spec.train_sizes)}
+    for size in set(evaluation_sizes(spec.modality).values()):
+        plan[f"test-source-{size}"] = (spec.source, TEST_SUBJECTS, (size,))
+        plan[f"test-target-{size}"] = (spec.target, TEST_SUBJECTS, (size,))
     folders = {}
-    for key, (domain, subjects) in plan.items():
+    for key, (domain, subjects, sizes) in plan.items():
         folders[key] = root / key
-        for subject in subjects:
-            out = folders[key] / f"{domain}-{subject:03d}"
+        wanted = {f"{domain}-{subject:03d}-{size}": (subject, size)
+                  for subject in subjects for size in sizes}
+        if folders[key].is_dir():  # series of an earlier plan would be trained on too
+            for stale in set(p.name for p in folders[key].iterdir()) - set(wanted):
+                shutil.rmtree(folders[key] / stale)
+        for name, (subject, size) in wanted.items():
+            out = folders[key] / name
             if not out.is_dir():   # written aside and renamed: an interrupted run leaves none
                 partial = out.with_name(out.name + ".partial")
-                shutil.rmtree(partial, ignore_errors=True)
                 simulate_series(spec.modality, domain, partial, subject=subject, slices=SLICES,
-                                size=SIZE, progress=False)
+                                size=size, progress=False)
                 partial.rename(out)
     return folders
 
 
 def _run(command: list[str], capture: bool = False) -> str:
     print("$ " + shlex.join(command), file=sys.stderr, flush=True)
-    done = subprocess.run(command, check=True, text=True,
-                          stdout=subprocess.PIPE if capture else None)
+    done = subprocess.run(command, check=True, text=True,   # stdout is the results' JSON
+                          stdout=subprocess.PIPE if capture else sys.stderr)
     return done.stdout or ""
 
 
@@ -111,13 +131,17 @@ def build(name: str, work: Path, models_dir: Path, train: bool = True) -> dict:
         _run([*dicomnode, "train", spec.mode, "--source", str(folders["train-source"]),
               "--target", str(folders["train-target"]), "--name", name,
               "--models-dir", str(models_dir), "--source-domain", spec.source,
-              "--target-domain", spec.target, "--seed", "0", "--device", "cpu",
+              "--target-domain", spec.target, "--version", spec.version, "--seed", "0",
+              "--device", "cpu",
               "--workdir", str(work / name / "run"), "--force", "--no-progress", *spec.args])
-    report = models_dir / name / "report" / "evaluation"
-    out = _run([*dicomnode, "evaluate", "--model", name, "--models-dir", str(models_dir),
-                "--source", str(folders["test-source"]), "--target",
-                str(folders["test-target"]), "--report", str(report)], capture=True)
-    return json.loads(out)
+    results = {}
+    for evaluation, size in evaluation_sizes(spec.modality).items():
+        out = _run([*dicomnode, "evaluate", "--model", name, "--models-dir", str(models_dir),
+                    "--source", str(folders[f"test-source-{size}"]), "--target",
+                    str(folders[f"test-target-{size}"]), "--report",
+                    str(models_dir / name / "report" / evaluation)], capture=True)
+        results[evaluation] = json.loads(out)
+    return results
 
 
 def _cell(metrics: dict, key: str, digits: int) -> str:
@@ -134,19 +158,20 @@ def _cell(metrics: dict, key: str, digits: int) -> str:
     return f"{before} → **{after}** ({baseline})"
 
 
-def table(models_dir: Path) -> str:
-    """The README's table of the shipped models, from their evaluation reports."""
+def table(models_dir: Path, evaluation: str = "evaluation") -> str:
+    """The README's table of the shipped models, from one of their evaluation reports."""
     rows = ["| model | training | SSIM | PSNR (dB) | texture radiomics CCC | domain accuracy"
             " | weights | CPU training |", "|---|---|---|---|---|---|---|---|"]
     for name, spec in MODELS.items():
         folder = models_dir / name
         info = json.loads((folder / "model.json").read_text())
-        metrics = json.loads((folder / "report" / "evaluation" / "metrics.json").read_text())
+        metrics = json.loads((folder / "report" / evaluation / "metrics.json").read_text())
         size = (folder / info["weights"]).stat().st_size / 1e6
         training = info["training"]
+        matrices = " + ".join(f"{n}²" for n in spec.train_sizes)
         rows.append(
             f"| `{name}` | {spec.mode}, {info['architecture']}, {spec.source} → {spec.target}"
-            f" | {_cell(metrics, 'ssim', 3)} | {_cell(metrics, 'psnr', 1)}"
+            f", {matrices} | {_cell(metrics, 'ssim', 3)} | {_cell(metrics, 'psnr', 1)}"
             f" | {_cell(metrics, 'radiomics_ccc', 3)} | {_cell(metrics, 'domain_accuracy', 2)}"
             f" | {training['parameters'] / 1e3:.0f}k params, {size:.2f} MB"
             f" | {training['steps']} steps, {training['seconds'] / 60:.0f} min |")
@@ -163,10 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--evaluate-only", action="store_true",
                    help="skip training; evaluate the model folders already there")
     p.add_argument("--table", action="store_true",
-                   help="only print the README's markdown table of the shipped models")
+                   help="only print the README's markdown tables of the shipped models"
+                        " (held out at the training matrix, then at the clinical one)")
     args = p.parse_args(argv)
+    # the simulator's events go to stderr with the commands' own output
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     if args.table:
-        print(table(args.models_dir))
+        print("\n\n".join(table(args.models_dir, name) for name in ("evaluation",
+                                                                     "evaluation-clinical")))
         return 0
     results = {}
     for name in args.only or list(MODELS):
