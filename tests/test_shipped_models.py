@@ -23,8 +23,8 @@ from pipelines.model_folder import load_model_folder
 from pipelines.series import load_series
 from trainers.data import body_mask
 from trainers.metrics import metric_units, rmse
+from trainers.ship_models import REPORTS, evaluation_sizes
 from trainers.simulation import simulate_series
-from trainers.simulation.series import DEFAULT_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = load_config(ROOT / "conf" / "node.toml")
@@ -44,21 +44,21 @@ def test_route_model_loads_within_size_and_has_reports(route):
     assert sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) <= MAX_BYTES
     training = json.loads((folder / "report" / "metrics.json").read_text())
     assert training["steps"] > 0
-    for report in ("evaluation", "evaluation-clinical"):  # training and clinical matrix
+    for report in REPORTS:  # held out at the training matrix and at the clinical one
         evaluation = json.loads((folder / "report" / report / "metrics.json").read_text())
         assert evaluation["weights_sha256"] == loaded.info.weights_sha256
         assert evaluation["model"] == loaded.info.name == ROUTES[route].model
 
 
-@pytest.mark.parametrize("matrix", ["small", "clinical"])
+@pytest.mark.parametrize("report", REPORTS)
 @pytest.mark.parametrize("route", sorted(ROUTES))
-def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route, matrix,
+def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route, report,
                                                                          tmp_path):
-    """At a coarse 128 matrix and at the modality's clinical one (CT 512, MR 256): pixel
-    size changes the noise per pixel and the scale of anatomy the model sees."""
+    """At each matrix the models are evaluated at (128, and the modality's clinical one:
+    CT 512, MR 256): pixel size changes the noise per pixel and the scale of anatomy."""
     info = load_model_folder(_folder(route)).info
     modality = info.source["Modality"]
-    size = 128 if matrix == "small" else DEFAULT_SIZE[modality]
+    size = evaluation_sizes(modality)[report]
     source = simulate_series(modality, info.source["name"], tmp_path / "source",
                              subject=SUBJECT, slices=4, size=size, progress=False)
     target = simulate_series(modality, info.target["name"], tmp_path / "target",
@@ -84,5 +84,5 @@ def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route,
     # Known and reported (README; the model's report/evaluation-clinical): at 512x512 the
     # vendor model leaves GE's images no closer to Siemens' (held out: PSNR 39.8 -> 39.6 dB).
     # Should that change, this fails: update the README and make it an ordinary case.
-    known_short = (route, matrix) == ("ct-ge-to-siemens", "clinical")
+    known_short = (route, report) == ("ct-ge-to-siemens", "evaluation-clinical")
     assert closer is not known_short

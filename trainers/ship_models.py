@@ -31,13 +31,14 @@ from trainers.simulation.series import DEFAULT_SIZE
 SLICES = 16
 TEST_SUBJECTS = (100, 101, 102)
 SMALL = 128  # the matrix the models train on by default: minutes on a CPU
+REPORTS = ("evaluation", "evaluation-clinical")  # under report/: training, clinical matrix
 
 
 def evaluation_sizes(modality: str) -> dict[str, int]:
     """Report folder -> matrix of the held-out series evaluated there: the training matrix
     and the simulator's default, clinical one (CT 512, MR 256). Pixel size changes the
     noise per pixel and the scale of anatomy in pixels, so a model is measured on both."""
-    return {"evaluation": SMALL, "evaluation-clinical": DEFAULT_SIZE[modality]}
+    return dict(zip(REPORTS, (SMALL, DEFAULT_SIZE[modality]), strict=True))
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ def simulate(spec: Spec, root: Path) -> dict[str, Path]:
 
 def _run(command: list[str], capture: bool = False) -> str:
     print("$ " + shlex.join(command), file=sys.stderr, flush=True)
-    done = subprocess.run(command, check=True, text=True,   # stdout is the results' JSON
+    # a command's own output goes to stderr: ship_models' stdout is the results' JSON
+    done = subprocess.run(command, check=True, text=True,
                           stdout=subprocess.PIPE if capture else sys.stderr)
     return done.stdout or ""
 
@@ -132,8 +134,8 @@ def build(name: str, work: Path, models_dir: Path, train: bool = True) -> dict:
               "--target", str(folders["train-target"]), "--name", name,
               "--models-dir", str(models_dir), "--source-domain", spec.source,
               "--target-domain", spec.target, "--version", spec.version, "--seed", "0",
-              "--device", "cpu",
-              "--workdir", str(work / name / "run"), "--force", "--no-progress", *spec.args])
+              "--device", "cpu", "--workdir", str(work / name / "run"), "--force",
+              "--no-progress", *spec.args])
     results = {}
     for evaluation, size in evaluation_sizes(spec.modality).items():
         out = _run([*dicomnode, "evaluate", "--model", name, "--models-dir", str(models_dir),
@@ -194,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     # the simulator's events go to stderr with the commands' own output
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     if args.table:
-        print("\n\n".join(table(args.models_dir, name) for name in ("evaluation",
-                                                                     "evaluation-clinical")))
+        print("\n\n".join(table(args.models_dir, report) for report in REPORTS))
         return 0
     results = {}
     for name in args.only or list(MODELS):
