@@ -14,9 +14,12 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from dicomnode.index import Index, InstanceRecord
 from dicomnode.storage import check_free_space, instance_path, store_bytes
@@ -35,6 +38,10 @@ QUERY_KEYWORDS = (
 # Without these an instance cannot be filed (each is also one of QUERY_KEYWORDS).
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)")
+
+PIXEL_DATA = 0x7FE00010
+PIXEL_DATA_TAGS = frozenset((0x7FE00008, 0x7FE00009, PIXEL_DATA))  # float, double, integer
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 _UID_LOCKS = tuple(threading.Lock() for _ in range(64))
 
@@ -97,16 +104,72 @@ def _read(ds: Dataset, keyword: str) -> str | int | float | None:
                                tag=f"({tag >> 16:04X},{tag & 0xFFFF:04X})") from None
 
 
+class _PixelDataProbe:
+    """``stop_when`` callback that ends a header read at the pixel data, noting the declared
+    length of (7FE0,0010) and where its value starts in the stream."""
+
+    def __init__(self, stream: BytesIO) -> None:
+        self.stream = stream
+        self.length: int | None = None  # None: no integer pixel data
+        self.offset = 0
+
+    def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
+        if tag not in PIXEL_DATA_TAGS:
+            return False
+        if tag == PIXEL_DATA:
+            self.length, self.offset = length, self.stream.tell()  # the stream is at the value
+        return True
+
+    def available(self, ds: Dataset, size: int) -> int | None:
+        """Value bytes the pixel data has: fewer than declared when the data ends first
+        (a deflated data set is read from its own inflated stream: its declared length)."""
+        if self.length is None or self.length == UNDEFINED_LENGTH:
+            return self.length
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and UID(str(meta.get("TransferSyntaxUID", ""))).is_deflated:
+            return self.length
+        return min(self.length, size - self.offset)
+
+
+def _check_pixel_data(ds: Dataset, transfer_syntax: str, length: int | None) -> None:
+    """Reject pixel data that cannot be decoded as its header describes it, before it can
+    replace a good stored copy: native data shorter than Rows x Columns x samples x bits x
+    frames, or encapsulated data that is not encapsulated (a defined length)."""
+    if length is None:
+        return
+    if UID(transfer_syntax).is_encapsulated:
+        if length != UNDEFINED_LENGTH:
+            raise RejectedInstance(f"PixelData has a defined length ({length} bytes) but"
+                                   f" transfer syntax {transfer_syntax} needs encapsulated"
+                                   " fragments")
+        return
+    if length == UNDEFINED_LENGTH:
+        raise RejectedInstance(f"PixelData has an undefined length in the native transfer"
+                               f" syntax {transfer_syntax}")
+    try:
+        expected = int(get_expected_length(ds, unit="bytes"))
+    except Exception as exc:
+        raise RejectedInstance("PixelData without a readable Image Pixel description"
+                               " (Rows, Columns, BitsAllocated, SamplesPerPixel)",
+                               error=type(exc).__name__) from None
+    if length < expected:
+        raise RejectedInstance(f"PixelData has {length} bytes; Rows, Columns, SamplesPerPixel,"
+                               f" BitsAllocated and NumberOfFrames need {expected}")
+
+
 def parse_header(data: bytes, transfer_syntax: str | None = None,
                  affected_sop_class: str | None = None,
                  affected_sop_instance: str | None = None) -> InstanceRecord:
     """Read the identifying attributes of an encoded instance, checking they agree.
 
     ``transfer_syntax`` is the negotiated one for network input; files carry their own.
-    Whatever is wrong with the bytes, the outcome is a record or a RejectedInstance.
+    Whatever is wrong with the bytes, the outcome is a record or a RejectedInstance;
+    the pixel data is not read, only its length checked against the header.
     """
+    stream = BytesIO(data)
+    probe = _PixelDataProbe(stream)
     try:
-        ds: Dataset = dcmread(BytesIO(data), stop_before_pixels=True, force=False)
+        ds: Dataset = read_partial(stream, stop_when=probe)
         if transfer_syntax is None:
             transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
     except Exception as exc:
@@ -125,6 +188,7 @@ def parse_header(data: bytes, transfer_syntax: str | None = None,
     if affected_sop_instance and sop_uid != affected_sop_instance:
         raise RejectedInstance(f"SOPInstanceUID {sop_uid} does not match the request's"
                                f" {affected_sop_instance}", status=DATASET_MISMATCH)
+    _check_pixel_data(ds, transfer_syntax, probe.available(ds, len(data)))
     try:
         number = int(attrs["InstanceNumber"]) if "InstanceNumber" in attrs else None
     except (TypeError, ValueError):

@@ -335,6 +335,27 @@ def test_duplicates_identical_is_noop_different_replaces(node, tmp_path):
     assert len(stored) == 1 and dcmread(stored[0]).PixelData == ds.PixelData
 
 
+def test_a_damaged_resend_is_refused_and_the_stored_copy_kept(node, tmp_path):
+    """duplicate_policy "replace" must not let a resend with cut pixel data (a truncated
+    file re-encoded by the sender) overwrite the good copy: 0xC000, the copy stays."""
+    [path] = write_series(tmp_path / "in", slices=1, size=16)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="HARMONISE")
+    assert assoc.is_established
+    good = dcmread(path)
+    damaged = dcmread(path)
+    damaged.PixelData = damaged.PixelData[:-64]
+    statuses = [assoc.send_c_store(ds).Status for ds in (good, damaged)]
+    assoc.release()
+    assert statuses == [0x0000, 0xC000]
+    [rejected] = node.events("instance_rejected")
+    assert rejected["reason"].startswith(f"PixelData has {len(good.PixelData) - 64} bytes;")
+    [stored] = (tmp_path / "var" / "spool").rglob("*.dcm")
+    assert dcmread(stored).PixelData == good.PixelData
+    assert index_rows(node, "SELECT COUNT(*) FROM instances") == [(1,)]
+
+
 def test_disk_reserve_refuses_with_a700_and_keeps_running(tmp_path):
     port = free_port()
     config = write_config(tmp_path / "node.toml", port, tmp_path / "var")

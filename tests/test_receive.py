@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import JPEG2000Lossless
 
 from dicomnode.config import load_config
 from dicomnode.index import Index
-from dicomnode.receive import parse_header, receive_instance
+from dicomnode.receive import RejectedInstance, parse_header, receive_instance
 from dicomnode.service import reconcile
 from tests.dicom_factory import write_series
 from tests.nodeutil import free_port, write_config
@@ -98,3 +99,25 @@ def test_a_crash_after_indexing_a_replacement_before_removing_the_old_copy(node)
     assert reconcile(index, config) == {"temp_removed": 0, "superseded_removed": 1,
                                         "files_adopted": 0}
     assert consistent(config, index) == second
+
+
+def test_pixel_data_is_checked_against_the_header_without_decoding(tmp_path):
+    """Cut native pixel data and encapsulated syntaxes without fragments are refused when
+    received, with the sizes in the message; odd-length data padded to even is fine."""
+    [path] = write_series(tmp_path / "in", slices=1, size=16)
+    ds = dcmread(path)
+    ds.PixelData = ds.PixelData[:-2]
+    ds.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    with pytest.raises(RejectedInstance, match="PixelData has 510 bytes; .* need 512"):
+        parse_header((tmp_path / "cut.dcm").read_bytes())
+    ds = dcmread(path)
+    with pytest.raises(RejectedInstance, match="defined length .* encapsulated fragments"):
+        parse_header(ds_bytes(ds, tmp_path), JPEG2000Lossless)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.Rows, ds.Columns = 8, 8, 7, 3, 3
+    ds.PixelData = bytes(9) + b"\0"  # 9 bytes padded to 10
+    assert parse_header(ds_bytes(ds, tmp_path)).sop_instance_uid == ds.SOPInstanceUID
+
+
+def ds_bytes(ds, tmp_path: Path) -> bytes:
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    return (tmp_path / "x.dcm").read_bytes()
