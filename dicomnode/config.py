@@ -19,6 +19,9 @@ from pipelines.settings import InferenceSettings
 
 ENV_CONFIG = "DICOMNODE_CONFIG"
 DEFAULT_CONFIG = Path("conf/node.toml")
+# The checkout's shipped config, for commands run outside the checkout (``dicomnode status``
+# from a home folder talks to the node that ``dicomnode serve`` started from the checkout).
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
 
 
 class ConfigError(ValueError):
@@ -225,9 +228,17 @@ def _peers(raw: Any, path: Path) -> tuple[Peer, ...]:
     return tuple(peers)
 
 
+def default_config_path() -> Path:
+    """``conf/node.toml`` of the working folder, else the checkout's shipped one."""
+    if DEFAULT_CONFIG.is_file() or not SHIPPED_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    return SHIPPED_CONFIG
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load and validate the config at ``path``, ``$DICOMNODE_CONFIG`` or ``conf/node.toml``."""
-    chosen = Path(path or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG).expanduser()
+    """Load and validate the config at ``path``, ``$DICOMNODE_CONFIG`` or ``conf/node.toml``
+    (of the working folder, else of the checkout the package runs from)."""
+    chosen = Path(path or os.environ.get(ENV_CONFIG) or default_config_path()).expanduser()
     try:
         raw = tomllib.loads(chosen.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -31,6 +31,16 @@ def test_env_variable_overrides_default_path(tmp_path, monkeypatch):
     assert config.node.data_dir == tmp_path / "var"
 
 
+def test_outside_the_checkout_the_shipped_config_is_the_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert load_config().node.data_dir == ROOT / "var"
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "node.toml").write_text('[node]\nae_title = "LOCAL"\n')
+    config = load_config()  # the working folder's conf/node.toml comes first
+    assert config.node.ae_title == "LOCAL" and config.node.data_dir == tmp_path / "var"
+
+
 @pytest.mark.parametrize("text, words", [
     ('[node]\nae_titel = "X"\n', ["unknown key 'ae_titel'", "[node]"]),
     ('[nodes]\n', ["unknown key 'nodes'"]),
