@@ -59,7 +59,7 @@ MODELS = {
         "CT", "siemens-b70f", "siemens-b30f", "paired", tuple(range(6)), tuple(range(6)),
         ("--architecture", "plain", "--param", "features=32", "--param", "blocks=8",
          "--patch", "48", "--batch", "8", "--steps", "1200", "--lr", "1e-3", "--ssim", "0.5",
-         "--val-every", "100", "--minutes", "45")),
+         "--val-every", "100", "--minutes", "45"), version="1.1"),
     "ct-vendor-ge-to-siemens": Spec(
         "CT", "ge-standard", "siemens-b30f", "unpaired", tuple(range(6)), tuple(range(10, 16)),
         ("--architecture", "plain", "--param", "features=24", "--param", "blocks=6",

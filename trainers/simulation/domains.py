@@ -37,6 +37,9 @@ class CTDomain:
     hu_offset: float            # vendor calibration offset added to every HU value
     tags: dict[str, Any] = field(default_factory=dict)
     modality: str = "CT"
+    # Another reconstruction of that domain's raw data: same exposure, slice thickness and
+    # calibration, so the same noise projections, filtered with this domain's kernel.
+    raw_data_of: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,11 @@ _GE_CT = {"Manufacturer": "GE MEDICAL SYSTEMS", "ManufacturerModelName": "Revolu
 
 
 def _ct(name: str, base: dict[str, Any], kernel_name: str, kernel: CTKernel, kvp: float,
-        mas: float, thickness: float, hu_offset: float, protocol: str) -> CTDomain:
+        mas: float, thickness: float, hu_offset: float, protocol: str,
+        raw_data_of: str = "") -> CTDomain:
     tags = {**base, "ConvolutionKernel": kernel_name, "KVP": kvp, "ProtocolName": protocol,
             "SeriesDescription": f"{protocol} {thickness:g} {kernel_name}"}
-    return CTDomain(name, kernel, kvp, mas, thickness, hu_offset, tags)
+    return CTDomain(name, kernel, kvp, mas, thickness, hu_offset, tags, raw_data_of=raw_data_of)
 
 
 def _mr(name: str, manufacturer: str, model: str, station: str, field_t: float, sequence: str,
@@ -92,8 +96,10 @@ def _mr(name: str, manufacturer: str, model: str, station: str, field_t: float, 
 DOMAINS: dict[str, Domain] = {d.name: d for d in (
     _ct("siemens-b30f", _SIEMENS_CT, "B30f", CTKernel(cutoff=1.0), 120, 200, 3.0, 0.0,
         "Thorax Routine"),
+    # the sharp kernel reconstructed from the B30f acquisition: a paired kernel conversion
+    # learns the kernel's transfer function, not to denoise another noise realisation
     _ct("siemens-b70f", _SIEMENS_CT, "B70f", CTKernel(cutoff=1.25, boost=1.6, boost_at=0.65),
-        120, 200, 1.0, 0.0, "Thorax Routine"),
+        120, 200, 3.0, 0.0, "Thorax Routine", raw_data_of="siemens-b30f"),
     _ct("ge-standard", _GE_CT, "STANDARD", CTKernel(cutoff=0.9), 120, 250, 2.5, 4.0,
         "CHEST ROUTINE"),
     _ct("ge-lung", _GE_CT, "LUNG", CTKernel(cutoff=1.3, boost=1.2, boost_at=0.7), 120, 250,

@@ -3,7 +3,8 @@
 Determinism: the anatomy depends on ``(subject, seed)`` only (and the phantom), the geometry on
 the modality, phantom and ``slices``/``size``; noise and UIDs also on the domain. So two
 domains of one subject are a ground-truth pair: same patient, frame of reference and slice
-positions, different scanner.
+positions, different scanner. A CT domain that reconstructs another's raw data
+(``raw_data_of``) draws that domain's noise: the same acquisition with another kernel.
 """
 
 from __future__ import annotations
@@ -150,8 +151,9 @@ def simulate_series(modality: str, domain: str, out_dir: Path | str, subject: in
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), len(_cpus()))))
+    acquisition = getattr(dom, "raw_data_of", "") or domain  # reconstructions share noise
     gen = torch.Generator().manual_seed(
-        zlib.crc32(f"noise/{seed}/{subject}/{domain}/{noise_seed}".encode()))
+        zlib.crc32(f"noise/{seed}/{subject}/{acquisition}/{noise_seed}".encode()))
     if isinstance(dom, CTDomain):
         ph = make_phantom(subject, seed, phantom, volume)
         geo = geometry("CT", slices, size, ph)
