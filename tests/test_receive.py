@@ -18,6 +18,12 @@ from tests.dicom_factory import write_series
 from tests.nodeutil import free_port, write_config
 
 
+def encoded(ds, tmp_path: Path) -> bytes:
+    """``ds`` as the bytes of a DICOM file (preamble and file meta included)."""
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    return (tmp_path / "x.dcm").read_bytes()
+
+
 @pytest.fixture
 def node(tmp_path: Path):
     config = load_config(write_config(tmp_path / "node.toml", free_port(), tmp_path / "var"))
@@ -27,8 +33,7 @@ def node(tmp_path: Path):
     variants = []
     for value in range(41):  # the same SOP Instance UID with other bytes
         ds.PixelData = bytes([value]) * len(ds.PixelData)
-        ds.save_as(tmp_path / "v.dcm", enforce_file_format=True)
-        variants.append((tmp_path / "v.dcm").read_bytes())
+        variants.append(encoded(ds, tmp_path))
     yield config, index, variants
     index.close()
 
@@ -107,17 +112,11 @@ def test_pixel_data_is_checked_against_the_header_without_decoding(tmp_path):
     [path] = write_series(tmp_path / "in", slices=1, size=16)
     ds = dcmread(path)
     ds.PixelData = ds.PixelData[:-2]
-    ds.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
     with pytest.raises(RejectedInstance, match="PixelData has 510 bytes; .* need 512"):
-        parse_header((tmp_path / "cut.dcm").read_bytes())
+        parse_header(encoded(ds, tmp_path))
     ds = dcmread(path)
     with pytest.raises(RejectedInstance, match="defined length .* encapsulated fragments"):
-        parse_header(ds_bytes(ds, tmp_path), JPEG2000Lossless)
+        parse_header(encoded(ds, tmp_path), JPEG2000Lossless)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.Rows, ds.Columns = 8, 8, 7, 3, 3
     ds.PixelData = bytes(9) + b"\0"  # 9 bytes padded to 10
-    assert parse_header(ds_bytes(ds, tmp_path)).sop_instance_uid == ds.SOPInstanceUID
-
-
-def ds_bytes(ds, tmp_path: Path) -> bytes:
-    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
-    return (tmp_path / "x.dcm").read_bytes()
+    assert parse_header(encoded(ds, tmp_path)).sop_instance_uid == ds.SOPInstanceUID
