@@ -42,6 +42,8 @@ from dicomnode.query import (
     ("TM", "1000-1015", "101559.5", True),         # an end without seconds takes the minute
     ("TM", "1016-", "101500", False),
     ("TM", "10:15:00", "101500", True),
+    ("TM", "-0800", "", False),                    # an empty value matches no range
+    ("DA", "-20240101", "", False),
     ("DT", "20240101-20240102", "20240101120000", True),
     ("IS", "3", 3, True),
     ("DS", "3.0", "3", True),
