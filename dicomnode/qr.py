@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
-from pynetdicom import evt
+from pydicom.dataset import Dataset
+from pynetdicom import build_context, evt
 from pynetdicom import sop_class as sc
 
 from dicomnode.client import association_problem, nodelay
@@ -29,6 +30,7 @@ from dicomnode.query import (
     match,
     parse_identifier,
     response,
+    retrieve_selection,
 )
 
 if TYPE_CHECKING:
@@ -117,8 +119,10 @@ def find(index: Index, query: Query) -> list[dict[str, Any]]:
 
 
 def retrieve_rows(index: Index, query: Query) -> list[Any]:
-    """Index rows of every instance under the entities the identifier selects."""
-    return [r["_row"] for r in image_records(index, Query("IMAGE", query.keys))]
+    """Index rows of every instance under the entities the identifier's unique keys select
+    (:func:`~dicomnode.query.retrieve_selection`; raises QueryError for a bad one)."""
+    return [r["_row"] for r in image_records(index,
+                                             Query("IMAGE", retrieve_selection(query).keys))]
 
 
 # --- handlers -------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def handle_find(event: evt.Event, ctx: ScpContext) -> Iterator[tuple[int, Any]]:
         records = find(ctx.index, query)
     except QueryError as exc:
         log.warning("find_refused", calling_ae=_calling(event), reason=str(exc))
-        yield exc.status, None
+        yield failure(exc), None
         return
     except Exception as exc:  # a malformed identifier or a broken row: refuse, keep running
         log.exception("find_failed", calling_ae=_calling(event), reason=str(exc))
@@ -176,6 +180,20 @@ class MoveDestinationUnreachable(ConnectionError):
     """A configured C-MOVE destination could not be associated with."""
 
 
+def failure(exc: Exception) -> Dataset:
+    """The final response status for a refused query or retrieve, with the reason as its
+    Error Comment (LO: 64 characters) so the SCU's log says why."""
+    status = Dataset()
+    status.Status = exc.status if isinstance(exc, QueryError) else UNABLE_TO_PROCESS
+    status.ErrorComment = str(exc)[:64]
+    return status
+
+
+# pynetdicom sends a C-MOVE's failure status only once it holds an association with the
+# destination: these are proposed for that, so any storage SCP accepts one of them
+REFUSAL_CONTEXTS = (sc.Verification, sc.CTImageStorage, sc.MRImageStorage)
+
+
 def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
     dest = str(event.move_destination or "").strip()
     peer = ctx.config.peer(dest)
@@ -187,11 +205,12 @@ def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
         query = parse_identifier(event.identifier, _model(event))
         rows = retrieve_rows(ctx.index, query)
     except Exception as exc:
-        status = exc.status if isinstance(exc, QueryError) else UNABLE_TO_PROCESS
         log.warning("move_refused", calling_ae=_calling(event), destination=dest, reason=str(exc))
-        yield peer.host, peer.port
+        yield peer.host, peer.port, {
+            "contexts": [build_context(c) for c in REFUSAL_CONTEXTS],
+            "evt_handlers": [(evt.EVT_CONN_OPEN, nodelay)], "max_pdu": ctx.config.node.max_pdu_size}
         yield 1
-        yield status, None
+        yield failure(exc), None
         return
     store: dict[str, Any] = {}
 
@@ -229,10 +248,9 @@ def handle_get(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
         query = parse_identifier(event.identifier, _model(event))
         rows = retrieve_rows(ctx.index, query)
     except Exception as exc:
-        status = exc.status if isinstance(exc, QueryError) else UNABLE_TO_PROCESS
         log.warning("get_refused", calling_ae=_calling(event), reason=str(exc))
         yield 1
-        yield status, None
+        yield failure(exc), None
         return
     log.info("get", calling_ae=_calling(event), level=query.level, instances=len(rows))
     yield len(rows)

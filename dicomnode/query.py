@@ -114,6 +114,26 @@ def parse_identifier(identifier: Dataset, model_root: str = "STUDY") -> Query:
     return Query(level, tuple(keys))
 
 
+def retrieve_selection(query: Query) -> Query:
+    """The keys a C-MOVE/C-GET selects by: the unique keys at and above its level.
+
+    PS3.4 C.4.2.2.1: the SCU names what to retrieve by unique keys, one or a list of UIDs
+    (a PatientID) at the retrieve level. A missing, empty or wildcard key there would select
+    every entity the node holds, so it is refused (0xA900) rather than sending the archive.
+    Other keys are not part of a retrieve identifier and are ignored, as dcmtk's and
+    Orthanc's SCPs do; missing keys above the level are allowed (relational retrieve).
+    """
+    levels = LEVELS[:LEVELS.index(query.level) + 1]
+    unique = {UNIQUE_KEY[level] for level in levels}
+    keys = tuple(k for k in query.keys if k.keyword in unique and k.value.strip())
+    own = UNIQUE_KEY[query.level]
+    given = [k for k in keys if k.keyword == own]
+    if not given or _has_wildcard(given[0].value):
+        raise QueryError(f"a {query.level} level retrieve needs {own}: one value or a"
+                         f" backslash-separated list, without wildcards")
+    return Query(query.level, keys)
+
+
 def _has_wildcard(value: str) -> bool:
     return "*" in value or "?" in value
 

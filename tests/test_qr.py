@@ -3,6 +3,7 @@ C-CANCEL; originals and harmonised copies alike."""
 
 from __future__ import annotations
 
+import copy
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -194,6 +195,15 @@ def test_movescu_series_pending_counts_and_unknown_destination(qr, tmp_path):
     assert "0xa801" in text.lower() or "Move Destination Unknown" in text, text
     assert qr.events("move_destination_unknown")
 
+    # no SeriesInstanceUID at SERIES level would select every series: refused, nothing sent
+    everything = [*base[:-2], "-k", "SeriesInstanceUID=", "-aem", "MOVESCU", "--port",
+                  str(qr.move_port), "-od", str(out), "127.0.0.1", str(qr.port)]
+    refused = subprocess.run(everything, capture_output=True, text=True, timeout=60,
+                             env=dcmtk_env())
+    text = refused.stdout + refused.stderr
+    assert "0xa900" in text.lower() and "retrieve needs SeriesInstanceUID" in text, text
+    assert len(list(out.iterdir())) == 4
+
     # a configured destination that is down is not "unknown": a failure, and a log event
     down = subprocess.run([*base, "-aem", "DOWN", "127.0.0.1", str(qr.port)],
                           capture_output=True, text=True, timeout=60, env=dcmtk_env())
@@ -300,8 +310,7 @@ def test_c_find_cancel_stops_the_responses(many):
     # Over the network this races: pynetdicom's reactor sends every queued response
     # before it reads the next PDU, and drops a cancel that arrives before the request
     # is being served; so the handler is driven directly, as pynetdicom drives it.
-    query = Dataset()
-    query.update(many.query)
+    query = copy.deepcopy(many.query)  # update() would share, and change, its elements
     query.QueryRetrieveLevel, query.SOPInstanceUID = "IMAGE", ""
     config = load_config(many.config)
     index = Index(config.index_path)

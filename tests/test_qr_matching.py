@@ -14,6 +14,7 @@ from dicomnode.query import (
     match_value,
     parse_identifier,
     response,
+    retrieve_selection,
 )
 
 
@@ -78,6 +79,31 @@ def test_parse_identifier_levels_and_roots():
     with pytest.raises(QueryError):
         parse_identifier(ident(QueryRetrieveLevel="NOPE"))
     assert parse_identifier(ident(QueryRetrieveLevel="PATIENT"), "PATIENT").level == "PATIENT"
+
+
+def test_a_retrieve_selects_by_its_unique_keys_only():
+    q = retrieve_selection(parse_identifier(ident(
+        QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3\\1.2.4",
+        Modality="MR", PatientName="A*", SOPInstanceUID="9.9")))
+    assert {k.keyword: k.value for k in q.keys} == {"StudyInstanceUID": "1.2",
+                                                   "SeriesInstanceUID": "1.2.3\\1.2.4"}
+    # relational: the keys above the level may be left out
+    assert retrieve_selection(parse_identifier(ident(
+        QueryRetrieveLevel="IMAGE", SOPInstanceUID="1.2.3.4"))).unique_values(
+        "SOPInstanceUID") == ["1.2.3.4"]
+
+
+@pytest.mark.parametrize("level, keys", [
+    ("STUDY", {"StudyInstanceUID": ""}),           # would select every study
+    ("STUDY", {"PatientID": "P1"}),                # the level's own key is missing
+    ("SERIES", {"StudyInstanceUID": "1.2", "SeriesInstanceUID": ""}),
+    ("PATIENT", {"PatientID": "P*"}),              # no wildcards in a retrieve
+    ("IMAGE", {"SeriesInstanceUID": "1.2.3", "SOPInstanceUID": "*"}),
+])
+def test_a_retrieve_without_its_unique_key_is_refused(level, keys):
+    with pytest.raises(QueryError, match="retrieve needs") as err:
+        retrieve_selection(parse_identifier(ident(QueryRetrieveLevel=level, **keys), "PATIENT"))
+    assert err.value.status == 0xA900
 
 
 def test_keys_below_the_level_do_not_filter():

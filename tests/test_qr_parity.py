@@ -1,5 +1,6 @@
-"""C-FIND parity with a real PACS: the same instances stored in Orthanc and in the node,
-the same identifiers sent to both; the matches and the values returned must agree.
+"""Query/Retrieve parity with a real PACS: the same instances stored in Orthanc and in the
+node, the same identifiers sent to both; C-FIND matches and returned values, and the
+instances a C-GET retrieves, must agree.
 
 The battery covers every matching type of PS3.4 C.2.2.2 (single value, wildcards, PN case,
 date and time ranges, UID lists, multi-valued ModalitiesInStudy) at every level, in Study
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    MRImageStorage,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind as PATIENT_ROOT,
 )
@@ -171,3 +178,54 @@ def test_node_answers_c_find_like_orthanc(peers, query):
     assert answers["node"] == answers["orthanc"]
     assert answers["orthanc"] or list(keys.values()) in (["Smith"], ["US"]), \
         "only the two deliberate misses may match nothing"
+
+
+GETS = [
+    ("STUDY", {"StudyInstanceUID": f"{STUDY}1"}),
+    ("STUDY", {"StudyInstanceUID": f"{STUDY}1\\{STUDY}4"}),
+    ("STUDY", {"StudyInstanceUID": f"{STUDY}5", "ModalitiesInStudy": "MR", "Modality": "MR"}),
+    ("SERIES", {"StudyInstanceUID": f"{STUDY}5", "SeriesInstanceUID": ""}),
+    ("STUDY", {"StudyInstanceUID": ""}),
+    ("PATIENT", {"PatientID": "P001"}, "patient root"),
+    ("STUDY", {"PatientID": "P001", "StudyInstanceUID": f"{STUDY}2"}, "patient root"),
+]
+
+
+def _get(peer: tuple[str, int], model: str, identifier: Dataset) -> tuple[list[str], int]:
+    """SOP Instance UIDs a C-GET delivers, and its final status."""
+    got: list[str] = []
+    classes = (CTImageStorage, MRImageStorage)
+    ae = AE(ae_title="PARITY")
+    for sop_class in (model, *classes):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", peer[1], ae_title=peer[0],
+                         ext_neg=[build_role(c, scp_role=True) for c in classes],
+                         evt_handlers=[(evt.EVT_C_STORE, lambda e: got.append(
+                             str(e.request.AffectedSOPInstanceUID)) or 0x0000)])
+    assert assoc.is_established, peer
+    try:
+        final = [status.Status for status, _ in assoc.send_c_get(identifier, model) if status]
+    finally:
+        assoc.release()
+    return sorted(got), final[-1]
+
+
+@pytest.mark.parametrize("query", GETS, ids=lambda q: f"{q[0]}:{q[1]}")
+def test_node_retrieves_what_orthanc_retrieves(peers, query):
+    """An identifier without the level's UID (the empty StudyInstanceUID) is refused by
+    both, with nothing sent: Orthanc answers 0xC000, the node 0xA900 (Identifier does not
+    match SOP Class). Non-unique keys (Modality) do not narrow a retrieve in either."""
+    level, keys, *root = query
+    model = PatientRootQueryRetrieveInformationModelGet if root else \
+        StudyRootQueryRetrieveInformationModelGet
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(identifier, k, v)
+    got = {who: _get(peer, model, identifier) for who, peer in peers.items()}
+    assert got["node"][0] == got["orthanc"][0]
+    refused = not keys[UNIQUE[level]]
+    assert bool(got["node"][0]) is not refused
+    if "Modality" in keys:  # study 5 holds a CT and an MR series: both come
+        assert len(got["node"][0]) == 6
+    assert (got["orthanc"][1], got["node"][1]) == ((0xC000, 0xA900) if refused else (0, 0))
