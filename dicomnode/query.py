@@ -121,16 +121,20 @@ def retrieve_selection(query: Query) -> Query:
     (a PatientID) at the retrieve level. A missing, empty or wildcard key there would select
     every entity the node holds, so it is refused (0xA900) rather than sending the archive.
     Other keys are not part of a retrieve identifier and are ignored, as dcmtk's and
-    Orthanc's SCPs do; missing keys above the level are allowed (relational retrieve).
+    Orthanc's SCPs do; missing keys above the level are allowed (relational retrieve). Like
+    Orthanc, a STUDY retrieve may name its study by AccessionNumber instead of its UID, as
+    some modalities and viewers do.
     """
     levels = LEVELS[:LEVELS.index(query.level) + 1]
-    unique = {UNIQUE_KEY[level] for level in levels}
-    keys = tuple(k for k in query.keys if k.keyword in unique and k.value.strip())
-    own = UNIQUE_KEY[query.level]
-    given = [k for k in keys if k.keyword == own]
-    if not given or _has_wildcard(given[0].value):
-        raise QueryError(f"a {query.level} level retrieve needs {own}: one value or a"
-                         f" backslash-separated list, without wildcards")
+    selecting = {UNIQUE_KEY[level] for level in levels}
+    own = [UNIQUE_KEY[query.level]]
+    if query.level == "STUDY":
+        own.append("AccessionNumber")
+        selecting.add("AccessionNumber")
+    keys = tuple(k for k in query.keys if k.keyword in selecting and k.value.strip())
+    if not any(k.keyword in own and not _has_wildcard(k.value) for k in keys):
+        raise QueryError(f"a {query.level} level retrieve needs {' or '.join(own)}: one"
+                         " value or a backslash-separated list, without wildcards")
     return Query(query.level, keys)
 
 

@@ -87,6 +87,10 @@ def test_a_retrieve_selects_by_its_unique_keys_only():
         Modality="MR", PatientName="A*", SOPInstanceUID="9.9")))
     assert {k.keyword: k.value for k in q.keys} == {"StudyInstanceUID": "1.2",
                                                    "SeriesInstanceUID": "1.2.3\\1.2.4"}
+    # a study named by its accession number, as some modalities do
+    q = retrieve_selection(parse_identifier(ident(
+        QueryRetrieveLevel="STUDY", AccessionNumber="ACC1", StudyInstanceUID="")))
+    assert [(k.keyword, k.value) for k in q.keys] == [("AccessionNumber", "ACC1")]
     # relational: the keys above the level may be left out
     assert retrieve_selection(parse_identifier(ident(
         QueryRetrieveLevel="IMAGE", SOPInstanceUID="1.2.3.4"))).unique_values(
@@ -96,6 +100,7 @@ def test_a_retrieve_selects_by_its_unique_keys_only():
 @pytest.mark.parametrize("level, keys", [
     ("STUDY", {"StudyInstanceUID": ""}),           # would select every study
     ("STUDY", {"PatientID": "P1"}),                # the level's own key is missing
+    ("STUDY", {"AccessionNumber": "ACC*"}),
     ("SERIES", {"StudyInstanceUID": "1.2", "SeriesInstanceUID": ""}),
     ("PATIENT", {"PatientID": "P*"}),              # no wildcards in a retrieve
     ("IMAGE", {"SeriesInstanceUID": "1.2.3", "SOPInstanceUID": "*"}),

@@ -186,6 +186,7 @@ GETS = [
     ("STUDY", {"StudyInstanceUID": f"{STUDY}5", "ModalitiesInStudy": "MR", "Modality": "MR"}),
     ("SERIES", {"StudyInstanceUID": f"{STUDY}5", "SeriesInstanceUID": ""}),
     ("STUDY", {"StudyInstanceUID": ""}),
+    ("STUDY", {"AccessionNumber": "ACC4"}),
     ("PATIENT", {"PatientID": "P001"}, "patient root"),
     ("STUDY", {"PatientID": "P001", "StudyInstanceUID": f"{STUDY}2"}, "patient root"),
 ]
@@ -224,7 +225,7 @@ def test_node_retrieves_what_orthanc_retrieves(peers, query):
         setattr(identifier, k, v)
     got = {who: _get(peer, model, identifier) for who, peer in peers.items()}
     assert got["node"][0] == got["orthanc"][0]
-    refused = not keys[UNIQUE[level]]
+    refused = not (keys.get(UNIQUE[level]) or keys.get("AccessionNumber"))
     assert bool(got["node"][0]) is not refused
     if "Modality" in keys:  # study 5 holds a CT and an MR series: both come
         assert len(got["node"][0]) == 6
