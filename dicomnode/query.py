@@ -30,15 +30,31 @@ LEVEL_KEYS: dict[str, tuple[str, ...]] = {
                 "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
                 "NumberOfPatientRelatedInstances"),
     "STUDY": ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-              "StudyDescription", "ReferringPhysicianName", "ModalitiesInStudy",
-              "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
+              "StudyDescription", "ReferringPhysicianName", "PatientAge", "ModalitiesInStudy",
+              "SOPClassesInStudy", "NumberOfStudyRelatedSeries",
+              "NumberOfStudyRelatedInstances"),
+    # the acquisition tags routes match on are series keys too: a site can find every
+    # series of a kernel, field strength or TR/TE
     "SERIES": ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
                "SeriesDate", "SeriesTime", "BodyPartExamined", "ProtocolName", "Manufacturer",
-               "ManufacturerModelName", "ConvolutionKernel", "MagneticFieldStrength",
-               "NumberOfSeriesRelatedInstances"),
-    "IMAGE": ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns",
-              "NumberOfFrames", "ImageType"),
+               "ManufacturerModelName", "InstitutionName", "StationName",
+               "FrameOfReferenceUID", "ConvolutionKernel", "KVP", "SliceThickness",
+               "MagneticFieldStrength", "ScanningSequence", "SequenceName", "RepetitionTime",
+               "EchoTime", "InversionTime", "FlipAngle", "NumberOfSeriesRelatedInstances"),
+    "IMAGE": ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "AcquisitionNumber",
+              "ContentDate", "ContentTime", "ImagePositionPatient", "ImageOrientationPatient",
+              "SliceLocation", "PixelSpacing", "Rows", "Columns", "NumberOfFrames",
+              "ImageType"),
 }
+# computed from the index when answering, not read from instances
+COMPUTED_KEYS = frozenset((
+    "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+    "NumberOfPatientRelatedInstances", "ModalitiesInStudy", "SOPClassesInStudy",
+    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances"))
+# kept in the index (as JSON per instance) so queries never have to open files
+INDEXED_KEYS = tuple(kw for kws in LEVEL_KEYS.values() for kw in kws
+                     if kw not in COMPUTED_KEYS)
 KEY_LEVEL = {kw: level for level, kws in LEVEL_KEYS.items() for kw in kws}
 WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
 RANGE_VRS = {"DA", "TM", "DT"}
@@ -253,6 +269,8 @@ def aggregate(series: Iterable[Mapping[str, Any]], level: str) -> list[dict[str,
         instances = sum(int(m.get("NumberOfSeriesRelatedInstances") or 0) for m in members)
         if level == "STUDY":
             rec["ModalitiesInStudy"] = "\\".join(sorted({_text(m.get("Modality"))
+                                                         for m in members} - {""}))
+            rec["SOPClassesInStudy"] = "\\".join(sorted({_text(m.get("SOPClassUID"))
                                                          for m in members} - {""}))
             rec["NumberOfStudyRelatedSeries"] = len(members)
             rec["NumberOfStudyRelatedInstances"] = instances

@@ -22,20 +22,10 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from dicomnode.index import Index, InstanceRecord
+from dicomnode.query import INDEXED_KEYS
 from dicomnode.storage import check_free_space, instance_path, store_bytes
 
-# Attributes kept in the index so queries never have to open files.
-QUERY_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-    "StudyDescription", "ReferringPhysicianName",
-    "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
-    "SeriesTime", "BodyPartExamined", "ProtocolName", "Manufacturer",
-    "ManufacturerModelName", "ConvolutionKernel", "MagneticFieldStrength",
-    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
-    "ImageType",
-)
-# Without these an instance cannot be filed (each is also one of QUERY_KEYWORDS).
+# Without these an instance cannot be filed (each is also one of INDEXED_KEYS).
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)")
 
@@ -177,7 +167,7 @@ def parse_header(data: bytes, transfer_syntax: str | None = None,
                                tag=_tag_in(exc)) from None
     if not transfer_syntax:
         raise RejectedInstance("no transfer syntax in the file meta information")
-    attrs = {k: v for k in QUERY_KEYWORDS if (v := _read(ds, k)) is not None}
+    attrs = {k: v for k in INDEXED_KEYS if (v := _read(ds, k)) is not None}
     missing = [k for k in REQUIRED if not str(attrs.get(k, "")).strip()]
     if missing:
         raise RejectedInstance(f"missing required attribute(s): {', '.join(missing)}")

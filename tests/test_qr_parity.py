@@ -76,6 +76,16 @@ QUERIES = [
     ("SERIES", {"StudyInstanceUID": f"{STUDY}1", "Modality": "", "SeriesNumber": "",
                 "NumberOfSeriesRelatedInstances": "", "SeriesDescription": ""}),
     ("SERIES", {"StudyInstanceUID": f"{STUDY}5", "Modality": "MR"}),
+    ("STUDY", {"SOPClassesInStudy": "", "ModalitiesInStudy": ""}),
+    ("SERIES", {"StudyInstanceUID": f"{STUDY}1", "InstitutionName": "", "StationName": "",
+                "FrameOfReferenceUID": "", "SliceThickness": "", "ConvolutionKernel": "B70f",
+                "KVP": ""}),
+    ("SERIES", {"StudyInstanceUID": f"{STUDY}2", "MagneticFieldStrength": "",
+                "RepetitionTime": "", "EchoTime": "", "FlipAngle": "", "SequenceName": "",
+                "ScanningSequence": ""}),
+    ("IMAGE", {"StudyInstanceUID": f"{STUDY}1", "ImagePositionPatient": "",
+               "ImageOrientationPatient": "", "SliceLocation": "", "PixelSpacing": "",
+               "AcquisitionNumber": "", "ContentDate": "", "ContentTime": ""}),
     ("SERIES", {"StudyInstanceUID": f"{STUDY}1", "SeriesDescription": "*B30*"}),
     ("SERIES", {"StudyInstanceUID": f"{STUDY}1", "SeriesNumber": "4"}),
     ("SERIES", {"StudyInstanceUID": f"{STUDY}5", "SeriesDate": "20240103"}),
@@ -178,6 +188,20 @@ def test_node_answers_c_find_like_orthanc(peers, query):
     assert answers["node"] == answers["orthanc"]
     assert answers["orthanc"] or list(keys.values()) in (["Smith"], ["US"]), \
         "only the two deliberate misses may match nothing"
+
+
+def test_series_are_found_by_the_acquisition_tags_routes_use(peers):
+    """Orthanc 1.10 cannot match on these (not among its main DICOM tags): node only."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.SeriesInstanceUID = ""
+    identifier.Modality, identifier.ScanningSequence = "MR", "GR"
+    identifier.RepetitionTime, identifier.EchoTime = "2300", "2.98"
+    found = _find(peers["node"], STUDY_ROOT, identifier)
+    mr_series = sum(s[0] == "MR" for study in STUDIES for s in study[-1])
+    assert len(found) == mr_series == 5
+    identifier.RepetitionTime = "2000"
+    assert _find(peers["node"], STUDY_ROOT, identifier) == []
 
 
 GETS = [
