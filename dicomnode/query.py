@@ -42,9 +42,8 @@ LEVEL_KEYS: dict[str, tuple[str, ...]] = {
                "MagneticFieldStrength", "ScanningSequence", "SequenceName", "RepetitionTime",
                "EchoTime", "InversionTime", "FlipAngle", "NumberOfSeriesRelatedInstances"),
     "IMAGE": ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "AcquisitionNumber",
-              "ContentDate", "ContentTime", "ImagePositionPatient", "ImageOrientationPatient",
-              "SliceLocation", "PixelSpacing", "Rows", "Columns", "NumberOfFrames",
-              "ImageType"),
+              "ContentDate", "ContentTime", "SliceLocation", "Rows", "Columns",
+              "NumberOfFrames", "ImageType"),
 }
 # computed from the index when answering, not read from instances
 COMPUTED_KEYS = frozenset((

@@ -25,6 +25,7 @@ from dicomnode.index import Index, InstanceRecord
 from dicomnode.query import INDEXED_KEYS
 from dicomnode.storage import check_free_space, instance_path, store_bytes
 
+_INDEXED_TAGS = tuple((kw, tag_for_keyword(kw)) for kw in INDEXED_KEYS)
 # Without these an instance cannot be filed (each is also one of INDEXED_KEYS).
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)")
@@ -79,19 +80,26 @@ def _tag_in(exc: BaseException) -> str | None:
     return f"({found[1]},{found[2]})".upper() if found else None
 
 
-def _read(ds: Dataset, keyword: str) -> str | int | float | None:
-    """One attribute as text or number, or a :class:`RejectedInstance` naming its tag.
+def _indexed(ds: Dataset) -> dict[str, str | int | float]:
+    """The INDEXED_KEYS the instance has, as text or numbers; a :class:`RejectedInstance`
+    naming the tag of one that cannot be read.
 
     pydicom converts element values lazily, so a malformed value (wrong length, unknown
-    VR, undecodable text) only raises here, with any exception type.
+    VR, undecodable text) only raises here, with any exception type. Only elements present
+    are converted (looked up by tag: a header holds a fraction of the keys).
     """
-    try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else _text(value)
-    except Exception as exc:
-        tag = tag_for_keyword(keyword)
-        raise RejectedInstance(f"cannot read {keyword}", error=type(exc).__name__,
-                               tag=f"({tag >> 16:04X},{tag & 0xFFFF:04X})") from None
+    attrs = {}
+    for keyword, tag in _INDEXED_TAGS:
+        if tag not in ds:
+            continue
+        try:
+            value = ds[tag].value
+        except Exception as exc:
+            raise RejectedInstance(f"cannot read {keyword}", error=type(exc).__name__,
+                                   tag=f"({tag >> 16:04X},{tag & 0xFFFF:04X})") from None
+        if value not in (None, ""):
+            attrs[keyword] = _text(value)
+    return attrs
 
 
 class _PixelDataProbe:
@@ -167,7 +175,7 @@ def parse_header(data: bytes, transfer_syntax: str | None = None,
                                tag=_tag_in(exc)) from None
     if not transfer_syntax:
         raise RejectedInstance("no transfer syntax in the file meta information")
-    attrs = {k: v for k in INDEXED_KEYS if (v := _read(ds, k)) is not None}
+    attrs = _indexed(ds)
     missing = [k for k in REQUIRED if not str(attrs.get(k, "")).strip()]
     if missing:
         raise RejectedInstance(f"missing required attribute(s): {', '.join(missing)}")
