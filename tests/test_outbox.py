@@ -154,6 +154,50 @@ def test_storescu_series_arrives_harmonised_in_orthanc_with_every_provenance_tag
         str(dcmread(source[0]).StudyInstanceUID)}
 
 
+def test_orthanc_pushes_a_study_and_gets_it_back_harmonised(tmp_path):
+    """The PACS as the sender: Orthanc C-STOREs a study (one series uncompressed, one in
+    JPEG 2000) to the node; both are stored as received, harmonised and come back."""
+    models = tmp_path / "models"
+    make_plain_model(models, "ct-test")
+    orthanc_port = free_port()
+    config, port = node_config(tmp_path, orthanc_port=orthanc_port, extra=ROUTE)
+    config.write_text(config.read_text().replace(
+        "[node]\n", f'[node]\nmodels_dir = "{models}"\n'))
+    plain = write_series(tmp_path / "plain", slices=4, size=32, kernel="B70f", seed=3)
+    j2k = write_series(tmp_path / "j2k", slices=4, size=32, kernel="B70f", seed=3,
+                       syntax=JPEG2000Lossless)
+    sources = {str(dcmread(f[0]).SeriesInstanceUID): f for f in (plain, j2k)}
+    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port,
+                      modalities={"HARMONISE": ("127.0.0.1", port)}).start()
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        storescu(orthanc_port, plain)
+        storescu(orthanc_port, j2k, options=["-xv"])
+        [study] = orthanc.get("/studies")
+        orthanc.post("/modalities/HARMONISE/store", {"Resources": [study]}, timeout=120)
+        for uid in sources:
+            wait_for(lambda uid=uid: series_state(config, uid) == "sent", 60,
+                     what=f"series {uid} harmonised and sent back")
+        arrived = orthanc.wait_instances(16, timeout=60)
+    finally:
+        node.stop()
+        orthanc.stop()
+    for uid, files in sources.items():
+        stored = {r["sop_instance_uid"]: tmp_path / "var" / r["path"] for r in rows(
+            config, "SELECT * FROM instances WHERE series_uid = ?", uid)}
+        assert set(stored) == sop_uids(files)
+        for f in files:  # the data set as the scanner wrote it, pixel bytes included
+            sent, kept = dcmread(f), dcmread(stored[str(dcmread(f).SOPInstanceUID)])
+            assert kept.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+            assert kept == sent and kept.PixelData == sent.PixelData
+    derived = rows(config, "SELECT * FROM series WHERE kind = 'derived'")
+    assert sorted(d["source_series_uid"] for d in derived) == sorted(sources)
+    assert all(d["state"] == "sent" and d["instances"] == 4 for d in derived)
+    back = {i["MainDicomTags"]["SOPInstanceUID"] for i in arrived} - sop_uids(plain + j2k)
+    assert len(back) == 8
+    assert orthanc.store_requests("HARMONISE") == 8
+
+
 # --- outage: destination down, node retries with backoff, destination up ---------------
 
 def test_destination_down_then_up_everything_arrives_exactly_once(tmp_path):
