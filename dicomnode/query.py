@@ -58,8 +58,12 @@ KEY_LEVEL = {kw: level for level, kws in LEVEL_KEYS.items() for kw in kws}
 WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
 RANGE_VRS = {"DA", "TM", "DT"}
 NUMERIC_VRS = {"IS", "DS", "US", "UL", "SS", "SL", "FL", "FD"}
-SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
-             "InstanceAvailability", "TimezoneOffsetFromUTC"}
+SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet"}
+# answered, never matched: where the entity can be retrieved from, and how soon (everything
+# indexed is on the node's disk); the node does no time zone adjustment, so the offset is
+# returned empty
+ANSWERED_KEYS = {"RetrieveAETitle": None, "InstanceAvailability": "ONLINE",
+                 "TimezoneOffsetFromUTC": None}
 
 
 class QueryError(ValueError):
@@ -286,7 +290,8 @@ def response(query: Query, record: Mapping[str, Any], retrieve_ae: str | None = 
     """The C-FIND response identifier: every requested key, with our value or empty."""
     ds = Dataset()
     ds.QueryRetrieveLevel = query.level
-    values = {k.keyword: record.get(k.keyword) for k in query.keys}
+    values = {k.keyword: ANSWERED_KEYS[k.keyword] if k.keyword in ANSWERED_KEYS
+              else record.get(k.keyword) for k in query.keys}
     values[UNIQUE_KEY[query.level]] = record.get(UNIQUE_KEY[query.level])
     if any(not _text(v).isascii() for v in values.values()):
         ds.SpecificCharacterSet = "ISO_IR 192"

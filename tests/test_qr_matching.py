@@ -142,7 +142,8 @@ def test_aggregate_study_and_patient_counts():
 def test_response_has_every_requested_key_typed():
     q = parse_identifier(ident(QueryRetrieveLevel="SERIES", SeriesInstanceUID="",
                                SeriesNumber="", Modality="", NumberOfSeriesRelatedInstances="",
-                               BodyPartExamined="", ImageType=""))
+                               BodyPartExamined="", ImageType="", InstanceAvailability="",
+                               TimezoneOffsetFromUTC="", RetrieveAETitle=""))
     rec = {"SeriesInstanceUID": "1.1.1", "SeriesNumber": 3, "Modality": "CT",
            "NumberOfSeriesRelatedInstances": 4, "ImageType": "DERIVED\\SECONDARY"}
     ds = response(q, rec, "HARMONISE")
@@ -150,6 +151,10 @@ def test_response_has_every_requested_key_typed():
     assert ds.SeriesNumber == 3 and ds.NumberOfSeriesRelatedInstances == 4
     assert ds.BodyPartExamined in ("", None)  # requested, unknown: present and empty
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    # answered, never matched
+    assert ds.InstanceAvailability == "ONLINE" and ds.TimezoneOffsetFromUTC in ("", None)
+    assert match(parse_identifier(ident(QueryRetrieveLevel="STUDY", StudyInstanceUID="",
+                                        InstanceAvailability="NEARLINE")), {})
     utf8 = response(q, {**rec, "Modality": "CT"}, None)
     assert "SpecificCharacterSet" not in utf8
     q = parse_identifier(ident(QueryRetrieveLevel="PATIENT", PatientName=""), "PATIENT")
