@@ -1,6 +1,6 @@
 """Query/Retrieve parity with a real PACS: the same instances stored in Orthanc and in the
 node, the same identifiers sent to both; C-FIND matches and returned values, and the
-instances a C-GET retrieves, must agree.
+instances a C-GET or C-MOVE retrieves, must agree.
 
 The battery covers every matching type of PS3.4 C.2.2.2 (single value, wildcards, PN case,
 date and time ranges, UID lists, multi-valued ModalitiesInStudy) at every level, in Study
@@ -22,7 +22,10 @@ from pynetdicom.sop_class import (
     CTImageStorage,
     MRImageStorage,
     PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind as PATIENT_ROOT,
@@ -135,16 +138,19 @@ def _instances(out: Path) -> list[Path]:
 def peers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     files = _instances(tmp / "data")
-    orthanc = Orthanc(tmp / "orthanc", modalities={"PARITY": ("127.0.0.1", free_port())})
-    port = free_port()
-    node = NodeProcess(write_config(tmp / "node.toml", port, tmp / "var", series_timeout=3600),
-                       tmp / "node.log")
+    port, destination = free_port(), free_port()  # PARITY: C-MOVE destination of both
+    orthanc = Orthanc(tmp / "orthanc", modalities={"PARITY": ("127.0.0.1", destination)})
+    node = NodeProcess(write_config(
+        tmp / "node.toml", port, tmp / "var", series_timeout=3600,
+        extra=f'[[peers]]\nae_title = "PARITY"\nhost = "127.0.0.1"\nport = {destination}\n'),
+        tmp / "node.log")
     orthanc.start()
     node.start()
     try:
         storescu(port, files)
         storescu(orthanc.dicom_port, files)  # Orthanc does not check the called AE title
-        yield {"node": ("HARMONISE", port), "orthanc": (orthanc.aet, orthanc.dicom_port)}
+        yield {"node": ("HARMONISE", port), "orthanc": (orthanc.aet, orthanc.dicom_port),
+               "destination": ("PARITY", destination)}
     finally:
         node.stop()
         orthanc.stop()
@@ -182,8 +188,8 @@ def test_node_answers_c_find_like_orthanc(peers, query):
     for k, v in keys.items():
         setattr(identifier, k, v)
     answers = {who: {str(f[unique].value): _values(f, list(keys))
-                     for f in _find(peer, model, identifier)}
-               for who, peer in peers.items()}
+                     for f in _find(peers[who], model, identifier)}
+               for who in ("node", "orthanc")}
     assert answers["node"] == answers["orthanc"]
     assert answers["orthanc"] or list(keys.values()) in (["Smith"], ["US"]), \
         "only the two deliberate misses may match nothing"
@@ -203,7 +209,7 @@ def test_series_are_found_by_the_acquisition_tags_routes_use(peers):
     assert _find(peers["node"], STUDY_ROOT, identifier) == []
 
 
-GETS = [
+RETRIEVES = [
     ("STUDY", {"StudyInstanceUID": f"{STUDY}1"}),
     ("STUDY", {"StudyInstanceUID": f"{STUDY}1\\{STUDY}4"}),
     ("STUDY", {"StudyInstanceUID": f"{STUDY}5", "ModalitiesInStudy": "MR", "Modality": "MR"}),
@@ -215,18 +221,22 @@ GETS = [
 ]
 
 
-def _get(peer: tuple[str, int], model: str, identifier: Dataset) -> tuple[list[str], int]:
-    """SOP Instance UIDs a C-GET delivers, and its final status."""
+STORAGE = (CTImageStorage, MRImageStorage)
+
+
+def _get(peers: dict, who: str, identifier: Dataset, root: bool) -> tuple[list[str], int]:
+    """SOP Instance UIDs a C-GET delivers on its own association, and its final status."""
+    model = PatientRootQueryRetrieveInformationModelGet if root else \
+        StudyRootQueryRetrieveInformationModelGet
     got: list[str] = []
-    classes = (CTImageStorage, MRImageStorage)
     ae = AE(ae_title="PARITY")
-    for sop_class in (model, *classes):
+    for sop_class in (model, *STORAGE):
         ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", peer[1], ae_title=peer[0],
-                         ext_neg=[build_role(c, scp_role=True) for c in classes],
+    assoc = ae.associate("127.0.0.1", peers[who][1], ae_title=peers[who][0],
+                         ext_neg=[build_role(c, scp_role=True) for c in STORAGE],
                          evt_handlers=[(evt.EVT_C_STORE, lambda e: got.append(
                              str(e.request.AffectedSOPInstanceUID)) or 0x0000)])
-    assert assoc.is_established, peer
+    assert assoc.is_established, who
     try:
         final = [status.Status for status, _ in assoc.send_c_get(identifier, model) if status]
     finally:
@@ -234,19 +244,45 @@ def _get(peer: tuple[str, int], model: str, identifier: Dataset) -> tuple[list[s
     return sorted(got), final[-1]
 
 
-@pytest.mark.parametrize("query", GETS, ids=lambda q: f"{q[0]}:{q[1]}")
-def test_node_retrieves_what_orthanc_retrieves(peers, query):
+def _move(peers: dict, who: str, identifier: Dataset, root: bool) -> tuple[list[str], int]:
+    """SOP Instance UIDs a C-MOVE delivers to the PARITY storage SCP, and its final status."""
+    model = PatientRootQueryRetrieveInformationModelMove if root else \
+        StudyRootQueryRetrieveInformationModelMove
+    got: list[str] = []
+    scp = AE(ae_title="PARITY")
+    for sop_class in STORAGE:
+        scp.add_supported_context(sop_class)
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", peers["destination"][1]), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda e: got.append(
+                                  str(e.request.AffectedSOPInstanceUID)) or 0x0000)])
+    try:
+        ae = AE(ae_title="PARITY")
+        ae.add_requested_context(model)
+        assoc = ae.associate("127.0.0.1", peers[who][1], ae_title=peers[who][0])
+        assert assoc.is_established, who
+        try:
+            final = [status.Status for status, _ in assoc.send_c_move(identifier, "PARITY",
+                                                                       model) if status]
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    return sorted(got), final[-1]
+
+
+@pytest.mark.parametrize("retrieve", [_get, _move], ids=["C-GET", "C-MOVE"])
+@pytest.mark.parametrize("query", RETRIEVES, ids=lambda q: f"{q[0]}:{q[1]}")
+def test_node_retrieves_what_orthanc_retrieves(peers, query, retrieve):
     """An identifier without the level's UID (the empty StudyInstanceUID) is refused by
     both, with nothing sent: Orthanc answers 0xC000, the node 0xA900 (Identifier does not
     match SOP Class). Non-unique keys (Modality) do not narrow a retrieve in either."""
     level, keys, *root = query
-    model = PatientRootQueryRetrieveInformationModelGet if root else \
-        StudyRootQueryRetrieveInformationModelGet
     identifier = Dataset()
     identifier.QueryRetrieveLevel = level
     for k, v in keys.items():
         setattr(identifier, k, v)
-    got = {who: _get(peer, model, identifier) for who, peer in peers.items()}
+    got = {who: retrieve(peers, who, identifier, bool(root)) for who in ("node", "orthanc")}
     assert got["node"][0] == got["orthanc"][0]
     refused = not (keys.get(UNIQUE[level]) or keys.get("AccessionNumber"))
     assert bool(got["node"][0]) is not refused
