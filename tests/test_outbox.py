@@ -102,13 +102,20 @@ ConvolutionKernel = "B7*"
 """
 
 
-def test_storescu_series_arrives_harmonised_in_orthanc_with_every_provenance_tag(tmp_path):
-    models = tmp_path / "models"
+def harmonising_node(tmp: Path) -> tuple[Path, Path, int, int]:
+    """A node config routing B70f CT to a small test model and sending it to ORTHANC:
+    (models folder, config, node port, Orthanc's DICOM port)."""
+    models = tmp / "models"
     make_plain_model(models, "ct-test")
     orthanc_port = free_port()
-    config, port = node_config(tmp_path, orthanc_port=orthanc_port, extra=ROUTE)
+    config, port = node_config(tmp, orthanc_port=orthanc_port, extra=ROUTE)
     config.write_text(config.read_text().replace(
         "[node]\n", f'[node]\nmodels_dir = "{models}"\n'))
+    return models, config, port, orthanc_port
+
+
+def test_storescu_series_arrives_harmonised_in_orthanc_with_every_provenance_tag(tmp_path):
+    models, config, port, orthanc_port = harmonising_node(tmp_path)
     source = write_series(tmp_path / "sharp", slices=4, size=32, kernel="B70f", seed=1)
     source_uid = str(dcmread(source[0]).SeriesInstanceUID)
     orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port).start()
@@ -157,12 +164,7 @@ def test_storescu_series_arrives_harmonised_in_orthanc_with_every_provenance_tag
 def test_orthanc_pushes_a_study_and_gets_it_back_harmonised(tmp_path):
     """The PACS as the sender: Orthanc C-STOREs a study (one series uncompressed, one in
     JPEG 2000) to the node; both are stored as received, harmonised and come back."""
-    models = tmp_path / "models"
-    make_plain_model(models, "ct-test")
-    orthanc_port = free_port()
-    config, port = node_config(tmp_path, orthanc_port=orthanc_port, extra=ROUTE)
-    config.write_text(config.read_text().replace(
-        "[node]\n", f'[node]\nmodels_dir = "{models}"\n'))
+    _, config, port, orthanc_port = harmonising_node(tmp_path)
     plain = write_series(tmp_path / "plain", slices=4, size=32, kernel="B70f", seed=3)
     j2k = write_series(tmp_path / "j2k", slices=4, size=32, kernel="B70f", seed=3,
                        syntax=JPEG2000Lossless)
