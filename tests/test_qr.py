@@ -367,10 +367,17 @@ def test_orthanc_c_finds_and_c_moves_harmonised_series(qr):
         assert tags["SeriesInstanceUID"] == u["d"]
         assert tags["SeriesDescription"] == DERIVED_DESC
         assert tags["ImageType"].startswith("DERIVED\\SECONDARY")
+        # Orthanc's query-then-retrieve (its UI's flow) builds each C-MOVE identifier from
+        # the answer: StudyInstanceUID with PatientID and AccessionNumber beside it
+        study = orthanc.post("/modalities/HARMONISE/query", {
+            "Level": "Study", "Query": {"PatientID": "PHANTOM*"}})
+        orthanc.post(f"{study['Path']}/retrieve", {"TargetAet": "ORTHANC",
+                                                    "Synchronous": True}, timeout=120)
+        orthanc.wait_instances(8, timeout=60)
     finally:
         orthanc.stop()
     move = [e for e in qr.events("move") if e["destination"] == "ORTHANC"]
-    assert move and move[-1]["instances"] == 4
+    assert [e["instances"] for e in move[-2:]] == [4, 8]  # the series, then its study
 
 
 def test_an_unreadable_file_is_one_failed_sub_operation_of_c_get_and_c_move(tmp_path):
