@@ -34,6 +34,7 @@ from dicomnode.query import (
 )
 
 if TYPE_CHECKING:
+    from dicomnode.config import Peer
     from dicomnode.scp import ScpContext
 
 log = get_logger("qr")
@@ -194,6 +195,14 @@ def failure(exc: Exception) -> Dataset:
 REFUSAL_CONTEXTS = (sc.Verification, sc.CTImageStorage, sc.MRImageStorage)
 
 
+def _destination(peer: Peer, ctx: ScpContext, contexts: list[Any] | None,
+                 *handlers: tuple[Any, ...]) -> tuple[str, int, dict[str, Any]]:
+    """What a C-MOVE handler yields first: the destination and how to associate with it."""
+    return peer.host, peer.port, {
+        "contexts": contexts, "evt_handlers": [*handlers, (evt.EVT_CONN_OPEN, nodelay)],
+        "max_pdu": ctx.config.node.max_pdu_size}
+
+
 def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
     dest = str(event.move_destination or "").strip()
     peer = ctx.config.peer(dest)
@@ -206,9 +215,7 @@ def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
         rows = retrieve_rows(ctx.index, query)
     except Exception as exc:
         log.warning("move_refused", calling_ae=_calling(event), destination=dest, reason=str(exc))
-        yield peer.host, peer.port, {
-            "contexts": [build_context(c) for c in REFUSAL_CONTEXTS],
-            "evt_handlers": [(evt.EVT_CONN_OPEN, nodelay)], "max_pdu": ctx.config.node.max_pdu_size}
+        yield _destination(peer, ctx, [build_context(c) for c in REFUSAL_CONTEXTS])
         yield 1
         yield failure(exc), None
         return
@@ -226,11 +233,7 @@ def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
                   destination=dest, host=peer.host, port=peer.port, instances=len(rows),
                   reason=problem)
         raise MoveDestinationUnreachable(problem)
-    node = ctx.config.node
-    yield peer.host, peer.port, {
-        "contexts": contexts or None,
-        "evt_handlers": [(evt.EVT_ACCEPTED, accepted), (evt.EVT_CONN_OPEN, nodelay)],
-        "max_pdu": node.max_pdu_size}
+    yield _destination(peer, ctx, contexts or None, (evt.EVT_ACCEPTED, accepted))
     log.info("move", calling_ae=_calling(event), destination=dest, level=query.level,
              instances=len(rows))
     yield len(rows)
