@@ -7,7 +7,14 @@ over several rounds with fresh UIDs each time. Prints images/s of each and the r
 (target: node/storescp >= 0.9).
 
 Note what is compared: storescp writes files without fsync; the node fsyncs each file and
-its folder and commits its index row before answering Success.
+its folder and commits its index row before answering Success. So the run also measures
+storescp receiving without storing (``--ignore``: the cheapest receive there is) and, in
+process, the node's durable store alone (the instance's file made durable and its index
+row committed, nothing parsed): storescu waits for each response before it sends the next
+image, so no receiver that keeps the node's guarantee takes less time per image than the
+two together, which bounds the ratio any such node could reach. (One that wrote each PDU
+to disk as it arrived could hide the copy into the page cache, a fifth of the durable
+store here, but not the flushes.)
 
     python3 bench/receive.py [--count 500] [--size 512] [--rounds 3]
 """
@@ -15,6 +22,7 @@ its folder and commits its index row before answering Success.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import statistics
@@ -27,6 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dicomnode.index import Index  # noqa: E402
+from dicomnode.receive import parse_header  # noqa: E402
+from dicomnode.storage import instance_path, store_bytes  # noqa: E402
 from tests.dicom_factory import write_series  # noqa: E402
 from tests.nodeutil import (  # noqa: E402
     NodeProcess,
@@ -47,6 +58,27 @@ def send(port: int, folder: Path, called: str) -> float:
     return time.perf_counter() - start
 
 
+def durable_store_rate(folder: Path, data_dir: Path) -> float:
+    """Images/s of the node's durable store alone, in process: each file of ``folder``
+    written durably into a spool and indexed (as ``receive_instance`` does after parsing)."""
+    index = Index(data_dir / "index.sqlite3")
+    spool = data_dir / "spool"
+    items = []
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        record = parse_header(data)
+        items.append((data, record, hashlib.sha256(data).hexdigest(),
+                      instance_path(spool, record.study_uid, record.series_uid,
+                                    record.sop_instance_uid)))
+    start = time.perf_counter()
+    for data, record, sha256, target in items:
+        store_bytes(target, data, sha256)
+        index.add_instance(record, str(target.relative_to(data_dir)), len(data), sha256)
+    seconds = time.perf_counter() - start
+    index.close()
+    return len(items) / seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=500)
@@ -55,12 +87,15 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
-    scp_port, node_port = free_port(), free_port()
+    scp_port, node_port, ignore_port = free_port(), free_port(), free_port()
     scp_dir = work / "storescp"
     scp_dir.mkdir()
     scp = subprocess.Popen([dcmtk("storescp"), "-od", str(scp_dir), str(scp_port)],
                            env=dcmtk_env(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
+    ignore = subprocess.Popen([dcmtk("storescp"), "--ignore", str(ignore_port)],
+                              env=dcmtk_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     noop_port = free_port()
     noop = subprocess.Popen([sys.executable, str(Path(__file__).with_name("noop_scp.py")),
                              str(noop_port)], stdout=subprocess.DEVNULL,
@@ -69,14 +104,16 @@ def main() -> None:
     config = write_config(work / "node.toml", node_port, work / "var", series_timeout=3600)
     node = NodeProcess(config, work / "node.log")
     node.start()
-    rates: dict[str, list[float]] = {"storescp": [], "dicomnode": [], "pynetdicom": []}
+    rates: dict[str, list[float]] = {"storescp": [], "dicomnode": [], "pynetdicom": [],
+                                     "receive-only": [], "durable store": []}
     try:
-        for port, what in ((scp_port, "storescp"), (noop_port, "no-op pynetdicom SCP")):
+        for port, what in ((scp_port, "storescp"), (noop_port, "no-op pynetdicom SCP"),
+                           (ignore_port, "storescp --ignore")):
             wait_for(lambda p=port: subprocess.run(
                 [dcmtk("echoscu"), "-aec", "NOOP", "127.0.0.1", str(p)], env=dcmtk_env(),
                 capture_output=True).returncode == 0, 10, what=what)
         contenders = [("storescp", scp_port, "ANY-SCP"), ("dicomnode", node_port, "HARMONISE"),
-                      ("pynetdicom", noop_port, "NOOP")]
+                      ("pynetdicom", noop_port, "NOOP"), ("receive-only", ignore_port, "ANY-SCP")]
         for r in range(args.rounds):
             k = r % len(contenders)
             for name, port, called in contenders[k:] + contenders[:k]:
@@ -85,11 +122,17 @@ def main() -> None:
                 seconds = send(port, folder, called)
                 rates[name].append(args.count / seconds)
                 shutil.rmtree(folder)
-                print(f"round {r + 1} {name:<10}: {args.count / seconds:8.1f} images/s"
+                print(f"round {r + 1} {name:<13}: {args.count / seconds:8.1f} images/s"
                       f" ({seconds:.2f} s)", flush=True)
+            folder = work / f"in-durable-{r}"
+            write_series(folder, slices=args.count, size=args.size, seed=100 + r)
+            rates["durable store"].append(durable_store_rate(folder, work / f"durable-{r}"))
+            shutil.rmtree(folder)
+            print(f"round {r + 1} durable store: {rates['durable store'][-1]:8.1f} images/s"
+                  " (in process)", flush=True)
     finally:
         node.stop()
-        for server in (scp, noop):
+        for server in (scp, noop, ignore):
             server.terminate()
             server.wait(10)
     stored = len(list((work / "var" / "spool").rglob("*.dcm")))
@@ -97,12 +140,16 @@ def main() -> None:
     shutil.rmtree(work)
     median = {name: statistics.median(values) for name, values in rates.items()}
     for name, rate in median.items():
-        print(f"{name:<10}: {rate:8.1f} images/s (median of {args.rounds})")
+        print(f"{name:<13}: {rate:8.1f} images/s (median of {args.rounds})")
     print(f"ratio node/storescp: {median['dicomnode'] / median['storescp']:.2f}"
           " (target >= 0.9)")
     print(f"ratio no-op pynetdicom/storescp: {median['pynetdicom'] / median['storescp']:.2f}"
           " (the most a pynetdicom node could reach)")
     print(f"ratio node/no-op pynetdicom: {median['dicomnode'] / median['pynetdicom']:.2f}")
+    bound = 1.0 / (1.0 / median["receive-only"] + 1.0 / median["durable store"])
+    print(f"bound: storescp's receive alone plus the node's durable store alone give"
+          f" {bound:.1f} images/s = {bound / median['storescp']:.2f} of storescp (the most any"
+          " receiver that keeps the node's guarantee could reach here)")
 
 
 if __name__ == "__main__":
