@@ -22,9 +22,19 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSNearLossless,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    MRImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
 )
 
 from pipelines.errors import PipelineError
@@ -40,6 +50,27 @@ LOSSY_METHODS = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_
 # Padding after lossy compression is no longer exactly PixelPaddingValue: this fraction of the
 # stored range beyond it (inwards) still counts as padding.
 LOSSY_PADDING_TOLERANCE = 1 / 256
+
+
+# The images a series may hold to be harmonised: CT and MR, single- and multi-frame (legacy
+# converted included), and grayscale secondary capture. Whatever else travels with a study
+# (dose reports, key objects, presentation states, segmentations) is never a volume.
+IMAGE_SOP_CLASSES = frozenset({
+    CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage,
+    MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage,
+    SecondaryCaptureImageStorage, MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+})
+
+
+def not_images(datasets: Iterable[Dataset]) -> str | None:
+    """Why a series is no series of images to harmonise (the SOP classes it holds besides
+    :data:`IMAGE_SOP_CLASSES`), or None."""
+    others = {str(ds.get("SOPClassUID", "")) for ds in datasets} - IMAGE_SOP_CLASSES
+    if not others:
+        return None
+    names = sorted(UID(c).name if c else "no SOP Class UID" for c in others)
+    return f"not images: {', '.join(names)}"
 
 
 class SeriesError(PipelineError):

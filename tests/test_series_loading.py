@@ -14,7 +14,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from pipelines.series import SeriesError, find_series, load_series, lossy_compression
+from pipelines.series import (
+    SeriesError,
+    find_series,
+    load_series,
+    lossy_compression,
+    not_images,
+)
 from tests.dicom_factory import phantom, write_enhanced_ct, write_series
 
 
@@ -184,3 +190,17 @@ def test_lossy_compression_from_syntax_and_flag(syntax, flag, expected):
     if flag:
         ds.LossyImageCompression = flag
     assert lossy_compression(ds) == expected
+
+
+def test_not_images_names_the_other_sop_classes():
+    def of(*uids: str) -> list[Dataset]:
+        datasets = [Dataset() for _ in uids]
+        for ds, uid in zip(datasets, uids, strict=True):
+            ds.SOPClassUID = uid
+        return datasets
+    ct, mr_enh = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4.1"
+    kos, rdsr = "1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.5.1.4.1.1.88.67"
+    assert not_images(of(ct, ct)) is None and not_images(of(mr_enh)) is None
+    assert not_images(of(kos)) == "not images: Key Object Selection Document Storage"
+    assert not_images(of(ct, rdsr, "")) == ("not images: X-Ray Radiation Dose SR Storage,"
+                                            " no SOP Class UID")
