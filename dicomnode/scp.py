@@ -38,18 +38,21 @@ from dicomnode.log import get_logger
 from dicomnode.qr import add_qr_contexts, qr_handlers
 from dicomnode.receive import RejectedInstance, parse_header, receive_instance
 from dicomnode.storage import StorageFull
+from pipelines.series import IMAGE_SOP_CLASSES
 
 log = get_logger("scp")
 
-STORAGE_CLASSES = (
-    sc.CTImageStorage, sc.EnhancedCTImageStorage, sc.LegacyConvertedEnhancedCTImageStorage,
-    sc.MRImageStorage, sc.EnhancedMRImageStorage, sc.LegacyConvertedEnhancedMRImageStorage,
-    sc.SecondaryCaptureImageStorage,
-    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    # the companion algorithm report ([node] write_sr) travels with harmonised series
-    sc.Comprehensive3DSRStorage, sc.ComprehensiveSRStorage, sc.EnhancedSRStorage,
+# Objects that travel with CT and MR studies (dose reports, key images, presentation states,
+# segmentations, contours, reports; the node's own algorithm report among them): stored,
+# indexed and retrievable with their study, never harmonised, so a scanner or PACS may
+# send whole studies. Large non-radiology objects (slide, video, waveform) stay refused.
+COMPANION_CLASSES = (
+    sc.BasicTextSRStorage, sc.EnhancedSRStorage, sc.ComprehensiveSRStorage,
+    sc.Comprehensive3DSRStorage, sc.XRayRadiationDoseSRStorage,
+    sc.KeyObjectSelectionDocumentStorage, sc.GrayscaleSoftcopyPresentationStateStorage,
+    sc.SegmentationStorage, sc.RTStructureSetStorage, sc.EncapsulatedPDFStorage,
 )
+STORAGE_CLASSES = (*sorted(IMAGE_SOP_CLASSES), *COMPANION_CLASSES)
 TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
+
 DCMTK_DIR = Path("/usr/bin")
 
 
@@ -118,6 +120,13 @@ def storescu(port: int, files: Sequence[Path], aet: str = "MODALITY", check: boo
                            *options, "127.0.0.1", str(port), *map(str, files)],
                           capture_output=True, text=True, check=check, timeout=300,
                           env=dcmtk_env())
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """A Part 10 file's data set as encoded, after its file meta information."""
+    raw = path.read_bytes()
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    return raw[132 + 12 + meta.FileMetaInformationGroupLength:]
 
 
 def have(tool: str) -> bool:

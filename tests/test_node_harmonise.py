@@ -8,8 +8,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import highdicom as hd
+import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.sr.codedict import codes
 
 from dicomnode import worker as worker_module
 from dicomnode.config import load_config
@@ -19,7 +23,16 @@ from dicomnode.receive import parse_header, receive_instance
 from dicomnode.worker import Worker
 from tests.dicom_factory import write_series
 from tests.model_factory import make_plain_model
-from tests.nodeutil import NodeProcess, free_port, status, storescu, wait_for, write_config
+from tests.nodeutil import (
+    NodeProcess,
+    dcmtk,
+    dcmtk_env,
+    free_port,
+    status,
+    storescu,
+    wait_for,
+    write_config,
+)
 
 ROUTES = """
 [[routes]]
@@ -240,3 +253,85 @@ def test_a_job_that_fails_mid_write_leaves_no_staged_files(setup, monkeypatch):
     assert "disk went away" in index.series(uid)["error"]
     staging = config.node.data_dir / "staging"
     assert not staging.exists() or not any(staging.rglob("*.dcm"))
+
+
+def study_with_companions(folder: Path) -> tuple[list[Path], list[Path]]:
+    """A CT series and what travels with it in its study: a segmentation and a key object
+    selection of its images (highdicom), contours and a text report (pydicom's test files,
+    moved into the study)."""
+    ct_files = write_series(folder / "ct", slices=3, size=32)
+    ct = [dcmread(p) for p in ct_files]
+    common = {"manufacturer": "test", "series_instance_uid": hd.UID(), "sop_instance_uid":
+              hd.UID(), "instance_number": 1}
+    seg = hd.seg.Segmentation(
+        source_images=ct, pixel_array=np.stack([d.pixel_array > 1000 for d in ct]),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=1, segment_label="body", segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
+        series_number=50, manufacturer_model_name="test", software_versions="1",
+        device_serial_number="1", **common)
+    common.update(series_instance_uid=hd.UID(), sop_instance_uid=hd.UID())
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=ct, content=hd.ko.KeyObjectSelection(document_title=codes.DCM.OfInterest,
+                                                      referenced_objects=ct[:1]),
+        series_number=51, **common)
+    companions = [folder / "seg.dcm", folder / "kos.dcm"]
+    seg.save_as(companions[0])
+    kos.save_as(companions[1])
+    for name in ("rtstruct.dcm", "reportsi.dcm"):
+        ds = dcmread(get_testdata_file(name), force=True)  # rtstruct.dcm has no file meta
+        ds.PatientID, ds.StudyInstanceUID = ct[0].PatientID, ct[0].StudyInstanceUID
+        ds.save_as(folder / name, implicit_vr=ds.original_encoding[0], little_endian=True,
+                   enforce_file_format=True)
+        companions.append(folder / name)
+    return ct_files, companions
+
+
+def test_a_whole_study_is_kept_and_only_its_images_harmonised(setup):
+    """Scanners and PACS send whole studies. What travels with the images is stored as sent
+    and retrievable with the study, but never harmonised, even by a route matching anything."""
+    tmp_path, port, config = setup
+    config.write_text(config.read_text() + """
+[[routes]]
+name = "anything"
+model = "ct-test"
+[routes.match]
+PatientID = "*"
+""")
+    ct, companions = study_with_companions(tmp_path / "in")
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        storescu(port, ct + companions)  # one association
+        sent = {dcmread(p).SeriesInstanceUID: p for p in companions}
+        ct_series = dcmread(ct[0]).SeriesInstanceUID
+        final = {"harmonised", "unmatched", "failed"}
+        rows = wait_for(lambda: (r := status(config)) and all(
+            r.get(uid, {}).get("state") in final for uid in [ct_series, *sent]) and r, 90,
+            what="every series of the study to be processed")
+        assert rows[ct_series]["state"] == "harmonised"
+        reasons = {e["series_uid"]: e["reason"] for e in node.events("series_unmatched")}
+        expected = {"seg.dcm": "Segmentation Storage", "kos.dcm": "Key Object Selection",
+                    "rtstruct.dcm": "RT Structure Set Storage",
+                    "reportsi.dcm": "Basic Text SR Storage"}
+        for uid, path in sent.items():
+            assert rows[uid]["state"] == "unmatched" and rows[uid]["instances"] == 1
+            assert reasons[uid].startswith("not images: ") and expected[path.name] in reasons[uid]
+            [stored] = (tmp_path / "var" / "spool").rglob(f"{dcmread(path).SOPInstanceUID}.dcm")
+            # (storescu re-encodes sequence lengths, so equal as data sets, not as bytes)
+            assert dcmread(stored) == dcmread(path)
+        got = tmp_path / "got"
+        got.mkdir()
+        proc = subprocess.run([dcmtk("getscu"), "-S", "-aec", "HARMONISE", "-k",
+                               "QueryRetrieveLevel=STUDY", "-k",
+                               f"StudyInstanceUID={dcmread(ct[0]).StudyInstanceUID}", "-od",
+                               str(got), "127.0.0.1", str(port)], capture_output=True,
+                              text=True, timeout=120, env=dcmtk_env())
+        assert proc.returncode == 0, proc.stderr
+        back = {str(dcmread(p).SOPInstanceUID) for p in got.iterdir()}
+        # the originals, companions included, and the harmonised copy of the CT series
+        assert {str(dcmread(p).SOPInstanceUID) for p in ct + companions} <= back
+        assert len(back) == len(ct) * 2 + len(companions)
+    finally:
+        node.stop()

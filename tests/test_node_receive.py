@@ -18,6 +18,7 @@ from pynetdicom.sop_class import CTImageStorage
 from tests.dicom_factory import write_series
 from tests.nodeutil import (
     NodeProcess,
+    dataset_bytes,
     dcmtk,
     dcmtk_env,
     free_port,
@@ -313,11 +314,7 @@ def test_jpeg2000_instance_stored_byte_exact(node, tmp_path):
     assert kept.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert kept.PixelData == sent.PixelData
     # The data set after the file meta information is the same, byte for byte.
-    def body(p: Path) -> bytes:
-        raw = p.read_bytes()
-        meta = dcmread(p, stop_before_pixels=True).file_meta
-        return raw[132 + 12 + meta.FileMetaInformationGroupLength:]
-    assert body(stored[0]) == body(j2k)
+    assert dataset_bytes(stored[0]) == dataset_bytes(j2k)
 
 
 def test_duplicates_identical_is_noop_different_replaces(node, tmp_path):
