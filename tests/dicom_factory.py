@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
 from pydicom.uid import (
     JPEG2000,
     CTImageStorage,
@@ -186,3 +189,37 @@ def write_enhanced_ct(path: Path, *, slices: int = 6, size: int = 32, spacing: f
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_companions(images: list[Path], folder: Path) -> list[Path]:
+    """What travels with a CT or MR series in its study, written to ``folder``: a
+    segmentation and a key object selection of ``images`` (highdicom), contours and a text
+    report (pydicom's test files, moved into the study)."""
+    source = [dcmread(p) for p in images]
+    folder.mkdir(parents=True, exist_ok=True)
+    common = {"manufacturer": "test", "series_instance_uid": hd.UID(), "sop_instance_uid":
+              hd.UID(), "instance_number": 1}
+    seg = hd.seg.Segmentation(
+        source_images=source, pixel_array=np.stack([d.pixel_array > 1000 for d in source]),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=1, segment_label="body", segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
+        series_number=50, manufacturer_model_name="test", software_versions="1",
+        device_serial_number="1", **common)
+    common.update(series_instance_uid=hd.UID(), sop_instance_uid=hd.UID())
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=source, content=hd.ko.KeyObjectSelection(
+            document_title=codes.DCM.OfInterest, referenced_objects=source[:1]),
+        series_number=51, **common)
+    written = [folder / "seg.dcm", folder / "kos.dcm"]
+    seg.save_as(written[0])
+    kos.save_as(written[1])
+    for name in ("rtstruct.dcm", "reportsi.dcm"):
+        ds = dcmread(get_testdata_file(name), force=True)  # rtstruct.dcm has no file meta
+        ds.PatientID, ds.StudyInstanceUID = source[0].PatientID, source[0].StudyInstanceUID
+        ds.save_as(folder / name, implicit_vr=ds.original_encoding[0], little_endian=True,
+                   enforce_file_format=True)
+        written.append(folder / name)
+    return written

@@ -8,12 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import highdicom as hd
-import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
-from pydicom.sr.codedict import codes
 
 from dicomnode import worker as worker_module
 from dicomnode.config import load_config
@@ -21,7 +17,7 @@ from dicomnode.index import Index
 from dicomnode.log import configure
 from dicomnode.receive import parse_header, receive_instance
 from dicomnode.worker import Worker
-from tests.dicom_factory import write_series
+from tests.dicom_factory import write_companions, write_series
 from tests.model_factory import make_plain_model
 from tests.nodeutil import (
     NodeProcess,
@@ -255,40 +251,6 @@ def test_a_job_that_fails_mid_write_leaves_no_staged_files(setup, monkeypatch):
     assert not staging.exists() or not any(staging.rglob("*.dcm"))
 
 
-def study_with_companions(folder: Path) -> tuple[list[Path], list[Path]]:
-    """A CT series and what travels with it in its study: a segmentation and a key object
-    selection of its images (highdicom), contours and a text report (pydicom's test files,
-    moved into the study)."""
-    ct_files = write_series(folder / "ct", slices=3, size=32)
-    ct = [dcmread(p) for p in ct_files]
-    common = {"manufacturer": "test", "series_instance_uid": hd.UID(), "sop_instance_uid":
-              hd.UID(), "instance_number": 1}
-    seg = hd.seg.Segmentation(
-        source_images=ct, pixel_array=np.stack([d.pixel_array > 1000 for d in ct]),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[hd.seg.SegmentDescription(
-            segment_number=1, segment_label="body", segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.Tissue,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
-        series_number=50, manufacturer_model_name="test", software_versions="1",
-        device_serial_number="1", **common)
-    common.update(series_instance_uid=hd.UID(), sop_instance_uid=hd.UID())
-    kos = hd.ko.KeyObjectSelectionDocument(
-        evidence=ct, content=hd.ko.KeyObjectSelection(document_title=codes.DCM.OfInterest,
-                                                      referenced_objects=ct[:1]),
-        series_number=51, **common)
-    companions = [folder / "seg.dcm", folder / "kos.dcm"]
-    seg.save_as(companions[0])
-    kos.save_as(companions[1])
-    for name in ("rtstruct.dcm", "reportsi.dcm"):
-        ds = dcmread(get_testdata_file(name), force=True)  # rtstruct.dcm has no file meta
-        ds.PatientID, ds.StudyInstanceUID = ct[0].PatientID, ct[0].StudyInstanceUID
-        ds.save_as(folder / name, implicit_vr=ds.original_encoding[0], little_endian=True,
-                   enforce_file_format=True)
-        companions.append(folder / name)
-    return ct_files, companions
-
-
 def test_a_whole_study_is_kept_and_only_its_images_harmonised(setup):
     """Scanners and PACS send whole studies. What travels with the images is stored as sent
     and retrievable with the study, but never harmonised, even by a route matching anything."""
@@ -300,7 +262,8 @@ model = "ct-test"
 [routes.match]
 PatientID = "*"
 """)
-    ct, companions = study_with_companions(tmp_path / "in")
+    ct = write_series(tmp_path / "in" / "ct", slices=3, size=32)
+    companions = write_companions(ct, tmp_path / "in")
     node = NodeProcess(config, tmp_path / "node.log").start()
     try:
         storescu(port, ct + companions)  # one association

@@ -22,7 +22,7 @@ from dicomnode.cli import main as cli_main
 from dicomnode.config import load_config
 from dicomnode.index import Index
 from dicomnode.log import configure
-from tests.dicom_factory import write_series
+from tests.dicom_factory import write_companions, write_series
 from tests.model_factory import make_plain_model
 from tests.nodeutil import NodeProcess, dcmtk, free_port, storescu, wait_for, write_config
 from tests.orthanc import Orthanc, have_orthanc, seed_series
@@ -163,7 +163,8 @@ def test_storescu_series_arrives_harmonised_in_orthanc_with_every_provenance_tag
 
 def test_orthanc_pushes_a_study_and_gets_it_back_harmonised(tmp_path):
     """The PACS as the sender: Orthanc C-STOREs a study (one series uncompressed, one in
-    JPEG 2000) to the node; both are stored as received, harmonised and come back."""
+    JPEG 2000, with a segmentation, key objects, contours and a report) to the node; the
+    images are stored as received, harmonised and come back; the rest is kept, unmatched."""
     _, config, port, orthanc_port = harmonising_node(tmp_path)
     plain = write_series(tmp_path / "plain", slices=4, size=32, kernel="B70f", seed=3)
     j2k = write_series(tmp_path / "j2k", slices=4, size=32, kernel="B70f", seed=3,
@@ -175,12 +176,17 @@ def test_orthanc_pushes_a_study_and_gets_it_back_harmonised(tmp_path):
     try:
         storescu(orthanc_port, plain)
         storescu(orthanc_port, j2k, options=["-xv"])
+        companions = write_companions(plain, tmp_path / "companions")
+        storescu(orthanc_port, companions)
         [study] = orthanc.get("/studies")
         orthanc.post("/modalities/HARMONISE/store", {"Resources": [study]}, timeout=120)
         for uid in sources:
             wait_for(lambda uid=uid: series_state(config, uid) == "sent", 60,
                      what=f"series {uid} harmonised and sent back")
-        arrived = orthanc.wait_instances(16, timeout=60)
+        for uid in {str(dcmread(f).SeriesInstanceUID) for f in companions}:
+            wait_for(lambda uid=uid: series_state(config, uid) == "unmatched", 30,
+                     what=f"companion series {uid} kept, unmatched")
+        arrived = orthanc.wait_instances(16 + len(companions), timeout=60)
     finally:
         node.stop()
         orthanc.stop()
@@ -195,7 +201,8 @@ def test_orthanc_pushes_a_study_and_gets_it_back_harmonised(tmp_path):
     derived = rows(config, "SELECT * FROM series WHERE kind = 'derived'")
     assert sorted(d["source_series_uid"] for d in derived) == sorted(sources)
     assert all(d["state"] == "sent" and d["instances"] == 4 for d in derived)
-    back = {i["MainDicomTags"]["SOPInstanceUID"] for i in arrived} - sop_uids(plain + j2k)
+    back = {i["MainDicomTags"]["SOPInstanceUID"] for i in arrived} - sop_uids(
+        plain + j2k + companions)
     assert len(back) == 8
     assert orthanc.store_requests("HARMONISE") == 8
 
