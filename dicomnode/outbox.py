@@ -54,7 +54,6 @@ log = get_logger("outbox")
 
 PENDING, SENDING, UNCERTAIN = "pending", "sending", "uncertain"
 SENT, FAILED = "sent", "failed"
-OUTBOX_STATES = (PENDING, SENDING, UNCERTAIN, SENT, FAILED)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 SEND_ERROR_PREFIX = "send to "
 BATCH = 200  # instances per association

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 log = get_logger("qr")
 
 PENDING, CANCEL = 0xFF00, 0xFE00
-MOVE_DESTINATION_UNKNOWN = 0xA801
 UNABLE_TO_PROCESS = 0xC000
 
 FIND_CLASSES = (sc.PatientRootQueryRetrieveInformationModelFind,
