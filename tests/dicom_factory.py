@@ -217,7 +217,8 @@ def write_companions(images: list[Path], folder: Path) -> list[Path]:
     seg.save_as(written[0])
     kos.save_as(written[1])
     for name in ("rtstruct.dcm", "reportsi.dcm"):
-        ds = dcmread(get_testdata_file(name), force=True)  # rtstruct.dcm has no file meta
+        # both ship inside pydicom (never downloaded); rtstruct.dcm has no file meta
+        ds = dcmread(get_testdata_file(name, download=False), force=True)
         ds.PatientID, ds.StudyInstanceUID = source[0].PatientID, source[0].StudyInstanceUID
         ds.save_as(folder / name, implicit_vr=ds.original_encoding[0], little_endian=True,
                    enforce_file_format=True)
