@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import traceback
 from typing import Any
 
@@ -112,9 +113,20 @@ def configure(level: str = "info", stream: Any = None) -> None:
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+    threading.excepthook = _thread_crashed
     # pydicom's read-time validation warns with the offending value quoted (a patient's
     # name in a malformed IS); instances are kept as received, so nothing is validated
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+
+def _thread_crashed(args: threading.ExceptHookArgs) -> None:
+    """An exception no one caught ended a thread (pynetdicom's reactor aborting an
+    association, say): one JSON event, not Python's plain-text traceback on stderr."""
+    if args.exc_type is SystemExit:
+        return
+    structlog.get_logger(component="thread").error(
+        "thread_crashed", thread=getattr(args.thread, "name", None),
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
