@@ -97,6 +97,11 @@ class Config:
         return self.node.data_dir / "archive"
 
     @property
+    def incoming_dir(self) -> Path:
+        """C-STORE data sets being received (on the spool's file system: renamed into it)."""
+        return self.node.data_dir / "incoming"
+
+    @property
     def index_path(self) -> Path:
         return self.node.data_dir / "index.sqlite"
 

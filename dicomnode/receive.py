@@ -7,12 +7,14 @@ bytes; the handler only translates outcomes into DIMSE status codes.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -23,7 +25,7 @@ from pydicom.uid import UID
 
 from dicomnode.index import Index, InstanceRecord
 from dicomnode.query import INDEXED_KEYS
-from dicomnode.storage import check_free_space, instance_path, store_bytes
+from dicomnode.storage import check_free_space, instance_path, move_into_place, store_bytes
 
 _INDEXED_TAGS = tuple((kw, tag_for_keyword(kw)) for kw in INDEXED_KEYS)
 # Without these an instance cannot be filed (each is also one of INDEXED_KEYS).
@@ -155,16 +157,20 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str, length: int | None) -> 
                                f" BitsAllocated and NumberOfFrames need {expected}")
 
 
-def parse_header(data: bytes, transfer_syntax: str | None = None,
+def parse_header(source: bytes | BinaryIO, transfer_syntax: str | None = None,
                  affected_sop_class: str | None = None,
                  affected_sop_instance: str | None = None) -> InstanceRecord:
-    """Read the identifying attributes of an encoded instance, checking they agree.
+    """Read the identifying attributes of an encoded instance (bytes, or a file open for
+    reading at its start), checking they agree.
 
     ``transfer_syntax`` is the negotiated one for network input; files carry their own.
     Whatever is wrong with the bytes, the outcome is a record or a RejectedInstance;
     the pixel data is not read, only its length checked against the header.
     """
-    stream = BytesIO(data)
+    if isinstance(source, bytes):
+        stream, size = BytesIO(source), len(source)
+    else:
+        stream, size = source, os.fstat(source.fileno()).st_size
     probe = _PixelDataProbe(stream)
     try:
         ds: Dataset = read_partial(stream, stop_when=probe)
@@ -186,7 +192,7 @@ def parse_header(data: bytes, transfer_syntax: str | None = None,
     if affected_sop_instance and sop_uid != affected_sop_instance:
         raise RejectedInstance(f"SOPInstanceUID {sop_uid} does not match the request's"
                                f" {affected_sop_instance}", status=DATASET_MISMATCH)
-    _check_pixel_data(ds, transfer_syntax, probe.available(ds, len(data)))
+    _check_pixel_data(ds, transfer_syntax, probe.available(ds, size))
     try:
         number = int(attrs["InstanceNumber"]) if "InstanceNumber" in attrs else None
     except (TypeError, ValueError):
@@ -207,7 +213,38 @@ def _uid_lock(sop_instance_uid: str) -> threading.Lock:
 def receive_instance(data: bytes, record: InstanceRecord, *, index: Index, data_dir: Path,
                      root: Path, reserve_bytes: int, duplicate_policy: str,
                      kind: str = "original") -> ReceiveOutcome:
-    """Store and index one instance under ``root``; returns only once both are durable.
+    """Store and index one parsed instance under ``root``; returns only once both are
+    durable (see :func:`_file`)."""
+    check_free_space(root, len(data), reserve_bytes)
+    return _file(record, hashlib.sha256(data).hexdigest(), len(data),
+                 lambda path: store_bytes(path, data), index=index, data_dir=data_dir,
+                 root=root, duplicate_policy=duplicate_policy, kind=kind)
+
+
+def receive_file(source: Path, *, index: Index, data_dir: Path, root: Path,
+                 reserve_bytes: int, duplicate_policy: str, transfer_syntax: str,
+                 affected_sop_class: str, affected_sop_instance: str) -> ReceiveOutcome:
+    """Parse, store and index a data set received into the file ``source`` (a Part 10
+    file on ``root``'s file system, as pynetdicom writes it), which is moved into place.
+
+    Only the header is read into memory, so an instance of any size costs the same memory.
+    ``source`` is already on the disk, so the free-space check asks for nothing more.
+    """
+    check_free_space(root, 0, reserve_bytes)
+    with source.open("rb") as fh:
+        record = parse_header(fh, transfer_syntax, affected_sop_class, affected_sop_instance)
+        fh.seek(0)
+        sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
+        size = fh.tell()
+    return _file(record, sha256, size, lambda path: move_into_place(source, path),
+                 index=index, data_dir=data_dir, root=root,
+                 duplicate_policy=duplicate_policy, kind="original")
+
+
+def _file(record: InstanceRecord, sha256: str, size: int, place: Callable[[Path], object], *,
+          index: Index, data_dir: Path, root: Path, duplicate_policy: str,
+          kind: str) -> ReceiveOutcome:
+    """File and index an instance whose bytes ``place(path)`` makes durable at ``path``.
 
     The index always describes a whole file on disk: a replacement is written under a
     name the indexed copy does not have, indexed, and only then is the old copy removed.
@@ -219,22 +256,20 @@ def receive_instance(data: bytes, record: InstanceRecord, *, index: Index, data_
         path = instance_path(root, record.study_uid, record.series_uid, uid)
     except ValueError as exc:
         raise RejectedInstance(str(exc)) from None
-    sha256 = hashlib.sha256(data).hexdigest()
     with _uid_lock(uid):
         existing = index.instance(uid)
         old = existing["path"] if existing is not None else None
         if existing is not None:
             if existing["sha256"] == sha256:
-                return ReceiveOutcome(record, data_dir / old, len(data), "duplicate")
+                return ReceiveOutcome(record, data_dir / old, size, "duplicate")
             if duplicate_policy == "keep-first":
-                return ReceiveOutcome(record, data_dir / old, len(data), "kept-first")
+                return ReceiveOutcome(record, data_dir / old, size, "kept-first")
             if old == str(path.relative_to(data_dir)):
                 path = path.with_name(f"{uid}-{sha256[:16]}.dcm")
-        check_free_space(root, len(data), reserve_bytes)
-        stored = store_bytes(path, data, sha256)
+        place(path)
         rel = str(path.relative_to(data_dir))
-        reopened = index.add_instance(record, rel, stored.size, stored.sha256, kind=kind)
+        reopened = index.add_instance(record, rel, size, sha256, kind=kind)
         if old is not None and old != rel:
             (data_dir / old).unlink(missing_ok=True)  # replaced: no stale second copy
-    return ReceiveOutcome(record, path, stored.size,
+    return ReceiveOutcome(record, path, size,
                           "replaced" if existing is not None else "stored", reopened)

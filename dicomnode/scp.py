@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom import sop_class as sc
 
 from dicomnode.client import nodelay
@@ -36,8 +37,8 @@ from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.log import get_logger
 from dicomnode.qr import add_qr_contexts, qr_handlers
-from dicomnode.receive import RejectedInstance, parse_header, receive_instance
-from dicomnode.storage import StorageFull
+from dicomnode.receive import RejectedInstance, receive_file
+from dicomnode.storage import StorageFull, ensure_dir
 from pipelines.series import IMAGE_SOP_CLASSES
 
 log = get_logger("scp")
@@ -171,19 +172,29 @@ def handle_echo(event: evt.Event, ctx: ScpContext) -> int:
     return SUCCESS
 
 
+def receive_into(folder: Path) -> None:
+    """Have pynetdicom write each C-STORE data set to a file in ``folder`` as its fragments
+    arrive, instead of collecting it in memory (a 600 MB instance took 1.2 GB), so that
+    :func:`handle_store` moves the file into the spool. pynetdicom names no folder for
+    these files, so this sets the process's temporary folder: call it once, at start-up."""
+    ensure_dir(folder)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    tempfile.tempdir = str(folder)
+
+
 def handle_store(event: evt.Event, ctx: ScpContext) -> int:
-    """Store one instance byte for byte; Success only once it is on disk and indexed."""
+    """Store one instance byte for byte; Success only once it is on disk and indexed.
+    pynetdicom has written it to a file already (:func:`receive_into`)."""
     request = event.request
     ts = str(event.context.transfer_syntax)
     node = ctx.config.node
     try:
-        data = event.encoded_dataset(include_meta=True)
-        record = parse_header(data, ts, str(request.AffectedSOPClassUID),
-                              str(request.AffectedSOPInstanceUID))
-        outcome = receive_instance(data, record, index=ctx.index, data_dir=ctx.data_dir,
-                                   root=ctx.config.spool_dir,
-                                   reserve_bytes=node.disk_reserve_mb * 2**20,
-                                   duplicate_policy=node.duplicate_policy)
+        outcome = receive_file(event.dataset_path, index=ctx.index, data_dir=ctx.data_dir,
+                               root=ctx.config.spool_dir,
+                               reserve_bytes=node.disk_reserve_mb * 2**20,
+                               duplicate_policy=node.duplicate_policy, transfer_syntax=ts,
+                               affected_sop_class=str(request.AffectedSOPClassUID),
+                               affected_sop_instance=str(request.AffectedSOPInstanceUID))
     except RejectedInstance as exc:
         log.warning("instance_rejected", sop_instance_uid=str(request.AffectedSOPInstanceUID),
                     calling_ae=event.assoc.requestor.ae_title.strip(), reason=str(exc),

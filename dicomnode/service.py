@@ -20,7 +20,7 @@ from dicomnode.errors import UserError
 from dicomnode.index import Index
 from dicomnode.log import get_logger
 from dicomnode.receive import RejectedInstance, parse_header
-from dicomnode.scp import ScpContext, build_ae, event_handlers
+from dicomnode.scp import ScpContext, build_ae, event_handlers, receive_into
 from dicomnode.storage import leftover_temp_files
 from dicomnode.worker import Worker
 
@@ -68,8 +68,9 @@ def check_listen(host: str, port: int) -> None:
 def reconcile(index: Index, config: Config) -> dict[str, int]:
     """Bring the spool, the archive and the index back in step after a crash.
 
-    A temporary file in the spool was never acknowledged, one in the archive was never
-    indexed (its job is rerun and writes it again): remove both. An unindexed whole file
+    A temporary file in the spool, or a data set left in the incoming folder, was never
+    acknowledged, one in the archive was never indexed (its job is rerun and writes it
+    again): remove them. An unindexed whole file
     whose SOP Instance UID is indexed under another name is a replacement that was never
     indexed (so never acknowledged) or the copy a committed replacement superseded: the
     index is right, remove it. A whole spool file whose UID is not indexed at all was
@@ -79,7 +80,9 @@ def reconcile(index: Index, config: Config) -> dict[str, int]:
     """
     data_dir, spool = config.node.data_dir, config.spool_dir
     removed = superseded = adopted = 0
-    for tmp in [*leftover_temp_files(spool), *leftover_temp_files(config.archive_dir)]:
+    incoming = sorted(config.incoming_dir.iterdir()) if config.incoming_dir.exists() else []
+    for tmp in [*leftover_temp_files(spool), *leftover_temp_files(config.archive_dir),
+                *(p for p in incoming if p.is_file())]:
         tmp.unlink(missing_ok=True)
         removed += 1
     known = index.known_paths()
@@ -130,6 +133,7 @@ class Node:
         self.scheduler.start()
         self.add_worker("harmonise", Worker(cfg, self.index).step)
         ctx = ScpContext(cfg, self.index)
+        receive_into(cfg.incoming_dir)
         try:
             self._server = self.ae.start_server((cfg.node.host, cfg.node.port), block=False,
                                                 evt_handlers=event_handlers(ctx))

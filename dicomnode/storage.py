@@ -7,13 +7,14 @@ rename, folder fsync); newly created folders are fsynced into their parents the 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import UID
 
-from pipelines.files import TMP_PREFIX, atomic_write, fsync_dir
+from pipelines.files import TMP_PREFIX, atomic_write, commit, fsync_dir
 
 
 class StorageFull(OSError):
@@ -48,6 +49,18 @@ def store_bytes(path: Path, data: bytes, sha256: str | None = None) -> StoredFil
     ensure_dir(path.parent)
     atomic_write(path, lambda fh: fh.write(data))
     return StoredFile(path, len(data), sha256 or hashlib.sha256(data).hexdigest())
+
+
+def move_into_place(source: Path, path: Path) -> None:
+    """Make a file written elsewhere on the same file system durable as ``path``: flush
+    it, then rename it there (creating its folders durably too)."""
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    ensure_dir(path.parent)
+    commit(source, path)
 
 
 def check_free_space(path: Path, needed: int, reserve_bytes: int) -> None:

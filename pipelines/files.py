@@ -24,6 +24,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def commit(tmp: Path, path: Path) -> None:
+    """Rename a flushed file over ``path`` (same file system), then fsync the folder so the
+    rename survives a power cut; ``tmp`` is removed if the rename fails."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(file)`` on a temporary file, then make it durable as ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
@@ -32,8 +43,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             write(fh)
             fh.flush()
             os.fdatasync(fh.fileno())  # data and size; rename + folder fsync make the name
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    commit(Path(tmp), path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import sqlite3
@@ -196,6 +197,27 @@ def test_every_line_the_node_writes_is_a_json_object(tmp_path):
     assert "py.warnings" in foreign  # other libraries' lines are JSON too
     assert all(e["level"] in ("warning", "error", "critical") for e in events if "logger" in e)
     assert "Test^Phantom" not in node.log.read_text()
+
+
+def test_a_data_set_that_cannot_be_written_as_it_arrives_aborts_only_its_association(
+        node, tmp_path):
+    """Data sets are written to var/incoming as they arrive. When that fails (here the
+    folder is gone; a full or failing disk alike) nothing is acknowledged: the association
+    is aborted, the node logs it as JSON and serves the next association."""
+    files = write_series(tmp_path / "in", slices=2, size=16)
+    shutil.rmtree(tmp_path / "var" / "incoming")
+    failed = storescu(node.port, files, check=False)
+    assert failed.returncode != 0 and "aborted" in failed.stderr.lower(), failed.stderr
+    assert not list((tmp_path / "var").rglob("*.dcm"))
+    (tmp_path / "var" / "incoming").mkdir()
+    storescu(node.port, files)
+    assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 2
+    assert not list((tmp_path / "var" / "incoming").iterdir())  # moved, not copied
+    assert node.stop() == 0
+    for line in node.log.read_text().splitlines():
+        assert isinstance(json.loads(line), dict), line
+    [crash] = node.events("thread_crashed")
+    assert crash["exception"].endswith("FileNotFoundError")
 
 
 def test_unknown_calling_ae_rejected_known_peer_accepted(tmp_path):

@@ -125,18 +125,21 @@ def test_a_corrupt_index_is_one_line_for_status_and_serve(tmp_path):
                                " is not a usable index database")
 
 
-def test_start_removes_temporary_files_a_crash_left_in_spool_and_archive(tmp_path):
+def test_start_removes_temporary_files_a_crash_left_in_spool_archive_and_incoming(tmp_path):
     config = write_config(tmp_path / "node.toml", free_port(), tmp_path / "var")
     seed_series(config, write_series(tmp_path / "a", slices=1, size=16, seed=1),
                 kind="original")
     seed_series(config, write_series(tmp_path / "d", slices=1, size=16, seed=2))
     left = [next((tmp_path / "var" / root).rglob("*.dcm")).parent / ".tmp-1.2.3.dcm.x1y2"
             for root in ("spool", "archive")]  # as a crash inside atomic_write leaves them
+    # and a data set pynetdicom was writing as it arrived
+    (tmp_path / "var" / "incoming").mkdir()
+    left.append(tmp_path / "var" / "incoming" / "tmpk2x9_a1.dcm")
     for path in left:
         path.write_bytes(b"half an instance")
     node = NodeProcess(config, tmp_path / "node.log").start()
     assert node.stop() == 0
     assert not any(path.exists() for path in left)
     [recovered] = node.events("node_recovered")
-    assert (recovered["temp_removed"], recovered["files_adopted"]) == (2, 0)
+    assert (recovered["temp_removed"], recovered["files_adopted"]) == (3, 0)
     assert len(list((tmp_path / "var").rglob("*.dcm"))) == 2
