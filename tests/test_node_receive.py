@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
@@ -337,6 +342,22 @@ def test_jpeg2000_instance_stored_byte_exact(node, tmp_path):
     assert kept.PixelData == sent.PixelData
     # The data set after the file meta information is the same, byte for byte.
     assert dataset_bytes(stored[0]) == dataset_bytes(j2k)
+
+
+@pytest.mark.parametrize("option, syntax", [("-xd", DeflatedExplicitVRLittleEndian),
+                                             ("-xi", ImplicitVRLittleEndian)])
+def test_network_syntaxes_stored_as_they_arrived(node, tmp_path, option, syntax):
+    """storescu converts on the fly (deflates, drops explicit VRs): the node keeps the data
+    set in the syntax it arrived in, and it decodes to what was sent."""
+    files = write_series(tmp_path / "in", slices=2, size=32)
+    storescu(node.port, files, options=[option])
+    stored = {str(ds.SOPInstanceUID): ds for ds in map(
+        dcmread, (tmp_path / "var" / "spool").rglob("*.dcm"))}
+    assert len(stored) == 2
+    for sent in map(dcmread, files):
+        kept = stored[str(sent.SOPInstanceUID)]
+        assert kept.file_meta.TransferSyntaxUID == syntax
+        assert kept == sent and kept.pixel_array.tolist() == sent.pixel_array.tolist()
 
 
 def test_duplicates_identical_is_noop_different_replaces(node, tmp_path):
