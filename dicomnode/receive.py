@@ -215,10 +215,10 @@ def receive_instance(data: bytes, record: InstanceRecord, *, index: Index, data_
                      kind: str = "original") -> ReceiveOutcome:
     """Store and index one parsed instance under ``root``; returns only once both are
     durable (see :func:`_file`)."""
-    check_free_space(root, len(data), reserve_bytes)
     return _file(record, hashlib.sha256(data).hexdigest(), len(data),
                  lambda path: store_bytes(path, data), index=index, data_dir=data_dir,
-                 root=root, duplicate_policy=duplicate_policy, kind=kind)
+                 root=root, reserve_bytes=reserve_bytes, needed=len(data),
+                 duplicate_policy=duplicate_policy, kind=kind)
 
 
 def receive_file(source: Path, *, index: Index, data_dir: Path, root: Path,
@@ -230,21 +230,21 @@ def receive_file(source: Path, *, index: Index, data_dir: Path, root: Path,
     Only the header is read into memory, so an instance of any size costs the same memory.
     ``source`` is already on the disk, so the free-space check asks for nothing more.
     """
-    check_free_space(root, 0, reserve_bytes)
     with source.open("rb") as fh:
         record = parse_header(fh, transfer_syntax, affected_sop_class, affected_sop_instance)
         fh.seek(0)
         sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
         size = fh.tell()
     return _file(record, sha256, size, lambda path: move_into_place(source, path),
-                 index=index, data_dir=data_dir, root=root,
-                 duplicate_policy=duplicate_policy, kind="original")
+                 index=index, data_dir=data_dir, root=root, reserve_bytes=reserve_bytes,
+                 needed=0, duplicate_policy=duplicate_policy, kind="original")
 
 
 def _file(record: InstanceRecord, sha256: str, size: int, place: Callable[[Path], object], *,
-          index: Index, data_dir: Path, root: Path, duplicate_policy: str,
-          kind: str) -> ReceiveOutcome:
-    """File and index an instance whose bytes ``place(path)`` makes durable at ``path``.
+          index: Index, data_dir: Path, root: Path, reserve_bytes: int, needed: int,
+          duplicate_policy: str, kind: str) -> ReceiveOutcome:
+    """File and index an instance whose bytes ``place(path)`` makes durable at ``path``
+    (``needed`` more bytes of disk, checked against the reserve; a duplicate needs none).
 
     The index always describes a whole file on disk: a replacement is written under a
     name the indexed copy does not have, indexed, and only then is the old copy removed.
@@ -266,6 +266,7 @@ def _file(record: InstanceRecord, sha256: str, size: int, place: Callable[[Path]
                 return ReceiveOutcome(record, data_dir / old, size, "kept-first")
             if old == str(path.relative_to(data_dir)):
                 path = path.with_name(f"{uid}-{sha256[:16]}.dcm")
+        check_free_space(root, needed, reserve_bytes)
         place(path)
         rel = str(path.relative_to(data_dir))
         reopened = index.add_instance(record, rel, size, sha256, kind=kind)

@@ -70,13 +70,12 @@ def reconcile(index: Index, config: Config) -> dict[str, int]:
 
     A temporary file in the spool, or a data set left in the incoming folder, was never
     acknowledged, one in the archive was never indexed (its job is rerun and writes it
-    again): remove them. An unindexed whole file
-    whose SOP Instance UID is indexed under another name is a replacement that was never
-    indexed (so never acknowledged) or the copy a committed replacement superseded: the
-    index is right, remove it. A whole spool file whose UID is not indexed at all was
-    renamed into place just before the crash, also unacknowledged, but its bytes are
-    whole, so index it rather than throw it away (the peer will resend it and the
-    duplicate policy makes that harmless).
+    again): remove them. An unindexed whole file whose SOP Instance UID is indexed under
+    another name is a replacement that was never indexed (so never acknowledged) or the
+    copy a committed replacement superseded: the index is right, remove it. A whole
+    spool file whose UID is not indexed at all was renamed into place just before the
+    crash, also unacknowledged, but its bytes are whole, so index it rather than throw
+    it away (the peer will resend it and the duplicate policy makes that harmless).
     """
     data_dir, spool = config.node.data_dir, config.spool_dir
     removed = superseded = adopted = 0

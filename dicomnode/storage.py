@@ -1,7 +1,9 @@
 """Spool storage: an instance is on disk for good before anyone is told Success.
 
 Files are written with :func:`pipelines.files.atomic_write` (temporary file, flush,
-rename, folder fsync); newly created folders are fsynced into their parents the same way.
+rename, folder fsync), or, when already written where they arrived, flushed and renamed
+into place the same way (:func:`move_into_place`); newly created folders are fsynced into
+their parents too.
 """
 
 from __future__ import annotations

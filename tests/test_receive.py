@@ -12,8 +12,9 @@ from pydicom.uid import JPEG2000Lossless
 
 from dicomnode.config import load_config
 from dicomnode.index import Index
-from dicomnode.receive import RejectedInstance, parse_header, receive_instance
+from dicomnode.receive import RejectedInstance, parse_header, receive_file, receive_instance
 from dicomnode.service import reconcile
+from dicomnode.storage import StorageFull
 from tests.dicom_factory import write_series
 from tests.nodeutil import free_port, write_config
 
@@ -104,6 +105,33 @@ def test_a_crash_after_indexing_a_replacement_before_removing_the_old_copy(node)
     assert reconcile(index, config) == {"temp_removed": 0, "superseded_removed": 1,
                                         "files_adopted": 0}
     assert consistent(config, index) == second
+
+
+def test_a_file_received_elsewhere_is_moved_into_place_and_duplicates_need_no_space(node):
+    """The network path: pynetdicom wrote the data set to a file; it is parsed from the
+    file and renamed into the spool. Below the disk reserve a new instance is refused,
+    an identical resend is still acknowledged (it needs no space)."""
+    config, index, variants = node
+    incoming = config.node.data_dir / "incoming"
+    incoming.mkdir()
+
+    def received(data: bytes, reserve: int):
+        source = incoming / "tmp0.dcm"
+        source.write_bytes(data)
+        record = parse_header(data)
+        return receive_file(source, index=index, data_dir=config.node.data_dir,
+                            root=config.spool_dir, reserve_bytes=reserve,
+                            duplicate_policy="replace", transfer_syntax=record.transfer_syntax,
+                            affected_sop_class=record.sop_class_uid,
+                            affected_sop_instance=record.sop_instance_uid)
+    assert received(variants[0], 0).action == "stored"
+    assert not (incoming / "tmp0.dcm").exists()  # moved, not copied
+    assert consistent(config, index) == variants[0]
+    everything = 2**62
+    assert received(variants[0], everything).action == "duplicate"
+    with pytest.raises(StorageFull):
+        received(variants[1], everything)
+    assert consistent(config, index) == variants[0]
 
 
 def test_pixel_data_is_checked_against_the_header_without_decoding(tmp_path):
