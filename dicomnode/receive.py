@@ -108,7 +108,7 @@ class _PixelDataProbe:
     """``stop_when`` callback that ends a header read at the pixel data, noting the declared
     length of (7FE0,0010) and where its value starts in the stream."""
 
-    def __init__(self, stream: BytesIO) -> None:
+    def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
         self.length: int | None = None  # None: no integer pixel data
         self.offset = 0
@@ -215,10 +215,10 @@ def receive_instance(data: bytes, record: InstanceRecord, *, index: Index, data_
                      kind: str = "original") -> ReceiveOutcome:
     """Store and index one parsed instance under ``root``; returns only once both are
     durable (see :func:`_file`)."""
-    return _file(record, hashlib.sha256(data).hexdigest(), len(data),
-                 lambda path: store_bytes(path, data), index=index, data_dir=data_dir,
-                 root=root, reserve_bytes=reserve_bytes, needed=len(data),
-                 duplicate_policy=duplicate_policy, kind=kind)
+    sha256 = hashlib.sha256(data).hexdigest()
+    return _file(record, sha256, len(data), lambda path: store_bytes(path, data, sha256),
+                 index=index, data_dir=data_dir, root=root, reserve_bytes=reserve_bytes,
+                 needed=len(data), duplicate_policy=duplicate_policy, kind=kind)
 
 
 def receive_file(source: Path, *, index: Index, data_dir: Path, root: Path,
