@@ -122,6 +122,15 @@ def storescu(port: int, files: Sequence[Path], aet: str = "MODALITY", check: boo
                           env=dcmtk_env())
 
 
+def getscu_study(port: int, study_uid: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """C-GET one study from the node with dcmtk's getscu into ``out`` (created)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([dcmtk("getscu"), "-S", "-aec", "HARMONISE", "-k",
+                           "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                           "-od", str(out), "127.0.0.1", str(port)], capture_output=True,
+                          text=True, timeout=120, env=dcmtk_env())
+
+
 def dataset_bytes(path: Path) -> bytes:
     """A Part 10 file's data set as encoded, after its file meta information."""
     raw = path.read_bytes()

@@ -21,9 +21,8 @@ from tests.dicom_factory import write_companions, write_series
 from tests.model_factory import make_plain_model
 from tests.nodeutil import (
     NodeProcess,
-    dcmtk,
-    dcmtk_env,
     free_port,
+    getscu_study,
     status,
     storescu,
     wait_for,
@@ -285,12 +284,7 @@ PatientID = "*"
             # (storescu re-encodes sequence lengths, so equal as data sets, not as bytes)
             assert dcmread(stored) == dcmread(path)
         got = tmp_path / "got"
-        got.mkdir()
-        proc = subprocess.run([dcmtk("getscu"), "-S", "-aec", "HARMONISE", "-k",
-                               "QueryRetrieveLevel=STUDY", "-k",
-                               f"StudyInstanceUID={dcmread(ct[0]).StudyInstanceUID}", "-od",
-                               str(got), "127.0.0.1", str(port)], capture_output=True,
-                              text=True, timeout=120, env=dcmtk_env())
+        proc = getscu_study(port, dcmread(ct[0]).StudyInstanceUID, got)
         assert proc.returncode == 0, proc.stderr
         back = {str(dcmread(p).SOPInstanceUID) for p in got.iterdir()}
         # the originals, companions included, and the harmonised copy of the CT series

@@ -27,7 +27,15 @@ from dicomnode.index import Index
 from dicomnode.qr import handle_find
 from dicomnode.scp import ScpContext
 from tests.dicom_factory import write_series
-from tests.nodeutil import NodeProcess, dcmtk, dcmtk_env, free_port, wait_for, write_config
+from tests.nodeutil import (
+    NodeProcess,
+    dcmtk,
+    dcmtk_env,
+    free_port,
+    getscu_study,
+    wait_for,
+    write_config,
+)
 from tests.orthanc import Orthanc, have_orthanc, seed_series
 
 DERIVED_DESC = "Thorax B70f [harmonised: ct-test]"
@@ -216,12 +224,7 @@ def test_movescu_series_pending_counts_and_unknown_destination(qr, tmp_path):
 
 def test_getscu_study(qr, tmp_path):
     out = tmp_path / "got"
-    out.mkdir()
-    proc = subprocess.run([dcmtk("getscu"), "-S", "-aec", "HARMONISE", "-k",
-                           "QueryRetrieveLevel=STUDY", "-k",
-                           f"StudyInstanceUID={qr.uids['study_b']}", "-od", str(out),
-                           "127.0.0.1", str(qr.port)], capture_output=True, text=True,
-                          timeout=120, env=dcmtk_env())
+    proc = getscu_study(qr.port, qr.uids["study_b"], out)
     assert proc.returncode == 0, proc.stderr
     files = [dcmread(p) for p in out.iterdir()]
     assert len(files) == 3 and {f.Modality for f in files} == {"MR"}
