@@ -29,8 +29,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom import sop_class as sc
+from pynetdicom.service_class import StorageServiceClass
 
 from dicomnode.client import nodelay
 from dicomnode.config import Config
@@ -39,21 +40,18 @@ from dicomnode.log import get_logger
 from dicomnode.qr import add_qr_contexts, qr_handlers
 from dicomnode.receive import RejectedInstance, receive_file
 from dicomnode.storage import StorageFull, ensure_dir
-from pipelines.series import IMAGE_SOP_CLASSES
+from pipelines.series import IMAGE_SOP_CLASSES, PRIVATE_STORAGE_CLASSES
 
 log = get_logger("scp")
 
-# Objects that travel with CT and MR studies (dose reports, key images, presentation states,
-# segmentations, contours, reports; the node's own algorithm report among them): stored,
-# indexed and retrievable with their study, never harmonised, so a scanner or PACS may
-# send whole studies. Large non-radiology objects (slide, video, waveform) stay refused.
-COMPANION_CLASSES = (
-    sc.BasicTextSRStorage, sc.EnhancedSRStorage, sc.ComprehensiveSRStorage,
-    sc.Comprehensive3DSRStorage, sc.XRayRadiationDoseSRStorage,
-    sc.KeyObjectSelectionDocumentStorage, sc.GrayscaleSoftcopyPresentationStateStorage,
-    sc.SegmentationStorage, sc.RTStructureSetStorage, sc.EncapsulatedPDFStorage,
-)
-STORAGE_CLASSES = (*sorted(IMAGE_SOP_CLASSES), *COMPANION_CLASSES)
+# A scanner or PACS sends whole studies, and one refused instance fails the peer's whole
+# transfer (Orthanc's store job, a scanner's send queue): so every storage class is accepted,
+# standard (what pynetdicom knows) and the private ones CT and MR scanners put in studies.
+# Only images of IMAGE_SOP_CLASSES are ever harmonised; the rest is stored, indexed and
+# retrievable with its study, and its series ends unmatched ("not harmonisable").
+STORAGE_CLASSES = tuple(sorted(
+    {str(c.abstract_syntax) for c in AllStoragePresentationContexts} | IMAGE_SOP_CLASSES
+    | set(PRIVATE_STORAGE_CLASSES)))
 TRANSFER_SYNTAXES = (
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
@@ -228,6 +226,15 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
     ]
 
 
+def register_private_classes() -> None:
+    """pynetdicom serves (and aborts the association on) no SOP class it does not know:
+    register the private storage classes with its Storage service (once per process)."""
+    for uid, name in PRIVATE_STORAGE_CLASSES.items():
+        keyword = "".join(ch for ch in name if ch.isalnum())
+        if not hasattr(sc, keyword):
+            register_uid(uid, keyword, StorageServiceClass)
+
+
 def build_ae(config: Config) -> AE:
     """An AE with our title, limits, timeouts and the storage contexts we accept."""
     node = config.node
@@ -238,6 +245,7 @@ def build_ae(config: Config) -> AE:
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
     ae.add_supported_context(sc.Verification)
+    register_private_classes()
     for cls in STORAGE_CLASSES:
         # scp_role: a C-GET requestor acts as Storage SCP on our association
         ae.add_supported_context(cls, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True)

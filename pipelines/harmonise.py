@@ -26,7 +26,7 @@ from pipelines.inference import InferenceSettings, choose_execution, resolve_dev
 from pipelines.intensity import denormalise, keep_source, normalise
 from pipelines.model_folder import LoadedModel, load_model_folder, read_model_info
 from pipelines.routing import Route, RoutingDecision, route_series
-from pipelines.series import SeriesError, load_series, not_images, read_headers
+from pipelines.series import SeriesError, load_series, not_harmonisable, read_headers
 from pipelines.sr import write_algorithm_sr
 
 log = structlog.get_logger(component="harmonise")
@@ -126,7 +126,7 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
 
     A series dicomnode derived itself is ``unmatched`` with the reason "already harmonised by
     dicomnode (<model> <version>)", whatever is forced: the node archives it as it is; so is
-    one that holds other objects than images (``not images: <SOP classes>``).
+    one that holds other objects than images (``not harmonisable: <SOP classes>``).
     ``route_name`` forces a route, ``model_name`` a model (no routing at all); ``sr`` also
     writes the companion algorithm SR (:func:`~pipelines.sr.write_algorithm_sr`);
     ``execution_cache`` is the file :func:`~pipelines.inference.choose_execution` keeps its
@@ -144,7 +144,7 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     uid = str(headers[0].get("SeriesInstanceUID", "")) if headers else ""
     bound = log.bind(series_uid=uid)
     # whatever route or model was asked for
-    if done := already_harmonised(headers) or not_images(headers):
+    if done := already_harmonised(headers) or not_harmonisable(headers):
         return SeriesOutcome("unmatched", uid, done)
     route: Route | None = None
     if model_name is None:

@@ -63,14 +63,24 @@ IMAGE_SOP_CLASSES = frozenset({
 })
 
 
-def not_images(datasets: Iterable[Dataset]) -> str | None:
+# Private storage classes CT and MR scanners send within studies (stored, never harmonised)
+PRIVATE_STORAGE_CLASSES = {
+    "1.3.12.2.1107.5.9.1": "Siemens CSA Non-Image Storage",  # protocols, spectra, reports
+    "1.3.12.2.1107.5.99.3.10": "Siemens CT MR Volume Storage",
+}
+
+
+def _class_name(uid: str) -> str:
+    return PRIVATE_STORAGE_CLASSES.get(uid) or (UID(uid).name if uid else "no SOP Class UID")
+
+
+def not_harmonisable(datasets: Iterable[Dataset]) -> str | None:
     """Why a series is no series of images to harmonise (the SOP classes it holds besides
-    :data:`IMAGE_SOP_CLASSES`), or None."""
+    :data:`IMAGE_SOP_CLASSES`: reports, PET, dose, ...), or None."""
     others = {str(ds.get("SOPClassUID", "")) for ds in datasets} - IMAGE_SOP_CLASSES
     if not others:
         return None
-    names = sorted(UID(c).name if c else "no SOP Class UID" for c in others)
-    return f"not images: {', '.join(names)}"
+    return f"not harmonisable: {', '.join(sorted(map(_class_name, others)))}"
 
 
 class SeriesError(PipelineError):

@@ -216,11 +216,34 @@ def write_companions(images: list[Path], folder: Path) -> list[Path]:
     written = [folder / "seg.dcm", folder / "kos.dcm"]
     seg.save_as(written[0])
     kos.save_as(written[1])
-    for name in ("rtstruct.dcm", "reportsi.dcm"):
-        # both ship inside pydicom (never downloaded); rtstruct.dcm has no file meta
+    for name in ("rtstruct.dcm", "reportsi.dcm", "rtdose.dcm"):
+        # all ship inside pydicom (never downloaded); rtstruct.dcm has no file meta
         ds = dcmread(get_testdata_file(name, download=False), force=True)
         ds.PatientID, ds.StudyInstanceUID = source[0].PatientID, source[0].StudyInstanceUID
         ds.save_as(folder / name, implicit_vr=ds.original_encoding[0], little_endian=True,
                    enforce_file_format=True)
         written.append(folder / name)
     return written
+
+
+SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
+
+
+def siemens_non_image(image: Dataset) -> Dataset:
+    """A Siemens CSA Non-Image object (private SOP class; a scan protocol or spectrum in
+    private tags) in the study of ``image``, as Siemens scanners send them with studies."""
+    ds = Dataset()
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                    "StudyTime", "StudyInstanceUID", "StudyID", "AccessionNumber",
+                    "ReferringPhysicianName", "Modality"):
+        setattr(ds, keyword, image.get(keyword, ""))
+    ds.Manufacturer = "SIEMENS"
+    ds.SOPClassUID, ds.SOPInstanceUID = SIEMENS_CSA_NON_IMAGE, generate_uid()
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), 99, 1
+    ds.SeriesDescription = "PhoenixZIPReport"
+    block = ds.private_block(0x0029, "SIEMENS CSA NON-IMAGE", create=True)
+    block.add_new(0x08, "CS", "PHOENIX_PROTOCOL")
+    block.add_new(0x10, "OB", bytes(range(256)) * 4)  # the CSA payload, opaque to DICOM
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds

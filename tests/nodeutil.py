@@ -14,7 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+from dicomnode.scp import register_private_classes
 
 DCMTK_DIR = Path("/usr/bin")
 
@@ -129,6 +134,51 @@ def getscu_study(port: int, study_uid: str, out: Path) -> subprocess.CompletedPr
                            "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
                            "-od", str(out), "127.0.0.1", str(port)], capture_output=True,
                           text=True, timeout=120, env=dcmtk_env())
+
+
+def scanner_store(port: int, files: Sequence[Path], aet: str = "MODALITY",
+                  called: str = "HARMONISE") -> list[int]:
+    """C-STORE ``files`` over one association that proposes exactly their SOP classes, as a
+    scanner's own software does (private classes included); the status of each."""
+    datasets = [dcmread(f) for f in files]
+    ae = AE(ae_title=aet)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established, f"{called} refused the association"
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def get_series(port: int, study_uid: str, series_uid: str, sop_class: str) -> list[Dataset]:
+    """C-GET one series of ``sop_class`` instances with a pynetdicom SCU (taking the
+    Storage SCP role for that class, private ones included); the data sets received."""
+    got: list[Dataset] = []
+    register_private_classes()  # pynetdicom's Storage SCP role serves known classes only
+
+    def keep(event: evt.Event) -> int:
+        got.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="HARMONISE",
+                         ext_neg=[build_role(sop_class, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, keep)])
+    assert assoc.is_established, "the node refused the association"
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
+    try:
+        final = [rsp for rsp, _ in assoc.send_c_get(
+            query, StudyRootQueryRetrieveInformationModelGet)][-1]
+    finally:
+        assoc.release()
+    assert final.Status == 0x0000, f"C-GET ended with 0x{final.Status:04X}"
+    return got
 
 
 def dataset_bytes(path: Path) -> bytes:

@@ -75,6 +75,7 @@ class Orthanc:
             "JobsHistorySize": 10,
             "SaveJobs": False,
             "OverwriteInstances": True,
+            "UnknownSopClassAccepted": True,  # a Siemens site's PACS holds private classes
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))

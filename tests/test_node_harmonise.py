@@ -17,12 +17,14 @@ from dicomnode.index import Index
 from dicomnode.log import configure
 from dicomnode.receive import parse_header, receive_instance
 from dicomnode.worker import Worker
-from tests.dicom_factory import write_companions, write_series
+from tests.dicom_factory import siemens_non_image, write_companions, write_series
 from tests.model_factory import make_plain_model
 from tests.nodeutil import (
     NodeProcess,
     free_port,
+    get_series,
     getscu_study,
+    scanner_store,
     status,
     storescu,
     wait_for,
@@ -251,8 +253,9 @@ def test_a_job_that_fails_mid_write_leaves_no_staged_files(setup, monkeypatch):
 
 
 def test_a_whole_study_is_kept_and_only_its_images_harmonised(setup):
-    """Scanners and PACS send whole studies. What travels with the images is stored as sent
-    and retrievable with the study, but never harmonised, even by a route matching anything."""
+    """Scanners and PACS send whole studies. What travels with the images (standard and
+    private SOP classes) is stored as sent and retrievable with the study, but never
+    harmonised, even by a route matching anything."""
     tmp_path, port, config = setup
     config.write_text(config.read_text() + """
 [[routes]]
@@ -263,10 +266,13 @@ PatientID = "*"
 """)
     ct = write_series(tmp_path / "in" / "ct", slices=3, size=32)
     companions = write_companions(ct, tmp_path / "in")
+    csa = tmp_path / "in" / "csa.dcm"
+    siemens_non_image(dcmread(ct[0])).save_as(csa, enforce_file_format=True)
     node = NodeProcess(config, tmp_path / "node.log").start()
     try:
         storescu(port, ct + companions)  # one association
-        sent = {dcmread(p).SeriesInstanceUID: p for p in companions}
+        assert scanner_store(port, [csa]) == [0x0000]  # dcmtk knows no private classes
+        sent = {dcmread(p).SeriesInstanceUID: p for p in [*companions, csa]}
         ct_series = dcmread(ct[0]).SeriesInstanceUID
         final = {"harmonised", "unmatched", "failed"}
         rows = wait_for(lambda: (r := status(config)) and all(
@@ -274,12 +280,14 @@ PatientID = "*"
             what="every series of the study to be processed")
         assert rows[ct_series]["state"] == "harmonised"
         reasons = {e["series_uid"]: e["reason"] for e in node.events("series_unmatched")}
-        expected = {"seg.dcm": "Segmentation Storage", "kos.dcm": "Key Object Selection",
+        expected = {"seg.dcm": "Segmentation Storage",
+                    "kos.dcm": "Key Object Selection Document Storage",
                     "rtstruct.dcm": "RT Structure Set Storage",
-                    "reportsi.dcm": "Basic Text SR Storage"}
+                    "reportsi.dcm": "Basic Text SR Storage", "rtdose.dcm": "RT Dose Storage",
+                    "csa.dcm": "Siemens CSA Non-Image Storage"}
         for uid, path in sent.items():
             assert rows[uid]["state"] == "unmatched" and rows[uid]["instances"] == 1
-            assert reasons[uid].startswith("not images: ") and expected[path.name] in reasons[uid]
+            assert reasons[uid] == f"not harmonisable: {expected[path.name]}"
             [stored] = (tmp_path / "var" / "spool").rglob(f"{dcmread(path).SOPInstanceUID}.dcm")
             # (storescu re-encodes sequence lengths, so equal as data sets, not as bytes)
             assert dcmread(stored) == dcmread(path)
@@ -290,5 +298,10 @@ PatientID = "*"
         # the originals, companions included, and the harmonised copy of the CT series
         assert {str(dcmread(p).SOPInstanceUID) for p in ct + companions} <= back
         assert len(back) == len(ct) * 2 + len(companions)
+        # the private object comes back to an SCU that takes its class
+        sent_csa = dcmread(csa)
+        [got_csa] = get_series(port, sent_csa.StudyInstanceUID, sent_csa.SeriesInstanceUID,
+                               sent_csa.SOPClassUID)
+        assert got_csa == sent_csa
     finally:
         node.stop()

@@ -22,9 +22,17 @@ from dicomnode.cli import main as cli_main
 from dicomnode.config import load_config
 from dicomnode.index import Index
 from dicomnode.log import configure
-from tests.dicom_factory import write_companions, write_series
+from tests.dicom_factory import siemens_non_image, write_companions, write_series
 from tests.model_factory import make_plain_model
-from tests.nodeutil import NodeProcess, dcmtk, free_port, storescu, wait_for, write_config
+from tests.nodeutil import (
+    NodeProcess,
+    dcmtk,
+    free_port,
+    scanner_store,
+    storescu,
+    wait_for,
+    write_config,
+)
 from tests.orthanc import Orthanc, have_orthanc, seed_series
 
 pytestmark = pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed")
@@ -163,8 +171,9 @@ def test_storescu_series_arrives_harmonised_in_orthanc_with_every_provenance_tag
 
 def test_orthanc_pushes_a_study_and_gets_it_back_harmonised(tmp_path):
     """The PACS as the sender: Orthanc C-STOREs a study (one series uncompressed, one in
-    JPEG 2000, with a segmentation, key objects, contours and a report) to the node; the
-    images are stored as received, harmonised and come back; the rest is kept, unmatched."""
+    JPEG 2000, with a segmentation, key objects, contours, a dose, a report and a Siemens
+    private object) to the node; the images are stored as received, harmonised and come
+    back; the rest is kept, unmatched."""
     _, config, port, orthanc_port = harmonising_node(tmp_path)
     plain = write_series(tmp_path / "plain", slices=4, size=32, kernel="B70f", seed=3)
     j2k = write_series(tmp_path / "j2k", slices=4, size=32, kernel="B70f", seed=3,
@@ -178,6 +187,9 @@ def test_orthanc_pushes_a_study_and_gets_it_back_harmonised(tmp_path):
         storescu(orthanc_port, j2k, options=["-xv"])
         companions = write_companions(plain, tmp_path / "companions")
         storescu(orthanc_port, companions)
+        companions.append(tmp_path / "companions" / "csa.dcm")  # a private class too
+        siemens_non_image(dcmread(plain[0])).save_as(companions[-1], enforce_file_format=True)
+        assert scanner_store(orthanc_port, companions[-1:], called="ORTHANC") == [0x0000]
         [study] = orthanc.get("/studies")
         orthanc.post("/modalities/HARMONISE/store", {"Resources": [study]}, timeout=120)
         for uid in sources:

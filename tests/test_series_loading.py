@@ -19,7 +19,7 @@ from pipelines.series import (
     find_series,
     load_series,
     lossy_compression,
-    not_images,
+    not_harmonisable,
 )
 from tests.dicom_factory import phantom, write_enhanced_ct, write_series
 
@@ -192,7 +192,7 @@ def test_lossy_compression_from_syntax_and_flag(syntax, flag, expected):
     assert lossy_compression(ds) == expected
 
 
-def test_not_images_names_the_other_sop_classes():
+def test_not_harmonisable_names_the_other_sop_classes():
     def of(*uids: str) -> list[Dataset]:
         datasets = [Dataset() for _ in uids]
         for ds, uid in zip(datasets, uids, strict=True):
@@ -200,7 +200,9 @@ def test_not_images_names_the_other_sop_classes():
         return datasets
     ct, mr_enh = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4.1"
     kos, rdsr = "1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.5.1.4.1.1.88.67"
-    assert not_images(of(ct, ct)) is None and not_images(of(mr_enh)) is None
-    assert not_images(of(kos)) == "not images: Key Object Selection Document Storage"
-    assert not_images(of(ct, rdsr, "")) == ("not images: X-Ray Radiation Dose SR Storage,"
-                                            " no SOP Class UID")
+    assert not_harmonisable(of(ct, ct)) is None and not_harmonisable(of(mr_enh)) is None
+    assert not_harmonisable(of(kos)) == "not harmonisable: Key Object Selection Document Storage"
+    assert not_harmonisable(of(ct, rdsr, "")) == (
+        "not harmonisable: X-Ray Radiation Dose SR Storage, no SOP Class UID")
+    assert not_harmonisable(of("1.3.12.2.1107.5.9.1")) == (
+        "not harmonisable: Siemens CSA Non-Image Storage")
