@@ -6,6 +6,7 @@ Handlers are small functions of ``(event, ctx)``; all state lives in :class:`Scp
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import socket
 import sqlite3
@@ -31,7 +32,9 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom import sop_class as sc
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.client import nodelay
 from dicomnode.config import Config
@@ -224,6 +227,28 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
         (evt.EVT_C_STORE, handle_store, [ctx]),
         *qr_handlers(ctx),
     ]
+
+
+class SharedUIDContexts(list[PresentationContext]):
+    """A server's supported presentation contexts. pynetdicom deep-copies them for every
+    association it accepts, which re-creates and re-validates every UID in them: with all
+    storage classes some 2,300 UIDs, 10 ms per association. UIDs are immutable strings, so
+    the copy shares them and copies only the context objects (roles, syntax lists)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        for context in self:
+            for uid in (context.abstract_syntax, *context.transfer_syntax):
+                memo[id(uid)] = uid
+        return [copy.deepcopy(context, memo) for context in self]
+
+
+def start_server(ae: AE, address: tuple[str, int],
+                 handlers: list[tuple[Any, ...]]) -> ThreadedAssociationServer:
+    """Serve ``ae`` in the background on ``address``, with contexts cheap to copy."""
+    server = ae.start_server(address, block=False, evt_handlers=handlers)
+    assert server is not None  # block=False returns the running server
+    server.contexts = SharedUIDContexts(server.contexts)  # from the next association on
+    return server
 
 
 def register_private_classes() -> None:

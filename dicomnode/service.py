@@ -20,7 +20,13 @@ from dicomnode.errors import UserError
 from dicomnode.index import Index
 from dicomnode.log import get_logger
 from dicomnode.receive import RejectedInstance, parse_header
-from dicomnode.scp import ScpContext, build_ae, event_handlers, receive_into
+from dicomnode.scp import (
+    ScpContext,
+    build_ae,
+    event_handlers,
+    receive_into,
+    start_server,
+)
 from dicomnode.storage import leftover_temp_files
 from dicomnode.worker import Worker
 
@@ -134,8 +140,8 @@ class Node:
         ctx = ScpContext(cfg, self.index)
         receive_into(cfg.incoming_dir)
         try:
-            self._server = self.ae.start_server((cfg.node.host, cfg.node.port), block=False,
-                                                evt_handlers=event_handlers(ctx))
+            self._server = start_server(self.ae, (cfg.node.host, cfg.node.port),
+                                        event_handlers(ctx))
         except OSError as exc:  # taken since check_listen: only this start is affected
             raise _cannot_listen(cfg.node.host, cfg.node.port, exc) from None
         log.info("node_listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
