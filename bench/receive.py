@@ -16,7 +16,7 @@ two together, which bounds the ratio any such node could reach. (One that wrote 
 to disk as it arrived could hide the copy into the page cache, a fifth of the durable
 store here, but not the flushes.)
 
-    python3 bench/receive.py [--count 500] [--size 512] [--rounds 3]
+    python3 bench/receive.py [--count 500] [--size 512] [--rounds 3] [--per-association]
 """
 
 from __future__ import annotations
@@ -49,12 +49,15 @@ from tests.nodeutil import (  # noqa: E402
 )
 
 
-def send(port: int, folder: Path, called: str) -> float:
-    """Seconds for one storescu association sending every file in ``folder``."""
+def send(port: int, folder: Path, called: str, per_association: bool = False) -> float:
+    """Seconds for storescu to send every file in ``folder``: over one association, or
+    (``per_association``) one association per file, as many modalities send."""
+    batches = [[p] for p in sorted(folder.iterdir())] if per_association else [[folder]]
     start = time.perf_counter()
-    subprocess.run([dcmtk("storescu"), "-aec", called, "+sd", "-R", "127.0.0.1", str(port),
-                    str(folder)], check=True, timeout=1800, env=dcmtk_env(),
-                   capture_output=True)
+    for batch in batches:
+        subprocess.run([dcmtk("storescu"), "-aec", called, "+sd", "-R", "127.0.0.1", str(port),
+                        *map(str, batch)], check=True, timeout=1800, env=dcmtk_env(),
+                       capture_output=True)
     return time.perf_counter() - start
 
 
@@ -84,6 +87,9 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=500)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--per-association", action="store_true",
+                    help="one association per instance (a storescu run each), as many"
+                         " modalities send: adds association set-up to every image")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
@@ -119,7 +125,7 @@ def main() -> None:
             for name, port, called in contenders[k:] + contenders[:k]:
                 folder = work / f"in-{name}-{r}"
                 write_series(folder, slices=args.count, size=args.size, seed=r)
-                seconds = send(port, folder, called)
+                seconds = send(port, folder, called, args.per_association)
                 rates[name].append(args.count / seconds)
                 shutil.rmtree(folder)
                 print(f"round {r + 1} {name:<13}: {args.count / seconds:8.1f} images/s"

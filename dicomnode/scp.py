@@ -232,14 +232,17 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
 class SharedUIDContexts(list[PresentationContext]):
     """A server's supported presentation contexts. pynetdicom deep-copies them for every
     association it accepts, which re-creates and re-validates every UID in them: with all
-    storage classes some 2,300 UIDs, 10 ms per association. UIDs are immutable strings, so
-    the copy shares them and copies only the context objects (roles, syntax lists)."""
+    storage classes some 2,300 UIDs, 10 ms per association. A context's other values are
+    immutable too (UIDs are strings), so its copy needs only new lists (its syntaxes)."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
         for context in self:
-            for uid in (context.abstract_syntax, *context.transfer_syntax):
-                memo[id(uid)] = uid
-        return [copy.deepcopy(context, memo) for context in self]
+            twin = copy.copy(context)
+            vars(twin).update((k, list(v)) for k, v in vars(context).items()
+                              if isinstance(v, list))
+            copies.append(twin)
+        return copies
 
 
 def start_server(ae: AE, address: tuple[str, int],
