@@ -36,6 +36,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from pipelines.derived import already_harmonised
+from pipelines.series import not_harmonisable
 
 _NUMERIC = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 _RANGE = re.compile(
@@ -317,9 +318,10 @@ def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDec
 
     A rule that images disagree on (some would match it, some not) stops routing: the
     series is flagged instead of falling through to a later, possibly wrong, rule. A series
-    dicomnode derived is ``skipped`` before any rule.
+    dicomnode derived, or one it cannot harmonise (reports, colour, scouts), is ``skipped``
+    before any rule.
     """
-    if skipped := already_harmonised(datasets):
+    if skipped := already_harmonised(datasets) or not_harmonisable(datasets):
         return RoutingDecision(None, (), skipped=skipped)
     keywords = {c.keyword for r in routes for c in r.match}
     values, conflicts = series_values(datasets, sorted(keywords))

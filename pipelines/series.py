@@ -63,6 +63,7 @@ IMAGE_SOP_CLASSES = frozenset({
 })
 
 
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # Private storage classes CT and MR scanners send within studies (stored, never harmonised)
 PRIVATE_STORAGE_CLASSES = {
     "1.3.12.2.1107.5.9.1": "Siemens CSA Non-Image Storage",  # protocols, spectra, reports
@@ -74,13 +75,29 @@ def _class_name(uid: str) -> str:
     return PRIVATE_STORAGE_CLASSES.get(uid) or (UID(uid).name if uid else "no SOP Class UID")
 
 
-def not_harmonisable(datasets: Iterable[Dataset]) -> str | None:
-    """Why a series is no series of images to harmonise (the SOP classes it holds besides
-    :data:`IMAGE_SOP_CLASSES`: reports, PET, dose, ...), or None."""
+def not_harmonisable(datasets: Sequence[Dataset]) -> str | None:
+    """Why a series, valid as it may be, is no series of images to harmonise, or None:
+    SOP classes besides :data:`IMAGE_SOP_CLASSES` (reports, PET, dose, ...), colour images,
+    or localisers (scouts, topograms) only. Headers suffice."""
     others = {str(ds.get("SOPClassUID", "")) for ds in datasets} - IMAGE_SOP_CLASSES
-    if not others:
-        return None
-    return f"not harmonisable: {', '.join(sorted(map(_class_name, others)))}"
+    if others:
+        return f"not harmonisable: {', '.join(sorted(map(_class_name, others)))}"
+    colour = {str(ds.PhotometricInterpretation) for ds in datasets if str(
+        ds.get("PhotometricInterpretation", "MONOCHROME2")) not in MONOCHROME}
+    if colour:
+        return f"not harmonisable: colour images ({', '.join(sorted(colour))})"
+    if datasets and all("LOCALIZER" in _upper(ds.get("ImageType")) for ds in datasets):
+        return "not harmonisable: localiser images only"
+    return None
+
+
+def _upper(value: object) -> list[str]:
+    """A (multi-)value as upper-case strings ([] when absent)."""
+    if value is None or value == "":
+        return []
+    values = value if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" \
+        else [value]
+    return [str(v).upper() for v in values]
 
 
 class SeriesError(PipelineError):
@@ -179,7 +196,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[Frame]:
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if count > 1 and not multi:
         raise SeriesError(f"{where}: {count} frames without per-frame functional groups")
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    image_type = _upper(ds.get("ImageType"))
     frames = []
     for index in range(count) if multi else [None]:
         position = _first(ds, "PlanePositionSequence", "ImagePositionPatient", index)
@@ -230,7 +247,7 @@ def check_frames(frames: Sequence[Frame]) -> tuple[list[Frame], list[str]]:
         raise SeriesError("no images in series")
     for f in frames:
         photometric = str(f.dataset.get("PhotometricInterpretation", ""))
-        if photometric not in ("MONOCHROME1", "MONOCHROME2") or \
+        if photometric not in MONOCHROME or \
                 int(f.dataset.get("SamplesPerPixel", 1)) != 1:
             shown = photometric or "<absent>"
             raise SeriesError(f"{f.path.name}: PhotometricInterpretation {shown} is not"

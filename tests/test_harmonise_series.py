@@ -210,6 +210,24 @@ def test_derived_series_is_never_harmonised_again(setup, capsys):
     assert "  ! already harmonised by dicomnode (smooth 1.0): no rule is tried" in out
 
 
+def test_a_scout_series_is_left_unmatched_whatever_the_route(setup, capsys):
+    """A scanner's scout (topogram) series carries the kernel and vendor a route matches,
+    but there is no volume to harmonise: unmatched and archived, not a rejected job."""
+    tmp_path, _ = setup
+
+    def scout(ds, i):
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    files = write_series(tmp_path / "scout", slices=2, size=16, edit=scout)
+    for forced in ({}, {"route_name": "ct"}, {"model_name": "smooth"}):
+        outcome = run(tmp_path, files, **forced)
+        assert (outcome.status, outcome.reason) == (
+            "unmatched", "not harmonisable: localiser images only")
+    assert main(["route", "--explain", str(tmp_path / "scout"),
+                 "--config", config_for(tmp_path)]) == 0
+    assert "  ! not harmonisable: localiser images only: no rule is tried" in \
+        capsys.readouterr().out
+
+
 def test_rerun_writes_identical_bytes_and_records_the_precision(setup, monkeypatch):
     """Same model, machine, cache and processing time: the same bytes, even when the CPU's
     timings would now pick the other precision."""

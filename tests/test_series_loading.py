@@ -206,3 +206,23 @@ def test_not_harmonisable_names_the_other_sop_classes():
         "not harmonisable: X-Ray Radiation Dose SR Storage, no SOP Class UID")
     assert not_harmonisable(of("1.3.12.2.1107.5.9.1")) == (
         "not harmonisable: Siemens CSA Non-Image Storage")
+
+
+def test_not_harmonisable_colour_and_scout_series():
+    """Valid images the node has no model for: colour (a dose screen, a photo) and
+    localisers (scouts, topograms) only; a scout inside an axial series is split off later."""
+    def image(photometric: str | None = "MONOCHROME2",
+              image_type: str | list[str] = "ORIGINAL\\PRIMARY\\AXIAL") -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID, ds.ImageType = "1.2.840.10008.5.1.4.1.1.2", image_type
+        if photometric:
+            ds.PhotometricInterpretation = photometric
+        return ds
+    scout = "ORIGINAL\\PRIMARY\\LOCALIZER"
+    assert not_harmonisable([image(), image("MONOCHROME1"), image(None)]) is None
+    assert not_harmonisable([image(), image("RGB"), image("YBR_FULL_422")]) == (
+        "not harmonisable: colour images (RGB, YBR_FULL_422)")
+    assert not_harmonisable([image(image_type=scout)] * 2) == (
+        "not harmonisable: localiser images only")
+    assert not_harmonisable([image(image_type=scout), image()]) is None
+    assert not_harmonisable([image(image_type="LOCALIZER")]) is not None  # single value

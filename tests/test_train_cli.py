@@ -7,10 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 import trainers.evaluate as evaluate_module
 from dicomnode.cli import main
 from pipelines.model_folder import load_model_folder, read_model_info
+from tests.dicom_factory import siemens_non_image, write_series
 from trainers.simulation import simulate_series
 
 SIZE, SLICES = 48, 4
@@ -105,6 +107,14 @@ def test_train_site_writes_a_new_version_and_compares(ct: Path, tmp_path: Path,
     shutil.copytree(ct / "smooth", spool / "study-b")
     simulate(spool / "study-c", "CT", "siemens-b70f", range(3, 5))
     simulate(spool / "study-d", "CT", "siemens-b30f", range(3, 5))
+    # what else the studies brought shares the route's tags: a scout, a private object
+    sharp = dcmread(next((spool / "study-c").rglob("*.dcm")))
+    write_series(spool / "study-c" / "scout", kernel=sharp.ConvolutionKernel, slices=2,
+                 size=16, edit=lambda ds, i: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY",
+                                                                      "LOCALIZER"]))
+    csa = siemens_non_image(sharp)
+    csa.ConvolutionKernel = sharp.ConvolutionKernel
+    csa.save_as(spool / "study-c" / "csa.dcm", enforce_file_format=True)
     models = tmp_path / "models"
     main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(ct / "smooth"),
           "--name", "kernel", "--models-dir", str(models), "--workdir", str(tmp_path / "r0"),
