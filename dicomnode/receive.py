@@ -76,6 +76,10 @@ def _text(value: Any) -> Any:
     return str(value)
 
 
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
 def _tag_in(exc: BaseException) -> str | None:
     """The first ``(gggg,eeee)`` tag an exception message names: safe to log on its own."""
     found = _TAG.search(str(exc))
@@ -98,7 +102,7 @@ def _indexed(ds: Dataset) -> dict[str, str | int | float]:
             value = ds[tag].value
         except Exception as exc:
             raise RejectedInstance(f"cannot read {keyword}", error=type(exc).__name__,
-                                   tag=f"({tag >> 16:04X},{tag & 0xFFFF:04X})") from None
+                                   tag=_tag_text(tag)) from None
         if value not in (None, ""):
             attrs[keyword] = _text(value)
     return attrs
@@ -131,6 +135,21 @@ class _PixelDataProbe:
         return min(self.length, size - self.offset)
 
 
+# What the expected length of native pixel data is computed from
+PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")
+
+
+def _readable_int(ds: Dataset, keyword: str) -> bool:
+    """Whether ``keyword`` is absent (optional ones default) or reads as one integer."""
+    if keyword not in ds:
+        return keyword == "NumberOfFrames"
+    try:
+        int(ds[keyword].value)
+    except Exception:
+        return False
+    return True
+
+
 def _check_pixel_data(ds: Dataset, transfer_syntax: str, length: int | None) -> None:
     """Reject pixel data that cannot be decoded as its header describes it, before it can
     replace a good stored copy: native data shorter than Rows x Columns x samples x bits x
@@ -149,9 +168,12 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str, length: int | None) -> 
     try:
         expected = int(get_expected_length(ds, unit="bytes"))
     except Exception as exc:
-        raise RejectedInstance("PixelData without a readable Image Pixel description"
-                               " (Rows, Columns, BitsAllocated, SamplesPerPixel)",
-                               error=type(exc).__name__) from None
+        bad = next((kw for kw in PIXEL_DESCRIPTION if not _readable_int(ds, kw)), None)
+        raise RejectedInstance(
+            f"PixelData with an unreadable {bad}" if bad else "PixelData without a readable"
+            f" Image Pixel description ({', '.join(PIXEL_DESCRIPTION)})",
+            error=type(exc).__name__, tag=_tag_text(tag_for_keyword(bad)) if bad else None,
+        ) from None
     if length < expected:
         raise RejectedInstance(f"PixelData has {length} bytes; Rows, Columns, SamplesPerPixel,"
                                f" BitsAllocated and NumberOfFrames need {expected}")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import JPEG2000Lossless
 
 from dicomnode.config import load_config
@@ -134,6 +136,7 @@ def test_a_file_received_elsewhere_is_moved_into_place_and_duplicates_need_no_sp
     assert consistent(config, index) == variants[0]
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")  # the node reads with IGNORE
 def test_pixel_data_is_checked_against_the_header_without_decoding(tmp_path):
     """Cut native pixel data and encapsulated syntaxes without fragments are refused when
     received, with the sizes in the message; odd-length data padded to even is fine."""
@@ -148,3 +151,9 @@ def test_pixel_data_is_checked_against_the_header_without_decoding(tmp_path):
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.Rows, ds.Columns = 8, 8, 7, 3, 3
     ds.PixelData = bytes(9) + b"\0"  # 9 bytes padded to 10
     assert parse_header(encoded(ds, tmp_path)).sop_instance_uid == ds.SOPInstanceUID
+    # NumberOfFrames "1A", as in pydicom's badVR.dcm: the expected length cannot be known
+    ds[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 2, b"1A", 0, False, True)
+    with pytest.raises(RejectedInstance, match="^PixelData with an unreadable NumberOfFrames$"
+                       ) as caught:
+        parse_header(encoded(ds, tmp_path))
+    assert (caught.value.tag, caught.value.error) == ("(0028,0008)", "ValueError")
