@@ -20,13 +20,13 @@ from typing import Literal
 import structlog
 
 from pipelines import software_version
-from pipelines.derived import Provenance, already_harmonised, write_derived_series
+from pipelines.derived import Provenance, write_derived_series
 from pipelines.errors import ModelError
 from pipelines.inference import InferenceSettings, choose_execution, resolve_device, run_generator
 from pipelines.intensity import denormalise, keep_source, normalise
 from pipelines.model_folder import LoadedModel, load_model_folder, read_model_info
-from pipelines.routing import Route, RoutingDecision, route_series
-from pipelines.series import SeriesError, load_series, not_harmonisable, read_headers
+from pipelines.routing import Route, RoutingDecision, never_routed, route_series
+from pipelines.series import SeriesError, load_series, read_headers
 from pipelines.sr import write_algorithm_sr
 
 log = structlog.get_logger(component="harmonise")
@@ -126,7 +126,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
 
     A series dicomnode derived itself is ``unmatched`` with the reason "already harmonised by
     dicomnode (<model> <version>)", whatever is forced: the node archives it as it is; so is
-    one that holds other objects than images (``not harmonisable: <SOP classes>``).
+    one of objects other than images, of colour images or of scouts only (``not
+    harmonisable: <why>``).
     ``route_name`` forces a route, ``model_name`` a model (no routing at all); ``sr`` also
     writes the companion algorithm SR (:func:`~pipelines.sr.write_algorithm_sr`);
     ``execution_cache`` is the file :func:`~pipelines.inference.choose_execution` keeps its
@@ -144,7 +145,7 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     uid = str(headers[0].get("SeriesInstanceUID", "")) if headers else ""
     bound = log.bind(series_uid=uid)
     # whatever route or model was asked for
-    if done := already_harmonised(headers) or not_harmonisable(headers):
+    if done := never_routed(headers):
         return SeriesOutcome("unmatched", uid, done)
     route: Route | None = None
     if model_name is None:

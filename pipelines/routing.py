@@ -313,6 +313,12 @@ def evaluate(conditions: Sequence[Condition], values: Mapping[str, str | None],
     return (None if None in hits else True), reasons
 
 
+def never_routed(datasets: Sequence[Any]) -> str | None:
+    """Why a series is never harmonised, whatever the routes say (or a forced route or
+    model): dicomnode derived it, or it is no series of images to harmonise."""
+    return already_harmonised(datasets) or not_harmonisable(datasets)
+
+
 def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDecision:
     """Choose the first route whose ``match`` holds for this series' instances.
 
@@ -321,7 +327,7 @@ def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDec
     dicomnode derived, or one it cannot harmonise (reports, colour, scouts), is ``skipped``
     before any rule.
     """
-    if skipped := already_harmonised(datasets) or not_harmonisable(datasets):
+    if skipped := never_routed(datasets):
         return RoutingDecision(None, (), skipped=skipped)
     keywords = {c.keyword for r in routes for c in r.match}
     values, conflicts = series_values(datasets, sorted(keywords))
