@@ -49,6 +49,8 @@ MOVE_CLASSES = (sc.PatientRootQueryRetrieveInformationModelMove,
 GET_CLASSES = (sc.PatientRootQueryRetrieveInformationModelGet,
                sc.StudyRootQueryRetrieveInformationModelGet)
 PATIENT_ROOT = {str(c) for c in (FIND_CLASSES[0], MOVE_CLASSES[0], GET_CLASSES[0])}
+SERVED = {str(c) for c in (*FIND_CLASSES, *MOVE_CLASSES, *GET_CLASSES)}
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 Annex C (C-STORE, C-FIND, C-MOVE, C-GET alike)
 
 
 # --- index access ---------------------------------------------------------------------
@@ -128,7 +130,13 @@ def retrieve_rows(index: Index, query: Query) -> list[Any]:
 # --- handlers -------------------------------------------------------------------------
 
 def _model(event: evt.Event) -> str:
-    return "PATIENT" if str(event.request.AffectedSOPClassUID) in PATIENT_ROOT else "STUDY"
+    """The request's information model; a QueryError (0x0122) for any other than ours,
+    such as a worklist query (pynetdicom's unrestricted storage negotiation accepts the few
+    non-storage classes it names differently from pydicom)."""
+    sop_class = str(event.request.AffectedSOPClassUID)
+    if sop_class not in SERVED:
+        raise QueryError(f"SOP class {sop_class} is not served here", SOP_CLASS_NOT_SUPPORTED)
+    return "PATIENT" if sop_class in PATIENT_ROOT else "STUDY"
 
 
 def _calling(event: evt.Event) -> str:

@@ -6,7 +6,6 @@ Handlers are small functions of ``(event, ctx)``; all state lives in :class:`Scp
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import socket
 import sqlite3
@@ -30,40 +29,35 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt, register_uid
+from pynetdicom import AE, _config, evt
 from pynetdicom import sop_class as sc
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.client import nodelay
 from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.log import get_logger
-from dicomnode.qr import add_qr_contexts, qr_handlers
+from dicomnode.qr import SOP_CLASS_NOT_SUPPORTED, add_qr_contexts, qr_handlers
 from dicomnode.receive import RejectedInstance, receive_file
 from dicomnode.storage import StorageFull, ensure_dir
-from pipelines.series import IMAGE_SOP_CLASSES, PRIVATE_STORAGE_CLASSES
 
 log = get_logger("scp")
-
-# A scanner or PACS sends whole studies, and one refused instance fails the peer's whole
-# transfer (Orthanc's store job, a scanner's send queue): so every storage class is accepted,
-# standard (what pynetdicom knows) and the private ones CT and MR scanners put in studies.
-# Only images of IMAGE_SOP_CLASSES are ever harmonised; the rest is stored, indexed and
-# retrievable with its study, and its series ends unmatched ("not harmonisable").
-STORAGE_CLASSES = tuple(sorted(
-    {str(c.abstract_syntax) for c in AllStoragePresentationContexts} | IMAGE_SOP_CLASSES
-    | set(PRIVATE_STORAGE_CLASSES)))
-TRANSFER_SYNTAXES = (
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
-)
 
 # C-STORE status codes (PS3.4 B.2.3); rejections carry their own (receive.py)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+
+
+# Where a peer proposes several transfer syntaxes for one context, the node takes the first
+# of these it proposed (explicit VR first: implicit VR loses the VR of private elements),
+# then any other in the peer's order: every one is stored as it arrives, these decoded.
+PREFERRED_SYNTAXES = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+)
+_RANK = {str(uid): rank for rank, uid in enumerate(PREFERRED_SYNTAXES)}
 
 
 @dataclass
@@ -150,12 +144,22 @@ def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
     else:
         reason, code = peer_allowed(ctx.config, calling, host), 0x03
     if reason is None:
+        prefer_syntaxes(assoc.requestor.primitive.presentation_context_definition_list)
         return
     log.warning("association_rejected", calling_ae=calling, called_ae=called, host=host,
                 reason=reason)
     assoc.acse.send_reject(0x01, 0x01, code)
     assoc.is_rejected = True
     assoc.kill()
+
+
+def prefer_syntaxes(proposed: list[PresentationContext]) -> None:
+    """Order each proposed context's transfer syntaxes by :data:`PREFERRED_SYNTAXES`
+    (stable: others keep the peer's order, after them), as the unrestricted storage
+    negotiation (:func:`start_server`) accepts the first."""
+    for context in proposed:
+        context.transfer_syntax = sorted(context.transfer_syntax,
+                                         key=lambda uid: _RANK.get(str(uid), len(_RANK)))
 
 
 def handle_accepted(event: evt.Event, ctx: ScpContext) -> None:
@@ -189,6 +193,14 @@ def handle_store(event: evt.Event, ctx: ScpContext) -> int:
     request = event.request
     ts = str(event.context.transfer_syntax)
     node = ctx.config.node
+    negotiated = str(event.context.abstract_syntax)
+    if str(request.AffectedSOPClassUID) != negotiated:
+        log.warning("instance_rejected", sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                    calling_ae=event.assoc.requestor.ae_title.strip(),
+                    reason=f"C-STORE of SOP class {request.AffectedSOPClassUID} on a"
+                    f" presentation context for {negotiated}",
+                    status=f"0x{SOP_CLASS_NOT_SUPPORTED:04X}")
+        return SOP_CLASS_NOT_SUPPORTED
     try:
         outcome = receive_file(event.dataset_path, index=ctx.index, data_dir=ctx.data_dir,
                                root=ctx.config.spool_dir,
@@ -229,42 +241,27 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
     ]
 
 
-class SharedUIDContexts(list[PresentationContext]):
-    """A server's supported presentation contexts. pynetdicom deep-copies them for every
-    association it accepts, which re-creates and re-validates every UID in them: with all
-    storage classes some 2,300 UIDs, 10 ms per association. A context's other values are
-    immutable too (UIDs are strings), so its copy needs only new lists (its syntaxes)."""
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        copies = []
-        for context in self:
-            twin = copy.copy(context)
-            vars(twin).update((k, list(v)) for k, v in vars(context).items()
-                              if isinstance(v, list))
-            copies.append(twin)
-        return copies
-
-
 def start_server(ae: AE, address: tuple[str, int],
                  handlers: list[tuple[Any, ...]]) -> ThreadedAssociationServer:
-    """Serve ``ae`` in the background on ``address``, with contexts cheap to copy."""
+    """Serve ``ae`` in the background on ``address``, taking every storage class.
+
+    A scanner or PACS sends whole studies, and one refused instance fails the peer's whole
+    transfer (Orthanc's store job, a scanner's send queue). So pynetdicom's unrestricted
+    storage service is on: every standard, private or unknown storage class proposed is
+    accepted, in the first transfer syntax proposed (:func:`prefer_syntaxes` orders them),
+    and stored as it arrives.
+    It also hands every C-STORE to :func:`handle_store`, which refuses one whose SOP class
+    is not its context's: otherwise pynetdicom aborts the association on an unknown one.
+    Only images of ``pipelines.series.IMAGE_SOP_CLASSES`` are ever harmonised.
+    """
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
     server = ae.start_server(address, block=False, evt_handlers=handlers)
     assert server is not None  # block=False returns the running server
-    server.contexts = SharedUIDContexts(server.contexts)  # from the next association on
     return server
 
 
-def register_private_classes() -> None:
-    """pynetdicom serves (and aborts the association on) no SOP class it does not know:
-    register the private storage classes with its Storage service (once per process)."""
-    for uid, name in PRIVATE_STORAGE_CLASSES.items():
-        keyword = "".join(ch for ch in name if ch.isalnum())
-        if not hasattr(sc, keyword):
-            register_uid(uid, keyword, StorageServiceClass)
-
-
 def build_ae(config: Config) -> AE:
-    """An AE with our title, limits, timeouts and the storage contexts we accept."""
+    """An AE with our title, limits, timeouts and the non-storage contexts we accept."""
     node = config.node
     ae = AE(ae_title=node.ae_title)
     ae.maximum_associations = node.max_associations
@@ -273,9 +270,5 @@ def build_ae(config: Config) -> AE:
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
     ae.add_supported_context(sc.Verification)
-    register_private_classes()
-    for cls in STORAGE_CLASSES:
-        # scp_role: a C-GET requestor acts as Storage SCP on our association
-        ae.add_supported_context(cls, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
-    add_qr_contexts(ae)
+    add_qr_contexts(ae)  # storage contexts: every one (start_server)
     return ae

@@ -64,7 +64,7 @@ IMAGE_SOP_CLASSES = frozenset({
 
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
-# Private storage classes CT and MR scanners send within studies (stored, never harmonised)
+# Names of private storage classes CT and MR scanners send within studies (for messages)
 PRIVATE_STORAGE_CLASSES = {
     "1.3.12.2.1107.5.9.1": "Siemens CSA Non-Image Storage",  # protocols, spectra, reports
     "1.3.12.2.1107.5.99.3.10": "Siemens CT MR Volume Storage",

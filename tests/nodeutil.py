@@ -16,10 +16,9 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
-
-from dicomnode.scp import register_private_classes
+from pynetdicom import AE, build_role, evt, register_uid
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, uid_to_service_class
 
 DCMTK_DIR = Path("/usr/bin")
 
@@ -156,7 +155,8 @@ def get_series(port: int, study_uid: str, series_uid: str, sop_class: str) -> li
     """C-GET one series of ``sop_class`` instances with a pynetdicom SCU (taking the
     Storage SCP role for that class, private ones included); the data sets received."""
     got: list[Dataset] = []
-    register_private_classes()  # pynetdicom's Storage SCP role serves known classes only
+    if uid_to_service_class(sop_class) is ServiceClass:  # pynetdicom serves known ones only
+        register_uid(sop_class, "Storage_" + sop_class.replace(".", "_"), StorageServiceClass)
 
     def keep(event: evt.Event) -> int:
         got.append(event.dataset)

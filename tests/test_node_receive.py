@@ -8,20 +8,25 @@ import signal
 import socket
 import sqlite3
 import subprocess
+from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    PositronEmissionTomographyImageStorage,
     generate_uid,
 )
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from tests.dicom_factory import write_series
+from tests.dicom_factory import siemens_non_image, write_series
 from tests.nodeutil import (
     NodeProcess,
     dataset_bytes,
@@ -425,3 +430,76 @@ def test_sigterm_exits_zero_and_status_json_shape(node, tmp_path):
     [series] = status(node.config).values()
     assert set(series) >= {"series_uid", "state", "instances", "route", "error"}
     assert series["instances"] == 5
+
+
+PHILIPS_MR_SERIES_DATA = "1.3.46.670589.11.0.0.12.2"  # private, unknown to pynetdicom
+
+
+def test_every_storage_class_is_negotiated_and_other_services_are_not(node, tmp_path):
+    """Standard, private and unknown storage classes are accepted, explicit VR preferred
+    and otherwise in the syntax the peer proposes first (stored as it arrives); services
+    the node does not offer are not, and a worklist query (which pynetdicom's negotiation
+    lets through) is refused."""
+    commitment, worklist = "1.2.840.10008.1.20.1", "1.2.840.10008.5.1.4.31"
+    ae = AE(ae_title="MODALITY")
+    proposed = {PHILIPS_MR_SERIES_DATA: [ImplicitVRLittleEndian, ExplicitVRLittleEndian],
+                PositronEmissionTomographyImageStorage: [ExplicitVRLittleEndian],
+                CTImageStorage: [HTJ2KLossless, ExplicitVRLittleEndian],
+                MRImageStorage: [HTJ2KLossless, "1.2.840.10008.1.2.4.203"],  # HTJ2K, then lossy
+                "1.2.840.10008.5.1.4.1.1.9999": [ImplicitVRLittleEndian]}
+    expected = {PHILIPS_MR_SERIES_DATA: ExplicitVRLittleEndian,
+                PositronEmissionTomographyImageStorage: ExplicitVRLittleEndian,
+                CTImageStorage: ExplicitVRLittleEndian, MRImageStorage: HTJ2KLossless,
+                "1.2.840.10008.5.1.4.1.1.9999": ImplicitVRLittleEndian}
+    for uid, syntaxes in proposed.items():
+        ae.add_requested_context(uid, syntaxes)
+    ae.add_requested_context(commitment)
+    ae.add_requested_context(worklist)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="HARMONISE")
+    assert assoc.is_established
+    try:
+        accepted = {str(c.abstract_syntax): str(c.transfer_syntax[0])
+                    for c in assoc.accepted_contexts}
+        assert {uid: str(syntax) for uid, syntax in expected.items()}.items() <= \
+            accepted.items()
+        assert commitment not in accepted
+        private = siemens_non_image(dcmread(write_series(tmp_path / "in", slices=1)[0]))
+        private.SOPClassUID = PHILIPS_MR_SERIES_DATA
+        assert assoc.send_c_store(private).Status == 0x0000
+        if worklist in accepted:
+            query = Dataset()
+            query.PatientName = "*"
+            [(final, _)] = list(assoc.send_c_find(query, worklist))
+            assert final.Status == 0x0122
+    finally:
+        assoc.release()
+    [(sop_class,)] = index_rows(node, "SELECT sop_class_uid FROM instances")
+    assert sop_class == PHILIPS_MR_SERIES_DATA
+
+
+def test_a_c_store_of_another_class_than_negotiated_is_refused_not_aborted(node, tmp_path):
+    """A sender whose C-STORE names a SOP class pynetdicom does not know (dcmsend sent
+    "31" after failing to decode an RLE file) got its association aborted, losing the rest
+    of its transfer; it gets 0x0122 and the association carries on."""
+    first, second = write_series(tmp_path / "in", slices=2)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="HARMONISE")
+    assert assoc.is_established
+    try:
+        [context] = assoc.accepted_contexts
+        req = C_STORE()
+        req.MessageID, req.Priority = 1, 2
+        req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = "31", "31"
+        req.DataSet = BytesIO(dataset_bytes(first))
+        assoc.dimse.send_msg(req, context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assert rsp.Status == 0x0122
+        assert assoc.is_established
+        assert assoc.send_c_store(dcmread(second)).Status == 0x0000
+    finally:
+        assoc.release()
+    [event] = node.events("instance_rejected")
+    assert event["reason"] == ("C-STORE of SOP class 31 on a presentation context for"
+                               f" {CTImageStorage}")
+    assert index_rows(node, "SELECT COUNT(*) FROM instances") == [(1,)]
