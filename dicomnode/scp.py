@@ -49,9 +49,9 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 
 
-# Where a peer proposes several transfer syntaxes for one context, the node takes the first
-# of these it proposed (explicit VR first: implicit VR loses the VR of private elements),
-# then any other in the peer's order: every one is stored as it arrives, these decoded.
+# Where a peer proposes several transfer syntaxes for one context, the node takes the one
+# that comes first in this list (explicit VR first: implicit VR loses the VR of private
+# elements), else the peer's first: each is stored as it arrives; these are the decoded ones.
 PREFERRED_SYNTAXES = (
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,

@@ -492,8 +492,14 @@ def test_a_c_store_of_another_class_than_negotiated_is_refused_not_aborted(node,
         req.MessageID, req.Priority = 1, 2
         req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = "31", "31"
         req.DataSet = BytesIO(dataset_bytes(first))
-        assoc.dimse.send_msg(req, context.context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
+        # pause our reactor so the response is ours to read, as send_c_store does
+        assoc._reactor_checkpoint.clear()
+        wait_for(lambda: assoc._is_paused, 10, interval=0.001, what="SCU reactor paused")
+        try:
+            assoc.dimse.send_msg(req, context.context_id)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
         assert rsp.Status == 0x0122
         assert assoc.is_established
         assert assoc.send_c_store(dcmread(second)).Status == 0x0000
