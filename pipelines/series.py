@@ -65,14 +65,14 @@ IMAGE_SOP_CLASSES = frozenset({
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # Names of private storage classes CT and MR scanners send within studies (for messages)
-PRIVATE_STORAGE_CLASSES = {
+PRIVATE_CLASS_NAMES = {
     "1.3.12.2.1107.5.9.1": "Siemens CSA Non-Image Storage",  # protocols, spectra, reports
     "1.3.12.2.1107.5.99.3.10": "Siemens CT MR Volume Storage",
 }
 
 
 def _class_name(uid: str) -> str:
-    return PRIVATE_STORAGE_CLASSES.get(uid) or (UID(uid).name if uid else "no SOP Class UID")
+    return PRIVATE_CLASS_NAMES.get(uid) or (UID(uid).name if uid else "no SOP Class UID")
 
 
 def not_harmonisable(datasets: Sequence[Dataset]) -> str | None:
