@@ -109,10 +109,10 @@ def main() -> None:
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     config = write_config(work / "node.toml", node_port, work / "var", series_timeout=3600)
     node = NodeProcess(config, work / "node.log")
-    node.start()
     rates: dict[str, list[float]] = {"storescp": [], "dicomnode": [], "pynetdicom": [],
                                      "receive-only": [], "durable store": []}
     try:
+        node.start()  # inside: the peers above are stopped whatever happens
         for port, what in ((scp_port, "storescp"), (noop_port, "no-op pynetdicom SCP"),
                            (ignore_port, "storescp --ignore")):
             wait_for(lambda p=port: subprocess.run(
@@ -137,7 +137,8 @@ def main() -> None:
             print(f"round {r + 1} durable store: {rates['durable store'][-1]:8.1f} images/s"
                   " (in process)", flush=True)
     finally:
-        node.stop()
+        if node.proc is not None:
+            node.stop()
         for server in (scp, noop, ignore):
             server.terminate()
             server.wait(10)
