@@ -36,7 +36,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from pipelines.derived import already_harmonised
-from pipelines.series import not_harmonisable
+from pipelines.series import element_text, not_harmonisable
 
 _NUMERIC = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 _RANGE = re.compile(
@@ -224,18 +224,6 @@ def parse_routes(raw: Any, source: str = "config") -> list[Route]:
                             match=_conditions(item.get("match"), f"{where} match"),
                             target=_conditions(item.get("target"), f"{where} target")))
     return routes
-
-
-def element_text(dataset: Any, keyword: str) -> str | None:
-    """A tag's value as routing sees it: text, multi-values joined by backslash."""
-    value = getattr(dataset, keyword, None) if keyword in dataset else None
-    if value is None or value == "":
-        return None
-    if isinstance(value, str | bytes):
-        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-    if isinstance(value, Iterable):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 def _group_value(item: Any, keyword: str) -> str | None:

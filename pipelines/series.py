@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -86,18 +87,26 @@ def not_harmonisable(datasets: Sequence[Dataset]) -> str | None:
         ds.get("PhotometricInterpretation", "MONOCHROME2")) not in MONOCHROME}
     if colour:
         return f"not harmonisable: colour images ({', '.join(sorted(colour))})"
-    if datasets and all("LOCALIZER" in _upper(ds.get("ImageType")) for ds in datasets):
+    if datasets and all("LOCALIZER" in image_type(ds) for ds in datasets):
         return "not harmonisable: localiser images only"
     return None
 
 
-def _upper(value: object) -> list[str]:
-    """A (multi-)value as upper-case strings ([] when absent)."""
+def element_text(dataset: Any, keyword: str) -> str | None:
+    """A tag's value as routing sees it: text, multi-values joined by backslash."""
+    value = getattr(dataset, keyword, None) if keyword in dataset else None
     if value is None or value == "":
-        return []
-    values = value if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" \
-        else [value]
-    return [str(v).upper() for v in values]
+        return None
+    if isinstance(value, str | bytes):
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    if isinstance(value, Iterable):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def image_type(ds: Dataset) -> list[str]:
+    """ImageType's values, upper-case ([""] when absent)."""
+    return (element_text(ds, "ImageType") or "").upper().split("\\")
 
 
 class SeriesError(PipelineError):
@@ -196,7 +205,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[Frame]:
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if count > 1 and not multi:
         raise SeriesError(f"{where}: {count} frames without per-frame functional groups")
-    image_type = _upper(ds.get("ImageType"))
+    instance_type = image_type(ds)
     frames = []
     for index in range(count) if multi else [None]:
         position = _first(ds, "PlanePositionSequence", "ImagePositionPatient", index)
@@ -209,7 +218,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[Frame]:
             raise SeriesError(f"{where}: no PixelSpacing")
         slope = _first(ds, "PixelValueTransformationSequence", "RescaleSlope", index)
         intercept = _first(ds, "PixelValueTransformationSequence", "RescaleIntercept", index)
-        frame_type = image_type
+        frame_type = instance_type
         if multi:
             for kw in ("CTImageFrameTypeSequence", "MRImageFrameTypeSequence"):
                 value = _first(ds, kw, "FrameType", index)

@@ -17,8 +17,7 @@ import torch
 from scipy import ndimage
 
 from pipelines.intensity import Normalisation
-from pipelines.routing import element_text
-from pipelines.series import SeriesError, Volume, find_series, load_series
+from pipelines.series import SeriesError, Volume, element_text, find_series, load_series
 
 
 def body_mask(volume: np.ndarray, modality: str) -> np.ndarray:
