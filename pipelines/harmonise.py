@@ -26,7 +26,7 @@ from pipelines.inference import InferenceSettings, choose_execution, resolve_dev
 from pipelines.intensity import denormalise, keep_source, normalise
 from pipelines.model_folder import LoadedModel, load_model_folder, read_model_info
 from pipelines.routing import Route, RoutingDecision, never_routed, route_series
-from pipelines.series import SeriesError, load_series, read_headers
+from pipelines.series import SeriesError, harmonisable_images, load_series, read_headers
 from pipelines.sr import write_algorithm_sr
 
 log = structlog.get_logger(component="harmonise")
@@ -126,8 +126,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
 
     A series dicomnode derived itself is ``unmatched`` with the reason "already harmonised by
     dicomnode (<model> <version>)", whatever is forced: the node archives it as it is; so is
-    one of objects other than images, of colour images or of scouts only (``not
-    harmonisable: <why>``).
+    one of nothing but objects other than grayscale images, or of scouts only (``not
+    harmonisable: <why>``). Such objects beside images are set aside, with a warning.
     ``route_name`` forces a route, ``model_name`` a model (no routing at all); ``sr`` also
     writes the companion algorithm SR (:func:`~pipelines.sr.write_algorithm_sr`);
     ``execution_cache`` is the file :func:`~pipelines.inference.choose_execution` keeps its
@@ -162,7 +162,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     info = model.info
     ref = ModelRef(info.name, info.version, info.weights_sha256)
     route_label = route.name if route else None
-    expected, modality = _model_modality(model), str(headers[0].get("Modality", ""))
+    first = harmonisable_images(headers)[0]
+    expected, modality = _model_modality(model), str(first.get("Modality", ""))
     if expected and modality and expected.upper() != modality.upper():
         return SeriesOutcome("rejected", uid, f"model '{info.name}' is for {expected},"
                              f" series is {modality}", route_label, ref)

@@ -36,7 +36,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from pipelines.derived import already_harmonised
-from pipelines.series import element_text, not_harmonisable
+from pipelines.series import element_text, harmonisable_images, not_harmonisable
 
 _NUMERIC = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 _RANGE = re.compile(
@@ -313,10 +313,12 @@ def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDec
     A rule that images disagree on (some would match it, some not) stops routing: the
     series is flagged instead of falling through to a later, possibly wrong, rule. A series
     dicomnode derived, or one it cannot harmonise (reports, colour, scouts), is ``skipped``
-    before any rule.
+    before any rule. Rules see only the series' harmonisable images: other objects sharing
+    its UID (a scanner's raw data) lack the images' tags.
     """
     if skipped := never_routed(datasets):
         return RoutingDecision(None, (), skipped=skipped)
+    datasets = harmonisable_images(datasets)
     keywords = {c.keyword for r in routes for c in r.match}
     values, conflicts = series_values(datasets, sorted(keywords))
     verdicts: list[RuleVerdict] = []

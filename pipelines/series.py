@@ -76,18 +76,39 @@ def _class_name(uid: str) -> str:
     return PRIVATE_CLASS_NAMES.get(uid) or (UID(uid).name if uid else "no SOP Class UID")
 
 
-def not_harmonisable(datasets: Sequence[Dataset]) -> str | None:
-    """Why a series, valid as it may be, is no series of images to harmonise, or None:
-    SOP classes besides :data:`IMAGE_SOP_CLASSES` (reports, PET, dose, ...), colour images,
-    or localisers (scouts, topograms) only. Headers suffice."""
-    others = {str(ds.get("SOPClassUID", "")) for ds in datasets} - IMAGE_SOP_CLASSES
-    if others:
-        return f"not harmonisable: {', '.join(sorted(map(_class_name, others)))}"
-    colour = {str(ds.PhotometricInterpretation) for ds in datasets if str(
-        ds.get("PhotometricInterpretation", "MONOCHROME2")) not in MONOCHROME}
+def harmonisable(ds: Dataset) -> bool:
+    """Whether an instance is an image the node harmonises: one of
+    :data:`IMAGE_SOP_CLASSES`, grayscale. Headers suffice."""
+    return str(ds.get("SOPClassUID", "")) in IMAGE_SOP_CLASSES and str(
+        ds.get("PhotometricInterpretation", "MONOCHROME2")) in MONOCHROME
+
+
+def harmonisable_images(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The instances of a series that :func:`harmonisable` keeps, in order: a scanner's
+    raw data or private objects may share an image series' UID (Philips does this), and
+    are set aside like the localisers in an axial series."""
+    return [ds for ds in datasets if harmonisable(ds)]
+
+
+def _others(datasets: Sequence[Dataset]) -> str:
+    """What the instances :func:`harmonisable` refuses are, for messages."""
+    classes = {str(ds.get("SOPClassUID", "")) for ds in datasets} - IMAGE_SOP_CLASSES
+    colour = {str(ds.PhotometricInterpretation) for ds in datasets
+              if str(ds.get("SOPClassUID", "")) in IMAGE_SOP_CLASSES and not harmonisable(ds)}
+    parts = [", ".join(sorted(map(_class_name, classes)))] if classes else []
     if colour:
-        return f"not harmonisable: colour images ({', '.join(sorted(colour))})"
-    if datasets and all("LOCALIZER" in image_type(ds) for ds in datasets):
+        parts.append(f"colour images ({', '.join(sorted(colour))})")
+    return "; ".join(parts)
+
+
+def not_harmonisable(datasets: Sequence[Dataset]) -> str | None:
+    """Why a series, valid as it may be, holds nothing to harmonise, or None: only SOP
+    classes besides :data:`IMAGE_SOP_CLASSES` (reports, PET, dose, ...) or colour images,
+    or localisers (scouts, topograms) only. Headers suffice."""
+    images = harmonisable_images(datasets)
+    if datasets and not images:
+        return f"not harmonisable: {_others(datasets)}"
+    if images and all("LOCALIZER" in image_type(ds) for ds in images):
         return "not harmonisable: localiser images only"
     return None
 
@@ -343,19 +364,30 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
 def load_series(files: Iterable[str | os.PathLike[str]]) -> Volume:
     """Read, check, sort, decode and rescale one series into a :class:`Volume`.
 
-    The datasets kept in ``frames`` have their pixel data removed.
+    Instances :func:`harmonisable` refuses (a scanner's raw data, a colour screen) are set
+    aside with a warning, as localisers are. The datasets kept in ``frames`` have their
+    pixel data removed.
     """
     frames: list[Frame] = []
+    aside: list[Dataset] = []
     for name in files:
         path = Path(name)
         try:
             ds = dcmread(path)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise SeriesError(f"{path.name}: not readable as DICOM: {exc}") from None
+        if not harmonisable(ds):
+            aside.append(ds)
+            continue
         if "PixelData" not in ds:
             raise SeriesError(f"{path.name}: not an image (no PixelData)")
         frames.extend(_frames_of(path, ds))
+    if aside and not frames:
+        raise SeriesError(f"not harmonisable: {_others(aside)}")
     frames, warnings = check_frames(frames)
+    if aside:
+        warnings.insert(0, f"set aside {len(aside)} instance(s) that are no grayscale"
+                           f" images: {_others(aside)}")
     decoded: dict[Path, np.ndarray] = {}
     for f in frames:
         if f.path not in decoded:

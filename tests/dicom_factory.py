@@ -227,23 +227,42 @@ def write_companions(images: list[Path], folder: Path) -> list[Path]:
 
 
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
+RAW_DATA_STORAGE = "1.2.840.10008.5.1.4.1.1.66"
 
 
-def siemens_non_image(image: Dataset) -> Dataset:
-    """A Siemens CSA Non-Image object (private SOP class; a scan protocol or spectrum in
-    private tags) in the study of ``image``, as Siemens scanners send them with studies."""
+def _non_image(image: Dataset, sop_class: str, series_uid: str) -> Dataset:
+    """An object of ``sop_class`` without pixels, in ``image``'s study and ``series_uid``."""
     ds = Dataset()
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                     "StudyTime", "StudyInstanceUID", "StudyID", "AccessionNumber",
                     "ReferringPhysicianName", "Modality"):
         setattr(ds, keyword, image.get(keyword, ""))
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.SeriesInstanceUID = series_uid
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def siemens_non_image(image: Dataset) -> Dataset:
+    """A Siemens CSA Non-Image object (private SOP class; a scan protocol or spectrum in
+    private tags) in the study of ``image``, as Siemens scanners send them with studies."""
+    ds = _non_image(image, SIEMENS_CSA_NON_IMAGE, generate_uid())
     ds.Manufacturer = "SIEMENS"
-    ds.SOPClassUID, ds.SOPInstanceUID = SIEMENS_CSA_NON_IMAGE, generate_uid()
-    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), 99, 1
+    ds.SeriesNumber, ds.InstanceNumber = 99, 1
     ds.SeriesDescription = "PhoenixZIPReport"
     block = ds.private_block(0x0029, "SIEMENS CSA NON-IMAGE", create=True)
     block.add_new(0x08, "CS", "PHOENIX_PROTOCOL")
     block.add_new(0x10, "OB", bytes(range(256)) * 4)  # the CSA payload, opaque to DICOM
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def raw_data(image: Dataset) -> Dataset:
+    """A Raw Data Storage object *in* ``image``'s series, as Philips MR scanners put them
+    beside the images (scanner data in private tags; none of the images' acquisition tags)."""
+    ds = _non_image(image, RAW_DATA_STORAGE, str(image.SeriesInstanceUID))
+    ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = "Philips", image.SeriesNumber, 999
+    ds.ContentDate, ds.ContentTime = image.get("StudyDate", ""), image.get("StudyTime", "")
+    block = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+    block.add_new(0x10, "OB", bytes(range(256)) * 2)
     return ds

@@ -21,7 +21,7 @@ from pipelines.inference import InferenceSettings
 from pipelines.model_folder import WEIGHTS_FILE, save_model_folder
 from pipelines.networks import GENERATORS
 from pipelines.routing import parse_routes, route_series
-from tests.dicom_factory import write_series
+from tests.dicom_factory import raw_data, write_series
 from tests.model_factory import CT_NORM, make_model
 
 ROUTES = parse_routes([{"name": "ct", "model": "smooth", "match": {"Modality": "CT",
@@ -226,6 +226,21 @@ def test_a_scout_series_is_left_unmatched_whatever_the_route(setup, capsys):
                  "--config", config_for(tmp_path)]) == 0
     assert "  ! not harmonisable: localiser images only: no rule is tried" in \
         capsys.readouterr().out
+
+
+def test_a_raw_data_object_in_the_series_is_set_aside(setup, capsys):
+    """Philips MR scanners put Raw Data objects in the image series (same series UID, none
+    of the images' tags): the images are routed and harmonised, the object named."""
+    tmp_path, files = setup
+    raw = tmp_path / "in" / "ct" / "raw.dcm"
+    raw_data(dcmread(files[0])).save_as(raw, enforce_file_format=True)
+    outcome = run(tmp_path, [raw, *files])
+    assert (outcome.status, outcome.route, len(outcome.outputs)) == ("harmonised", "ct", 3)
+    aside = "set aside 1 instance(s) that are no grayscale images: Raw Data Storage"
+    assert outcome.warnings == (aside,)
+    assert outcome.reason == f"harmonised 3 images with smooth 1.0 ({aside})"
+    assert main(["route", str(tmp_path / "in"), "--config", config_for(tmp_path)]) == 0
+    assert "(4 instances): route ct (model smooth)" in capsys.readouterr().out
 
 
 def test_rerun_writes_identical_bytes_and_records_the_precision(setup, monkeypatch):

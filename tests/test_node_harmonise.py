@@ -17,7 +17,7 @@ from dicomnode.index import Index
 from dicomnode.log import configure
 from dicomnode.receive import parse_header, receive_instance
 from dicomnode.worker import Worker
-from tests.dicom_factory import siemens_non_image, write_companions, write_series
+from tests.dicom_factory import raw_data, siemens_non_image, write_companions, write_series
 from tests.model_factory import make_plain_model
 from tests.nodeutil import (
     NodeProcess,
@@ -268,9 +268,11 @@ PatientID = "*"
     companions = write_companions(ct, tmp_path / "in")
     csa = tmp_path / "in" / "csa.dcm"
     siemens_non_image(dcmread(ct[0])).save_as(csa, enforce_file_format=True)
+    raw = tmp_path / "in" / "ct" / "raw.dcm"  # in the CT series, as Philips MR puts them
+    raw_data(dcmread(ct[0])).save_as(raw, enforce_file_format=True)
     node = NodeProcess(config, tmp_path / "node.log").start()
     try:
-        storescu(port, ct + companions)  # one association
+        storescu(port, [*ct, raw, *companions])  # one association
         assert scanner_store(port, [csa]) == [0x0000]  # dcmtk knows no private classes
         sent = {dcmread(p).SeriesInstanceUID: p for p in [*companions, csa]}
         ct_series = dcmread(ct[0]).SeriesInstanceUID
@@ -278,7 +280,9 @@ PatientID = "*"
         rows = wait_for(lambda: (r := status(config)) and all(
             r.get(uid, {}).get("state") in final for uid in [ct_series, *sent]) and r, 90,
             what="every series of the study to be processed")
-        assert rows[ct_series]["state"] == "harmonised"
+        assert (rows[ct_series]["state"], rows[ct_series]["instances"]) == ("harmonised", 4)
+        # the raw data object set aside (events of the pipeline and the worker)
+        assert {e["instances"] for e in node.events("series_harmonised")} == {len(ct)}
         reasons = {e["series_uid"]: e["reason"] for e in node.events("series_unmatched")}
         expected = {"seg.dcm": "Segmentation Storage",
                     "kos.dcm": "Key Object Selection Document Storage",
@@ -296,8 +300,8 @@ PatientID = "*"
         assert proc.returncode == 0, proc.stderr
         back = {str(dcmread(p).SOPInstanceUID) for p in got.iterdir()}
         # the originals, companions included, and the harmonised copy of the CT series
-        assert {str(dcmread(p).SOPInstanceUID) for p in ct + companions} <= back
-        assert len(back) == len(ct) * 2 + len(companions)
+        assert {str(dcmread(p).SOPInstanceUID) for p in [*ct, raw, *companions]} <= back
+        assert len(back) == len(ct) * 2 + 1 + len(companions)
         # the private object comes back to an SCU that takes its class
         sent_csa = dcmread(csa)
         [got_csa] = get_series(port, sent_csa.StudyInstanceUID, sent_csa.SeriesInstanceUID,

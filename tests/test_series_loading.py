@@ -112,6 +112,29 @@ def test_localiser_is_split_off_with_a_warning(tmp_path):
     assert volume.warnings == ("split off 1 localiser image(s)",)
 
 
+def test_objects_other_than_grayscale_images_are_set_aside(tmp_path):
+    """Philips MR scanners put Raw Data objects in the image series (same series UID); a
+    colour screen may share one too. The images are loaded, the rest named in a warning."""
+    files = write_series(tmp_path, modality="MR", slices=4)
+    raw = Dataset()
+    raw.file_meta = FileMetaDataset()
+    raw.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "FrameOfReferenceUID"):
+        setattr(raw, keyword, getattr(load_series(files[:1]).datasets[0], keyword))
+    raw.SOPClassUID, raw.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.66", "1.2.3.4"
+    raw.save_as(tmp_path / "raw.dcm", enforce_file_format=True)
+    colour = load_series(files[:1]).datasets[0]
+    colour.PhotometricInterpretation, colour.SOPInstanceUID = "RGB", "1.2.3.5"
+    colour.save_as(tmp_path / "colour.dcm")
+    volume = load_series([tmp_path / "raw.dcm", *files, tmp_path / "colour.dcm"])
+    assert volume.array.shape[0] == 4
+    np.testing.assert_array_equal(volume.array, load_series(files).array)
+    assert volume.warnings == ("set aside 2 instance(s) that are no grayscale images:"
+                               " Raw Data Storage; colour images (RGB)",)
+    with pytest.raises(SeriesError, match="^not harmonisable: Raw Data Storage$"):
+        load_series([tmp_path / "raw.dcm"])
+
+
 def test_gap_is_a_warning(tmp_path):
     def gap(ds, i):
         if i >= 4:
@@ -123,6 +146,10 @@ def test_gap_is_a_warning(tmp_path):
 
 def _rgb(ds, i):
     ds.PhotometricInterpretation, ds.SamplesPerPixel = "RGB", 3
+
+
+def _no_photometric(ds, i):
+    del ds.PhotometricInterpretation
 
 
 def _oblique_slice(ds, i):
@@ -151,7 +178,8 @@ def _no_position(ds, i):
 
 
 @pytest.mark.parametrize("edit, reason", [
-    (_rgb, "PhotometricInterpretation RGB is not monochrome"),
+    (_rgb, "not harmonisable: colour images (RGB)"),
+    (_no_photometric, "PhotometricInterpretation <absent> is not monochrome"),
     (_oblique_slice, "mixed orientations: 1\\0\\0\\0\\1\\0 (7 images), 1\\0\\0\\0\\0.8\\0.6"
                      " (1 image)"),
     (_small_slice, "mixed image sizes: 64x64 (7 images), 32x32 (1 image)"),
@@ -202,15 +230,16 @@ def test_not_harmonisable_names_the_other_sop_classes():
     kos, rdsr = "1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.5.1.4.1.1.88.67"
     assert not_harmonisable(of(ct, ct)) is None and not_harmonisable(of(mr_enh)) is None
     assert not_harmonisable(of(kos)) == "not harmonisable: Key Object Selection Document Storage"
-    assert not_harmonisable(of(ct, rdsr, "")) == (
+    assert not_harmonisable(of(rdsr, "")) == (
         "not harmonisable: X-Ray Radiation Dose SR Storage, no SOP Class UID")
+    assert not_harmonisable(of(ct, rdsr, "")) is None  # the CT images are harmonised
     assert not_harmonisable(of("1.3.12.2.1107.5.9.1")) == (
         "not harmonisable: Siemens CSA Non-Image Storage")
 
 
 def test_not_harmonisable_colour_and_scout_series():
     """Valid images the node has no model for: colour (a dose screen, a photo) and
-    localisers (scouts, topograms) only; a scout inside an axial series is split off later."""
+    localisers (scouts, topograms) only; beside axial images they are split off later."""
     def image(photometric: str | None = "MONOCHROME2",
               image_type: str | list[str] = "ORIGINAL\\PRIMARY\\AXIAL") -> Dataset:
         ds = Dataset()
@@ -220,8 +249,11 @@ def test_not_harmonisable_colour_and_scout_series():
         return ds
     scout = "ORIGINAL\\PRIMARY\\LOCALIZER"
     assert not_harmonisable([image(), image("MONOCHROME1"), image(None)]) is None
-    assert not_harmonisable([image(), image("RGB"), image("YBR_FULL_422")]) == (
+    assert not_harmonisable([image("RGB"), image("YBR_FULL_422")]) == (
         "not harmonisable: colour images (RGB, YBR_FULL_422)")
+    assert not_harmonisable([image(), image("RGB")]) is None  # the colour one is set aside
+    assert not_harmonisable([image("RGB"), image(image_type=scout)]) == (
+        "not harmonisable: localiser images only")
     assert not_harmonisable([image(image_type=scout)] * 2) == (
         "not harmonisable: localiser images only")
     assert not_harmonisable([image(image_type=scout), image()]) is None

@@ -12,7 +12,7 @@ from pydicom import dcmread
 import trainers.evaluate as evaluate_module
 from dicomnode.cli import main
 from pipelines.model_folder import load_model_folder, read_model_info
-from tests.dicom_factory import siemens_non_image, write_series
+from tests.dicom_factory import raw_data, siemens_non_image, write_series
 from trainers.simulation import simulate_series
 
 SIZE, SLICES = 48, 4
@@ -101,7 +101,7 @@ def test_train_unpaired_with_gram_and_wgan(ct: Path, tmp_path: Path) -> None:
 
 
 def test_train_site_writes_a_new_version_and_compares(ct: Path, tmp_path: Path,
-                                                      fast_evaluate: None) -> None:
+                                                      fast_evaluate: None, capsys) -> None:
     spool = tmp_path / "var" / "spool"
     shutil.copytree(ct / "sharp", spool / "study-a")
     shutil.copytree(ct / "smooth", spool / "study-b")
@@ -115,6 +115,8 @@ def test_train_site_writes_a_new_version_and_compares(ct: Path, tmp_path: Path,
     csa = siemens_non_image(sharp)
     csa.ConvolutionKernel = sharp.ConvolutionKernel
     csa.save_as(spool / "study-c" / "csa.dcm", enforce_file_format=True)
+    # and one raw data object inside a source series (Philips MR does this): set aside
+    raw_data(sharp).save_as(spool / "study-c" / "raw.dcm", enforce_file_format=True)
     models = tmp_path / "models"
     main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(ct / "smooth"),
           "--name", "kernel", "--models-dir", str(models), "--workdir", str(tmp_path / "r0"),
@@ -138,6 +140,7 @@ ConvolutionKernel = "B3*"
     rc = main(["train", "site", "--route", "sharp", "--config", str(config),
                "--workdir", str(tmp_path / "r1"), *TINY])
     assert rc == 0
+    assert "route 'sharp': 5 source and 5 target series" in capsys.readouterr().out
     new = read_model_info(models / "kernel-v1.1")
     assert new.version == "1.1" and new.architecture == "plain"  # the deployed architecture
     assert (models / "kernel" / "weights.pt").read_bytes() == deployed

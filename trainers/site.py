@@ -17,7 +17,7 @@ from typing import Any
 from pipelines.errors import ModelError
 from pipelines.model_folder import read_model_info
 from pipelines.routing import Condition, Route, evaluate, series_values
-from pipelines.series import SeriesError, find_series, read_headers
+from pipelines.series import SeriesError, find_series, harmonisable_images, read_headers
 from trainers import report
 from trainers.data import Series, load_series_dir, pair_series, split_holdout
 from trainers.evaluate import evaluate_series
@@ -33,7 +33,7 @@ def _selected(spool: Path, conditions: Sequence[Condition], log: Log) -> set[str
     chosen = set()
     for uid, files in find_series(spool).items():
         try:
-            values, conflicts = series_values(read_headers(files), keywords)
+            values, conflicts = series_values(harmonisable_images(read_headers(files)), keywords)
         except SeriesError as exc:
             log(f"skipping series {uid}: {exc}")
             continue
