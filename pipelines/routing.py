@@ -36,7 +36,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from pipelines.derived import already_harmonised
-from pipelines.series import element_text, harmonisable_images, not_harmonisable
+from pipelines.series import element_text, harmonisable_images, not_harmonisable, set_aside
 
 _NUMERIC = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 _RANGE = re.compile(
@@ -146,6 +146,7 @@ class RoutingDecision:
     ``flagged`` is set when images disagree on a tag that decides a rule (some images
     would match it, some not): the series is then routed nowhere rather than guessed.
     ``skipped`` says why no rule was even tried (the series is dicomnode's own output).
+    ``set_aside`` names the series' instances the rules did not see (a scanner's raw data).
     """
 
     route: Route | None
@@ -153,6 +154,7 @@ class RoutingDecision:
     conflicts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     flagged: str | None = None
     skipped: str | None = None
+    set_aside: str | None = None
 
     @property
     def inconsistent(self) -> bool:
@@ -168,6 +170,8 @@ class RoutingDecision:
 
     def explain(self) -> list[str]:
         lines = [f"  ! {self.skipped}: no rule is tried"] if self.skipped else []
+        if self.set_aside:
+            lines.append(f"  - {self.set_aside}; the rules see the others")
         for keyword, values in self.conflicts.items():
             lines.append(f"  ! {keyword} differs across images: {', '.join(values)}")
         for verdict in self.verdicts:
@@ -318,6 +322,7 @@ def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDec
     """
     if skipped := never_routed(datasets):
         return RoutingDecision(None, (), skipped=skipped)
+    aside = set_aside(datasets)
     datasets = harmonisable_images(datasets)
     keywords = {c.keyword for r in routes for c in r.match}
     values, conflicts = series_values(datasets, sorted(keywords))
@@ -328,7 +333,8 @@ def route_series(datasets: Sequence[Any], routes: Sequence[Route]) -> RoutingDec
         if ok is None:
             why = next(r for r in reasons if "differs across images" in r)
             return RoutingDecision(None, tuple(verdicts), conflicts,
-                                   flagged=f"rule '{route.name}' undecidable: {why}")
+                                   flagged=f"rule '{route.name}' undecidable: {why}",
+                                   set_aside=aside)
         if ok:
-            return RoutingDecision(route, tuple(verdicts), conflicts)
-    return RoutingDecision(None, tuple(verdicts), conflicts)
+            return RoutingDecision(route, tuple(verdicts), conflicts, set_aside=aside)
+    return RoutingDecision(None, tuple(verdicts), conflicts, set_aside=aside)

@@ -101,6 +101,13 @@ def _others(datasets: Sequence[Dataset]) -> str:
     return "; ".join(parts)
 
 
+def set_aside(datasets: Sequence[Dataset]) -> str | None:
+    """The warning naming the instances :func:`harmonisable` refuses, or None."""
+    others = [ds for ds in datasets if not harmonisable(ds)]
+    return (f"set aside {len(others)} instance(s) that are no grayscale images:"
+            f" {_others(others)}") if others else None
+
+
 def not_harmonisable(datasets: Sequence[Dataset]) -> str | None:
     """Why a series, valid as it may be, holds nothing to harmonise, or None: only SOP
     classes besides :data:`IMAGE_SOP_CLASSES` (reports, PET, dose, ...) or colour images,
@@ -385,9 +392,8 @@ def load_series(files: Iterable[str | os.PathLike[str]]) -> Volume:
     if aside and not frames:
         raise SeriesError(f"not harmonisable: {_others(aside)}")
     frames, warnings = check_frames(frames)
-    if aside:
-        warnings.insert(0, f"set aside {len(aside)} instance(s) that are no grayscale"
-                           f" images: {_others(aside)}")
+    if note := set_aside(aside):
+        warnings.insert(0, note)
     decoded: dict[Path, np.ndarray] = {}
     for f in frames:
         if f.path not in decoded:

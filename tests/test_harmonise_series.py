@@ -239,8 +239,11 @@ def test_a_raw_data_object_in_the_series_is_set_aside(setup, capsys):
     aside = "set aside 1 instance(s) that are no grayscale images: Raw Data Storage"
     assert outcome.warnings == (aside,)
     assert outcome.reason == f"harmonised 3 images with smooth 1.0 ({aside})"
-    assert main(["route", str(tmp_path / "in"), "--config", config_for(tmp_path)]) == 0
-    assert "(4 instances): route ct (model smooth)" in capsys.readouterr().out
+    assert main(["route", "--explain", str(tmp_path / "in"),
+                 "--config", config_for(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(4 instances): route ct (model smooth)" in out
+    assert f"  - {aside}; the rules see the others" in out
 
 
 def test_rerun_writes_identical_bytes_and_records_the_precision(setup, monkeypatch):

@@ -8,7 +8,7 @@ from pathlib import Path
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from pipelines.routing import route_series
-from pipelines.series import SeriesError, find_series, read_headers
+from pipelines.series import SeriesError, find_series, harmonisable_images, read_headers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         except SeriesError as exc:
             print(f"{uid}: unreadable: {exc}")
             continue
-        first = headers[0]
+        first = (harmonisable_images(headers) or headers)[0]  # a raw data object has no label
         decision = route_series(headers, config.routes)
         verdict = decision.summary()
         if decision.route is None and not decision.flagged:
