@@ -104,7 +104,7 @@ def _others(datasets: Sequence[Dataset]) -> str:
 def set_aside(datasets: Sequence[Dataset]) -> str | None:
     """The warning naming the instances :func:`harmonisable` refuses, or None."""
     others = [ds for ds in datasets if not harmonisable(ds)]
-    return (f"set aside {len(others)} instance(s) that are no grayscale images:"
+    return (f"set aside {len(others)} instance(s) that are not grayscale images:"
             f" {_others(others)}") if others else None
 
 

@@ -236,7 +236,7 @@ def test_a_raw_data_object_in_the_series_is_set_aside(setup, capsys):
     raw_data(dcmread(files[0])).save_as(raw, enforce_file_format=True)
     outcome = run(tmp_path, [raw, *files])
     assert (outcome.status, outcome.route, len(outcome.outputs)) == ("harmonised", "ct", 3)
-    aside = "set aside 1 instance(s) that are no grayscale images: Raw Data Storage"
+    aside = "set aside 1 instance(s) that are not grayscale images: Raw Data Storage"
     assert outcome.warnings == (aside,)
     assert outcome.reason == f"harmonised 3 images with smooth 1.0 ({aside})"
     assert main(["route", "--explain", str(tmp_path / "in"),

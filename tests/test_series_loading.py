@@ -129,7 +129,7 @@ def test_objects_other_than_grayscale_images_are_set_aside(tmp_path):
     volume = load_series([tmp_path / "raw.dcm", *files, tmp_path / "colour.dcm"])
     assert volume.array.shape[0] == 4
     np.testing.assert_array_equal(volume.array, load_series(files).array)
-    assert volume.warnings == ("set aside 2 instance(s) that are no grayscale images:"
+    assert volume.warnings == ("set aside 2 instance(s) that are not grayscale images:"
                                " Raw Data Storage; colour images (RGB)",)
     with pytest.raises(SeriesError, match="^not harmonisable: Raw Data Storage$"):
         load_series([tmp_path / "raw.dcm"])
