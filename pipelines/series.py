@@ -389,8 +389,8 @@ def load_series(files: Iterable[str | os.PathLike[str]]) -> Volume:
         if "PixelData" not in ds:
             raise SeriesError(f"{path.name}: not an image (no PixelData)")
         frames.extend(_frames_of(path, ds))
-    if aside and not frames:
-        raise SeriesError(f"not harmonisable: {_others(aside)}")
+    if not frames and (why := not_harmonisable(aside)):
+        raise SeriesError(why)
     frames, warnings = check_frames(frames)
     if note := set_aside(aside):
         warnings.insert(0, note)
