@@ -86,6 +86,22 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
 CREATE INDEX IF NOT EXISTS outbox_series ON outbox(series_uid, destination);
+
+-- Storage commitment requests (dicomnode.commitment), until reported to the requester.
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid  TEXT PRIMARY KEY,
+    requester        TEXT NOT NULL,      -- calling AE title: its [[peers]] entry gets the report
+    refs             TEXT NOT NULL,      -- JSON [[SOP class UID, SOP instance UID], ...]
+    state            TEXT NOT NULL,      -- pending | reported | failed
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    created          REAL NOT NULL,      -- max_age_hours counts from here
+    next_attempt     REAL NOT NULL,
+    updated          REAL NOT NULL,
+    committed        INTEGER,            -- instances reported committed, and failed
+    failed           INTEGER,
+    error            TEXT
+);
+CREATE INDEX IF NOT EXISTS commitments_due ON commitments(state, next_attempt);
 """
 
 # Series states, in the order a series normally moves through them.

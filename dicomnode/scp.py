@@ -35,6 +35,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.client import nodelay
+from dicomnode.commitment import add_commitment_context, commitment_handlers
 from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.log import get_logger
@@ -238,6 +239,7 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
         (evt.EVT_C_ECHO, handle_echo, [ctx]),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         *qr_handlers(ctx),
+        *commitment_handlers(ctx),
     ]
 
 
@@ -271,4 +273,5 @@ def build_ae(config: Config) -> AE:
     ae.network_timeout = node.network_timeout
     ae.add_supported_context(sc.Verification)
     add_qr_contexts(ae)  # storage contexts: every one (start_server)
+    add_commitment_context(ae)
     return ae

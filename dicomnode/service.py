@@ -14,7 +14,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom.transport import AddressInformation
 
-from dicomnode import archive, outbox
+from dicomnode import archive, commitment, outbox
 from dicomnode.config import Config
 from dicomnode.errors import UserError
 from dicomnode.index import Index
@@ -135,6 +135,7 @@ class Node:
                                id="series-completion", max_instances=1, coalesce=True)
         outbox.schedule(self.scheduler, cfg, self.index)  # return path: sends and purge
         archive.schedule(self.scheduler, cfg, self.index)
+        commitment.schedule(self.scheduler, cfg, self.index)  # storage commitment reports
         self.scheduler.start()
         self.add_worker("harmonise", Worker(cfg, self.index).step)
         ctx = ScpContext(cfg, self.index)

@@ -439,8 +439,9 @@ def test_every_storage_class_is_negotiated_and_other_services_are_not(node, tmp_
     """Standard, private and unknown storage classes are accepted, explicit VR preferred
     and otherwise in the syntax the peer proposes first (stored as it arrives); services
     the node does not offer are not, and a worklist query (which pynetdicom's negotiation
-    lets through) is refused."""
-    commitment, worklist = "1.2.840.10008.1.20.1", "1.2.840.10008.5.1.4.31"
+    lets through) is refused. Storage commitment is offered (tests/test_commitment.py)."""
+    commitment, mpps = "1.2.840.10008.1.20.1", "1.2.840.10008.3.1.2.3.3"
+    worklist = "1.2.840.10008.5.1.4.31"
     ae = AE(ae_title="MODALITY")
     proposed = {PHILIPS_MR_SERIES_DATA: [ImplicitVRLittleEndian, ExplicitVRLittleEndian],
                 PositronEmissionTomographyImageStorage: [ExplicitVRLittleEndian],
@@ -454,6 +455,7 @@ def test_every_storage_class_is_negotiated_and_other_services_are_not(node, tmp_
     for uid, syntaxes in proposed.items():
         ae.add_requested_context(uid, syntaxes)
     ae.add_requested_context(commitment)
+    ae.add_requested_context(mpps)
     ae.add_requested_context(worklist)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="HARMONISE")
     assert assoc.is_established
@@ -462,7 +464,7 @@ def test_every_storage_class_is_negotiated_and_other_services_are_not(node, tmp_
                     for c in assoc.accepted_contexts}
         assert {uid: str(syntax) for uid, syntax in expected.items()}.items() <= \
             accepted.items()
-        assert commitment not in accepted
+        assert commitment in accepted and mpps not in accepted
         private = siemens_non_image(dcmread(write_series(tmp_path / "in", slices=1)[0]))
         private.SOPClassUID = PHILIPS_MR_SERIES_DATA
         assert assoc.send_c_store(private).Status == 0x0000

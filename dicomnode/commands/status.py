@@ -6,7 +6,7 @@ import argparse
 import json
 from collections import Counter
 
-from dicomnode import outbox
+from dicomnode import commitment, outbox
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from dicomnode.index import Index
@@ -34,11 +34,17 @@ def run(args: argparse.Namespace) -> int:
                "modality": r["modality"], "source_series_uid": r["source_series_uid"],
                "sends": sends.get(r["series_uid"], {}),
                "send_error": send_errors.get(r["series_uid"])} for r in rows]
+    commitments = commitment.summary(index)
     if args.json:
-        print(json.dumps({"series": series}, indent=2))
+        print(json.dumps({"series": series, "commitments": commitments}, indent=2))
         return 0
     counts = Counter(s["state"] for s in series)
     print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())) or "no series")
+    if commitments["states"]:
+        error = commitments["last_error"]
+        print("storage commitment requests: " + ", ".join(
+            f"{n} {state}" for state, n in sorted(commitments["states"].items()))
+            + (f"  error={error}" if error else ""))
     for s in series:
         extra = f"  route={s['route']}" if s["route"] else ""
         for dest, counts in s["sends"].items():
