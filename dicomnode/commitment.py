@@ -250,8 +250,9 @@ class Reporter:
             self._failed_attempt(row, f"{peer.ae_title} answered the report with {shown}")
             return
         with self.index.transaction() as db:
+            # the instance list is not needed any more: a row per study stays small
             db.execute("UPDATE commitments SET state = ?, updated = ?, committed = ?,"
-                       " failed = ?, error = NULL WHERE transaction_uid = ?",
+                       " failed = ?, error = NULL, refs = '[]' WHERE transaction_uid = ?",
                        (REPORTED, time.time(), len(verdict.committed), len(verdict.failed),
                         row["transaction_uid"]))
         log.info("commitment_reported", transaction_uid=row["transaction_uid"],

@@ -91,7 +91,7 @@ CREATE INDEX IF NOT EXISTS outbox_series ON outbox(series_uid, destination);
 CREATE TABLE IF NOT EXISTS commitments (
     transaction_uid  TEXT PRIMARY KEY,
     requester        TEXT NOT NULL,      -- calling AE title: its [[peers]] entry gets the report
-    refs             TEXT NOT NULL,      -- JSON [[SOP class UID, SOP instance UID], ...]
+    refs             TEXT NOT NULL,      -- JSON [[class UID, instance UID], ...]; [] once reported
     state            TEXT NOT NULL,      -- pending | reported | failed
     attempts         INTEGER NOT NULL DEFAULT 0,
     created          REAL NOT NULL,      -- max_age_hours counts from here

@@ -43,10 +43,15 @@ def references(files: list[Path]) -> list[dict[str, str]]:
             for ds in map(dcmread, files)]
 
 
-def report(orthanc: Orthanc, refs: list[dict[str, str]]) -> dict:
-    """Have Orthanc request commitment of ``refs`` from the node; its report once in."""
-    path = orthanc.post("/modalities/HARMONISE/storage-commitment",
-                        {"DicomInstances": refs})["Path"]
+def request_commitment(orthanc: Orthanc, refs: list[dict[str, str]]) -> str:
+    """Have Orthanc ask the node to commit to ``refs``; the transaction UID."""
+    return orthanc.post("/modalities/HARMONISE/storage-commitment",
+                        {"DicomInstances": refs})["ID"]
+
+
+def report(orthanc: Orthanc, transaction: str) -> dict:
+    """The node's report on ``transaction`` in Orthanc, once it is in."""
+    path = f"/storage-commitment/{transaction}"
     return wait_for(lambda: (r := orthanc.get(path))["Status"] != "Pending" and r, 30,
                     what="the storage commitment report in Orthanc")
 
@@ -68,9 +73,12 @@ def test_orthanc_sends_a_study_asks_for_commitment_and_gets_the_report(tmp_path)
     try:
         storescu(orthanc_port, files)
         [study] = orthanc.get("/studies")
-        orthanc.post("/modalities/HARMONISE/store", {"Resources": [study]}, timeout=120)
-        complete = report(orthanc, references(files))
-        partial = report(orthanc, [*references(files[1:]), never_sent, wrong_class])
+        # as a modality does: send the study, then ask for commitment of what was sent
+        job = orthanc.post("/modalities/HARMONISE/store",
+                           {"Resources": [study], "StorageCommitment": True}, timeout=120)
+        complete = report(orthanc, job["StorageCommitmentTransactionUID"])
+        partial = report(orthanc, request_commitment(
+            orthanc, [*references(files[1:]), never_sent, wrong_class]))
     finally:
         node.stop()
         orthanc.stop()
@@ -103,17 +111,15 @@ def test_a_request_survives_kill_9_while_the_requester_is_unreachable(tmp_path):
     node = NodeProcess(config, tmp_path / "node.log").start()
     try:
         storescu(port, files, aet="ORTHANC")
-        path = orthanc.post("/modalities/HARMONISE/storage-commitment",
-                            {"DicomInstances": references(files)})["Path"]
+        transaction = request_commitment(orthanc, references(files))
         wait_for(lambda: node.events("commitment_report_retry"), 30, what="a failed report")
         assert node.stop(signal.SIGKILL) == -signal.SIGKILL
-        assert orthanc.get(path)["Status"] == "Pending"
+        assert orthanc.get(f"/storage-commitment/{transaction}")["Status"] == "Pending"
         status = cli("status", "--config", str(config)).stdout
         assert "storage commitment requests: 1 pending  error=report to ORTHANC:" in status
         config = node_config(tmp_path, port, orthanc_port)
         node.start()
-        done = wait_for(lambda: (r := orthanc.get(path))["Status"] != "Pending" and r, 30,
-                        what="the report after the restart")
+        done = report(orthanc, transaction)
     finally:
         node.stop()
         orthanc.stop()
