@@ -42,12 +42,12 @@ if TYPE_CHECKING:
 log = get_logger("commitment")
 
 PUSH_MODEL = StorageCommitmentPushModel
-WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"  # the Push Model's one SOP instance (PS3.4 J.3.5)
+WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"  # the Push Model's well-known SOP instance
 REQUEST_COMMITMENT = 1  # Action Type ID
-ALL_COMMITTED, FAILURES_EXIST = 1, 2  # Event Type IDs (PS3.4 J.3.3.1)
+ALL_COMMITTED, FAILURES_EXIST = 1, 2  # Event Type IDs
 PENDING, REPORTED, FAILED = "pending", "reported", "failed"
 
-# N-ACTION statuses (PS3.7 Annex C) and Failure Reasons (PS3.3 C.14.1.1)
+# N-ACTION statuses (PS3.7 Annex C) and Failure Reasons (PS3.4 Annex J)
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
 NO_SUCH_SOP_INSTANCE = 0x0112  # also the Failure Reason "no such object instance"
@@ -72,7 +72,7 @@ class RefusedRequest(ValueError):
 def parse_request(action_type: int, requested_instance: str,
                   info: Dataset | None) -> tuple[str, list[Reference]]:
     """The Transaction UID and the (class, instance) pairs of a commitment request.
-    Raises :class:`RefusedRequest` with the status PS3.4 J.3.2 gives for what is wrong."""
+    Raises :class:`RefusedRequest` with the N-ACTION status for what is wrong."""
     if requested_instance != WELL_KNOWN_INSTANCE:
         raise RefusedRequest(NO_SUCH_SOP_INSTANCE,
                              f"requested SOP instance is not {WELL_KNOWN_INSTANCE}")
@@ -177,7 +177,7 @@ def judge(config: Config, index: Index, refs: list[Reference]) -> Verdict:
 
 
 def event_information(transaction: str, verdict: Verdict, retrieve_ae: str) -> Dataset:
-    """The N-EVENT-REPORT's Event Information (PS3.4 J.3.3.1.2): where to retrieve the
+    """The N-EVENT-REPORT's Event Information: where to retrieve the
     committed instances, and why each of the others failed."""
     ds = Dataset()
     ds.TransactionUID = transaction
@@ -227,7 +227,7 @@ class Reporter:
             return
         verdict = judge(self.config, self.index, [tuple(r) for r in json.loads(row["refs"])])
         info = event_information(row["transaction_uid"], verdict, self.config.node.ae_title)
-        # we open the association but play the Push Model's SCP role (PS3.4 J.3.3)
+        # we open the association but play the Push Model's SCP role (role selection)
         assoc = associate(self.config, peer, contexts=[build_context(PUSH_MODEL)],
                           ext_neg=[build_role(PUSH_MODEL, scp_role=True)])
         if not assoc.is_established:
