@@ -1,8 +1,5 @@
 """dicomnode: a DICOM node that harmonises CT and MR images across scanners."""
 
-from importlib.metadata import PackageNotFoundError, version
+from pipelines import software_version
 
-try:
-    __version__ = version("dicomnode")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+src"
+__version__ = software_version()

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 from pynetdicom.status import code_to_category
 
 from dicomnode.config import Config, Peer
+from pipelines import IMPLEMENTATION_CLASS_UID, implementation_version_name
 
 
 class Unreachable(ConnectionError):
@@ -32,13 +33,21 @@ def nodelay(event: evt.Event) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def client_ae(config: Config) -> AE:
-    """An AE with our title and timeouts for one outgoing association."""
+def node_ae(config: Config) -> AE:
+    """An AE with our title, our implementation's identity and the configured timeouts."""
     node = config.node
     ae = AE(ae_title=node.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = implementation_version_name()
     ae.acse_timeout, ae.dimse_timeout = node.acse_timeout, node.dimse_timeout
     ae.network_timeout = node.network_timeout
-    ae.connection_timeout = min(node.acse_timeout, 30.0)
+    return ae
+
+
+def client_ae(config: Config) -> AE:
+    """An AE for one outgoing association."""
+    ae = node_ae(config)
+    ae.connection_timeout = min(config.node.acse_timeout, 30.0)
     return ae
 
 

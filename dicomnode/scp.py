@@ -34,7 +34,7 @@ from pynetdicom import sop_class as sc
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode.client import nodelay
+from dicomnode.client import node_ae, nodelay
 from dicomnode.commitment import add_commitment_context, commitment_handlers
 from dicomnode.config import Config
 from dicomnode.index import Index
@@ -264,13 +264,9 @@ def start_server(ae: AE, address: tuple[str, int],
 
 def build_ae(config: Config) -> AE:
     """An AE with our title, limits, timeouts and the non-storage contexts we accept."""
-    node = config.node
-    ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
-    ae.maximum_pdu_size = node.max_pdu_size
-    ae.acse_timeout = node.acse_timeout
-    ae.dimse_timeout = node.dimse_timeout
-    ae.network_timeout = node.network_timeout
+    ae = node_ae(config)
+    ae.maximum_associations = config.node.max_associations
+    ae.maximum_pdu_size = config.node.max_pdu_size
     ae.add_supported_context(sc.Verification)
     add_qr_contexts(ae)  # storage contexts: every one (start_server)
     add_commitment_context(ae)

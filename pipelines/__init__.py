@@ -9,3 +9,13 @@ def software_version() -> str:
         return version("dicomnode")
     except PackageNotFoundError:  # running from a bare checkout
         return "0+unknown"
+
+
+# Who wrote a file or opened an association (PS3.7 D.3.3.2, PS3.10 7.1): a UID of our own,
+# derived from a UUID (the 2.25 arc needs no registration), fixed for every release.
+IMPLEMENTATION_CLASS_UID = "2.25.245294531864428668542977014530667453094"
+
+
+def implementation_version_name() -> str:
+    """``DICOMNODE_<version>``, cut to the 16 characters an SH value holds."""
+    return f"DICOMNODE_{software_version()}"[:16]

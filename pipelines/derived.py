@@ -29,6 +29,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from pipelines import IMPLEMENTATION_CLASS_UID, implementation_version_name
 from pipelines.errors import PipelineError
 from pipelines.files import atomic_write
 from pipelines.series import Volume, lossy_compression
@@ -357,11 +358,14 @@ def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
 
 
 def write_atomic(ds: Dataset, path: Path) -> None:
-    """Save ``ds`` as an Explicit VR Little Endian Part 10 file; a crash leaves no half file.
+    """Save ``ds`` as an Explicit VR Little Endian Part 10 file written by dicomnode (our
+    Implementation Class UID and version in its meta); a crash leaves no half file.
 
     ``dcmwrite`` with an explicit encoding (not ``save_as``) so that a header copied from a
     big-endian source is converted rather than refused.
     """
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationVersionName = implementation_version_name()
     try:
         atomic_write(path, lambda fh: dcmwrite(fh, ds, enforce_file_format=True,
                                                implicit_vr=False, little_endian=True))

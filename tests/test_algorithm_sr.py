@@ -10,6 +10,7 @@ import pytest
 from pydicom import Dataset, dcmread
 
 from dicomnode.cli import main
+from pipelines import IMPLEMENTATION_CLASS_UID
 from pipelines.harmonise import ModelCache, harmonise_series
 from pipelines.inference import InferenceSettings
 from pipelines.routing import parse_routes
@@ -55,6 +56,7 @@ def test_report_names_the_algorithm_and_references_the_derived_series(run, case)
     sr = dcmread(outcome.report)
     derived = [dcmread(p, stop_before_pixels=True) for p in outcome.outputs]
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert sr.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID  # not highdicom's
     assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == sr_uids(outcome.derived_series_uid)
     assert sr.StudyInstanceUID == derived[0].StudyInstanceUID
     assert sr.PatientID == derived[0].PatientID

@@ -15,7 +15,7 @@ from pydicom.pixels import pack_bits
 from pydicom.uid import JPEG2000, ExplicitVRBigEndian, ExplicitVRLittleEndian, RLELossless
 
 from dicomnode.cli import main
-from pipelines import derived
+from pipelines import IMPLEMENTATION_CLASS_UID, derived
 from pipelines.derived import (
     PRIVATE_CREATOR,
     PRIVATE_GROUP,
@@ -93,6 +93,8 @@ def test_geometry_patient_study_and_representation_carried_over(run, case):
         for keyword in GEOMETRY:
             assert d.get(keyword) == s.get(keyword), keyword
         assert d.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert d.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+        assert d.file_meta.ImplementationVersionName.startswith("DICOMNODE_")
 
 
 def test_every_contract_tag(run):

@@ -26,6 +26,7 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
+from pipelines import IMPLEMENTATION_CLASS_UID, implementation_version_name
 from tests.dicom_factory import siemens_non_image, write_series
 from tests.nodeutil import (
     NodeProcess,
@@ -62,11 +63,16 @@ def index_rows(node: NodeProcess, sql: str) -> list[tuple]:
         db.close()
 
 
-def test_echo_with_dcmtk(node):
-    out = subprocess.run([dcmtk("echoscu"), "-aec", "HARMONISE", "127.0.0.1", str(node.port)],
-                         capture_output=True, text=True, timeout=30, env=dcmtk_env())
+def test_echo_with_dcmtk_and_the_node_names_its_implementation(node):
+    out = subprocess.run([dcmtk("echoscu"), "-d", "-aec", "HARMONISE", "127.0.0.1",
+                          str(node.port)], capture_output=True, text=True, timeout=30,
+                         env=dcmtk_env())
     assert out.returncode == 0, out.stderr
     assert node.events("association_accepted")
+    # what a PACS administrator sees in the peer's association log: us, not our library
+    log = out.stdout + out.stderr
+    assert f"Their Implementation Class UID:    {IMPLEMENTATION_CLASS_UID}" in log
+    assert f"Their Implementation Version Name: {implementation_version_name()}" in log
 
 
 def test_300_instance_series_completes_with_right_count(node, tmp_path):

@@ -11,12 +11,12 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     generate_uid,
 )
 
+from pipelines import IMPLEMENTATION_CLASS_UID
 from trainers.simulation.domains import CTDomain, Domain, MRDomain
 
 SOP_CLASS = {("CT", False): "1.2.840.10008.5.1.4.1.1.2",
@@ -175,7 +175,7 @@ def _save(ds: Dataset, path: Path, jpeg2000: bool) -> Path:
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = "DICOMNODE_SIM"
     ds.file_meta = meta
     if jpeg2000:
