@@ -43,6 +43,9 @@ from pipelines.errors import PipelineError
 log = structlog.get_logger(component="series")
 
 GAP_TOLERANCE = 0.1  # fraction of the median spacing a step may deviate before it is a gap
+# Elements larger than this are read from the file only when used: a scanner's raw data object
+# in an image series (hundreds of MB in private tags) is set aside without being read.
+DEFER_SIZE = "1 MB"
 # Transfer syntaxes that compress lossily, with the Lossy Image Compression Method they imply
 # (PS3.3 C.7.6.1.1.5.1); the JPEG 2000 ones may also be lossless (LossyImageCompression 00).
 LOSSY_METHODS = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1",
@@ -207,7 +210,7 @@ def read_headers(files: Iterable[str | os.PathLike[str]]) -> list[Dataset]:
     out = []
     for path in files:
         try:
-            out.append(dcmread(path, stop_before_pixels=True))
+            out.append(dcmread(path, stop_before_pixels=True, defer_size=DEFER_SIZE))
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise SeriesError(f"{Path(path).name}: not readable as DICOM: {exc}") from None
     return out
@@ -380,7 +383,7 @@ def load_series(files: Iterable[str | os.PathLike[str]]) -> Volume:
     for name in files:
         path = Path(name)
         try:
-            ds = dcmread(path)
+            ds = dcmread(path, defer_size=DEFER_SIZE)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise SeriesError(f"{path.name}: not readable as DICOM: {exc}") from None
         if not harmonisable(ds):

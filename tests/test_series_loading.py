@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     JPEG2000,
@@ -20,8 +22,9 @@ from pipelines.series import (
     load_series,
     lossy_compression,
     not_harmonisable,
+    read_headers,
 )
-from tests.dicom_factory import phantom, write_enhanced_ct, write_series
+from tests.dicom_factory import phantom, raw_data, write_enhanced_ct, write_series
 
 
 def expected_ct(slices=8, size=64, seed=0):
@@ -133,6 +136,25 @@ def test_objects_other_than_grayscale_images_are_set_aside(tmp_path):
                                " Raw Data Storage; colour images (RGB)",)
     with pytest.raises(SeriesError, match="^not harmonisable: Raw Data Storage$"):
         load_series([tmp_path / "raw.dcm"])
+
+
+def test_a_large_set_aside_object_is_never_read(tmp_path):
+    """A scanner's raw data object can hold hundreds of MB in private tags: routing and
+    loading the series must not read it (they read it whole, twice, before)."""
+    files = write_series(tmp_path, slices=4)
+    raw = raw_data(dcmread(files[0]))
+    payload = 64 * 2**20
+    raw.private_block(0x2005, "Philips MR Imaging DD 001").add_new(0x11, "OB", bytes(payload))
+    raw.save_as(tmp_path / "raw.dcm", enforce_file_format=True)
+    tracemalloc.start()
+    try:
+        read_headers([*files, tmp_path / "raw.dcm"])
+        volume = load_series([*files, tmp_path / "raw.dcm"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert volume.array.shape[0] == 4
+    assert peak < payload / 8
 
 
 def test_gap_is_a_warning(tmp_path):
