@@ -6,7 +6,7 @@ resident memory before and after (VmHWM) and their ratio (target: growth <= 0.1 
 instance). The node writes data sets to disk as their fragments arrive, so the growth
 should not scale with the instance.
 
-    python3 bench/large_instance.py [--frames 1200]
+    python3 bench/large_instance.py [--frames 1200] [--raw]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    RawDataStorage,
     generate_uid,
 )
 
@@ -41,21 +42,28 @@ from tests.nodeutil import (  # noqa: E402
 )
 
 
-def write_instance(path: Path, frames: int) -> int:
-    """A multi-frame grayscale secondary capture instance of ``frames`` 512x512 frames."""
+def write_instance(path: Path, frames: int, raw: bool = False) -> int:
+    """A multi-frame grayscale secondary capture instance of ``frames`` 512x512 frames, or
+    (``raw``) a Raw Data object with as many bytes in a private element, as scanners keep
+    their raw data (no pixel data)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
     ds.SOPInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality, ds.PatientID = "OT", "BENCH"
-    ds.Rows = ds.Columns = 512
-    ds.NumberOfFrames = frames
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.random.default_rng(0).integers(
+    payload = np.random.default_rng(0).integers(
         0, 4096, (frames, 512, 512), dtype=np.uint16).tobytes()
+    if raw:
+        ds.SOPClassUID = RawDataStorage
+        ds.private_block(0x0019, "DICOMNODE BENCH", create=True).add_new(0x10, "OB", payload)
+    else:
+        ds.SOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+        ds.Rows = ds.Columns = 512
+        ds.NumberOfFrames = frames
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = payload
     ds.save_as(path, enforce_file_format=True)
     return path.stat().st_size
 
@@ -71,10 +79,12 @@ def peak_rss(pid: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=1200)
+    ap.add_argument("--raw", action="store_true",
+                    help="a Raw Data object (private payload, no pixel data) of that size")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-large-"))
     try:
-        size = write_instance(work / "large.dcm", args.frames)
+        size = write_instance(work / "large.dcm", args.frames, args.raw)
         port = free_port()
         config = write_config(work / "node.toml", port, work / "var", series_timeout=3600)
         node = NodeProcess(config, work / "node.log").start()

@@ -26,6 +26,7 @@ from pydicom.uid import UID
 from dicomnode.index import Index, InstanceRecord
 from dicomnode.query import INDEXED_KEYS
 from dicomnode.storage import check_free_space, instance_path, move_into_place, store_bytes
+from pipelines.series import DEFER_SIZE
 
 _INDEXED_TAGS = tuple((kw, tag_for_keyword(kw)) for kw in INDEXED_KEYS)
 # Without these an instance cannot be filed (each is also one of INDEXED_KEYS).
@@ -187,7 +188,8 @@ def parse_header(source: bytes | BinaryIO, transfer_syntax: str | None = None,
 
     ``transfer_syntax`` is the negotiated one for network input; files carry their own.
     Whatever is wrong with the bytes, the outcome is a record or a RejectedInstance;
-    the pixel data is not read, only its length checked against the header.
+    the pixel data is not read, only its length checked against the header, and neither is
+    any other element over ``DEFER_SIZE`` (a raw data object's private payload).
     """
     if isinstance(source, bytes):
         stream, size = BytesIO(source), len(source)
@@ -195,7 +197,7 @@ def parse_header(source: bytes | BinaryIO, transfer_syntax: str | None = None,
         stream, size = source, os.fstat(source.fileno()).st_size
     probe = _PixelDataProbe(stream)
     try:
-        ds: Dataset = read_partial(stream, stop_when=probe)
+        ds: Dataset = read_partial(stream, stop_when=probe, defer_size=DEFER_SIZE)
         if transfer_syntax is None:
             transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
     except Exception as exc:

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from dicomnode.config import load_config
 from dicomnode.index import Index
 from dicomnode.receive import RejectedInstance, parse_header, receive_file, receive_instance
 from dicomnode.service import reconcile
 from dicomnode.storage import StorageFull
-from tests.dicom_factory import write_series
+from tests.dicom_factory import RAW_DATA_STORAGE, raw_data, write_series
 from tests.nodeutil import free_port, write_config
 
 
@@ -134,6 +135,33 @@ def test_a_file_received_elsewhere_is_moved_into_place_and_duplicates_need_no_sp
     with pytest.raises(StorageFull):
         received(variants[1], everything)
     assert consistent(config, index) == variants[0]
+
+
+def test_a_large_private_payload_is_stored_without_being_read_into_memory(node, tmp_path):
+    """A scanner's raw data object keeps hundreds of MB in private tags, before any pixel
+    data (it has none): only the header is parsed, the rest streams through sha256."""
+    config, index, _ = node
+    raw = raw_data(dcmread(write_series(tmp_path / "mr", modality="MR", slices=1)[0]))
+    payload = 64 * 2**20
+    raw.private_block(0x2005, "Philips MR Imaging DD 001").add_new(0x11, "OB", bytes(payload))
+    source = config.node.data_dir / "incoming" / "tmp0.dcm"
+    source.parent.mkdir()
+    raw.save_as(source, enforce_file_format=True)
+    expected = hashlib.sha256(source.read_bytes()).hexdigest()
+    tracemalloc.start()
+    try:
+        outcome = receive_file(source, index=index, data_dir=config.node.data_dir,
+                               root=config.spool_dir, reserve_bytes=0,
+                               duplicate_policy="replace",
+                               transfer_syntax=ExplicitVRLittleEndian,
+                               affected_sop_class=RAW_DATA_STORAGE,
+                               affected_sop_instance=raw.SOPInstanceUID)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert outcome.action == "stored" and outcome.record.sop_class_uid == RAW_DATA_STORAGE
+    assert consistent(config, index) and index.instance(raw.SOPInstanceUID)["sha256"] == expected
+    assert peak < payload / 8
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR IS")  # the node reads with IGNORE
