@@ -18,6 +18,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 from pynetdicom.status import code_to_category
 
 from dicomnode.config import Config, Peer
+from dicomnode.tls import client_context
 from pipelines import IMPLEMENTATION_CLASS_UID, implementation_version_name
 
 
@@ -52,8 +53,11 @@ def client_ae(config: Config) -> AE:
 
 
 def associate(config: Config, peer: Peer, **options: Any) -> Association:
-    """An association from our AE to ``peer`` (without Nagle); ``options`` go to pynetdicom's
-    ``AE.associate`` (``contexts``, ``max_pdu``). Check ``is_established``."""
+    """An association from our AE to ``peer`` (without Nagle; over TLS for a ``tls`` peer);
+    ``options`` go to pynetdicom's ``AE.associate`` (``contexts``, ``max_pdu``). Check
+    ``is_established``."""
+    if peer.tls:
+        options["tls_args"] = (client_context(config.tls), peer.host)
     return client_ae(config).associate(peer.host, peer.port, ae_title=peer.ae_title,
                                        evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)], **options)
 

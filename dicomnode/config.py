@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dicomnode.tls import TlsError, TlsSettings, client_context, server_context
 from pipelines.routing import Route, RoutingError, parse_routes
 from pipelines.settings import InferenceSettings
 
@@ -71,6 +72,7 @@ class Peer:
     ae_title: str
     host: str
     port: int | None = None
+    tls: bool = False  # the node connects to this peer over TLS ([tls])
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Config:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     peers: tuple[Peer, ...] = ()
     routes: tuple[Route, ...] = ()
 
@@ -154,15 +157,20 @@ def _coerce(section: str, key: str, value: Any, default: Any, path: Path) -> Any
     if isinstance(default, Path):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where} must be a non-empty path string, got {value!r}")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (path.parent.parent / p if _is_conf_dir(path) else
-                                          path.parent / p)
+        return _from_config(value, path)
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")
     choices = _CHOICES.get((section, key))
     if choices and value not in choices:
         raise ConfigError(f"{where} must be one of {sorted(choices)}, got {value!r}")
     return value
+
+
+def _from_config(value: str, path: Path) -> Path:
+    """A path from the config file at ``path``: relative ones resolve from its folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (path.parent.parent / p if _is_conf_dir(path) else
+                                      path.parent / p)
 
 
 def _is_conf_dir(path: Path) -> bool:
@@ -213,10 +221,10 @@ def _peers(raw: Any, path: Path) -> tuple[Peer, ...]:
         where = f"{path}: [[peers]] #{i + 1}"
         if not isinstance(item, dict):
             raise ConfigError(f"{where} must be a table")
-        unknown = set(item) - {"ae_title", "host", "port"}
+        unknown = set(item) - {"ae_title", "host", "port", "tls"}
         if unknown:
             raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'"
-                              " (known: ae_title, host, port)")
+                              " (known: ae_title, host, port, tls)")
         title = _ae_title(item.get("ae_title"), f"{where} ae_title")
         host = item.get("host")
         if not isinstance(host, str) or not host:
@@ -225,12 +233,30 @@ def _peers(raw: Any, path: Path) -> tuple[Peer, ...]:
         if port is not None and (isinstance(port, bool) or not isinstance(port, int)
                                  or not 0 < port < 65536):
             raise ConfigError(f"{where} port must be an integer 1-65535, got {port!r}")
-        peers.append(Peer(title, host, port))
+        tls = item.get("tls", False)
+        if not isinstance(tls, bool):
+            raise ConfigError(f"{where} tls must be true or false, got {tls!r}")
+        peers.append(Peer(title, host, port, tls))
     titles = [p.ae_title for p in peers]
     dupes = {t for t in titles if titles.count(t) > 1}
     if dupes:
         raise ConfigError(f"{path}: [[peers]] ae_title '{sorted(dupes)[0]}' is listed twice")
     return tuple(peers)
+
+
+def _tls(tls: TlsSettings, peers: tuple[Peer, ...], path: Path) -> TlsSettings:
+    """``[tls]`` with its files resolved, checked by building the contexts the node will
+    use, so a wrong file or a key that does not match its certificate stops the start."""
+    tls = TlsSettings(*(str(_from_config(v, path)) if v else "" for v in
+                        (tls.certificate, tls.private_key, tls.ca)))
+    try:
+        if tls.listening or tls.private_key:
+            server_context(tls)
+        if tls.ca or any(p.tls for p in peers):
+            client_context(tls)
+    except TlsError as exc:
+        raise ConfigError(f"{path}: [tls] {exc}") from None
+    return tls
 
 
 def default_config_path() -> Path:
@@ -252,7 +278,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
     chosen = chosen.resolve()
     sections = {"node": NodeSettings, "inference": InferenceSettings,
-                "outbox": OutboxSettings, "archive": ArchiveSettings}
+                "outbox": OutboxSettings, "archive": ArchiveSettings, "tls": TlsSettings}
     unknown = set(raw) - set(sections) - {"peers", "routes"}
     if unknown:
         raise ConfigError(f"{chosen}: unknown key '{sorted(unknown)[0]}' at top level"
@@ -263,6 +289,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     if not 0 < node.port < 65536:
         raise ConfigError(f"{chosen}: [node] port must be 1-65535, got {node.port}")
     peers = _peers(raw.get("peers"), chosen)
+    parsed["tls"] = _tls(parsed["tls"], peers, chosen)
     try:
         routes = parse_routes(raw.get("routes"), source=str(chosen))
     except RoutingError as exc:

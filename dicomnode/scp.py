@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import sqlite3
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from dicomnode.log import get_logger
 from dicomnode.qr import SOP_CLASS_NOT_SUPPORTED, add_qr_contexts, qr_handlers
 from dicomnode.receive import RejectedInstance, receive_file
 from dicomnode.storage import StorageFull, ensure_dir
+from dicomnode.tls import TlsAssociationServer, TlsSettings, server_context
 
 log = get_logger("scp")
 
@@ -243,9 +245,10 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
     ]
 
 
-def start_server(ae: AE, address: tuple[str, int],
-                 handlers: list[tuple[Any, ...]]) -> ThreadedAssociationServer:
-    """Serve ``ae`` in the background on ``address``, taking every storage class.
+def start_server(ae: AE, address: tuple[str, int], handlers: list[tuple[Any, ...]],
+                 tls: TlsSettings) -> ThreadedAssociationServer:
+    """Serve ``ae`` in the background on ``address`` (over TLS when ``tls`` has a
+    certificate: :class:`~dicomnode.tls.TlsAssociationServer`), taking every storage class.
 
     A scanner or PACS sends whole studies, and one refused instance fails the peer's whole
     transfer (Orthanc's store job, a scanner's send queue). So pynetdicom's unrestricted
@@ -257,8 +260,15 @@ def start_server(ae: AE, address: tuple[str, int],
     Only images of ``pipelines.series.IMAGE_SOP_CLASSES`` are ever harmonised.
     """
     _config.UNRESTRICTED_STORAGE_SERVICE = True
-    server = ae.start_server(address, block=False, evt_handlers=handlers)
-    assert server is not None  # block=False returns the running server
+    if not tls.listening:
+        server = ae.start_server(address, block=False, evt_handlers=handlers)
+        assert server is not None  # block=False returns the running server
+        return server
+    server = ae.make_server(address, evt_handlers=handlers, ssl_context=server_context(tls),
+                            server_class=TlsAssociationServer,
+                            handshake_timeout=ae.acse_timeout)
+    threading.Thread(target=server.serve_forever, name="TlsAcceptor", daemon=True).start()
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
     return server
 
 

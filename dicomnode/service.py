@@ -142,11 +142,11 @@ class Node:
         receive_into(cfg.incoming_dir)
         try:
             self._server = start_server(self.ae, (cfg.node.host, cfg.node.port),
-                                        event_handlers(ctx))
+                                        event_handlers(ctx), cfg.tls)
         except OSError as exc:  # taken since check_listen: only this start is affected
             raise _cannot_listen(cfg.node.host, cfg.node.port, exc) from None
         log.info("node_listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
-                 port=cfg.node.port, data_dir=str(cfg.node.data_dir))
+                 port=cfg.node.port, tls=cfg.tls.listening, data_dir=str(cfg.node.data_dir))
 
     def sweep(self) -> None:
         """Mark series that went quiet as complete and queue their jobs."""

@@ -27,13 +27,15 @@ def have_orthanc() -> bool:
 
 
 class Orthanc:
-    """``Orthanc`` in a subprocess; ``modalities`` maps AE title -> (host, port)."""
+    """``Orthanc`` in a subprocess; ``modalities`` maps AE title -> (host, port); ``extra``
+    sets further options (TLS, say)."""
 
     def __init__(self, folder: Path, aet: str = "ORTHANC",
                  modalities: dict[str, tuple[str, int]] | None = None,
-                 dicom_port: int | None = None) -> None:
+                 dicom_port: int | None = None, extra: dict[str, Any] | None = None) -> None:
         self.folder, self.aet = folder, aet
         self.modalities = dict(modalities or {})
+        self.extra = dict(extra or {})  # configuration options over the defaults below
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -77,6 +79,7 @@ class Orthanc:
             "OverwriteInstances": True,
             "UnknownSopClassAccepted": True,  # a Siemens site's PACS holds private classes
         }
+        config.update(self.extra)
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         return path
