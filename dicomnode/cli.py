@@ -18,6 +18,7 @@ COMMANDS = (
     "simulate",
     "serve",
     "status",
+    "echo",
     "resend",
     "route",
     "harmonise",

@@ -17,6 +17,7 @@ from dicomnode.config import ConfigError, load_config
 from tests.dicom_factory import write_series
 from tests.nodeutil import (
     NodeProcess,
+    cli,
     dcmtk,
     dcmtk_env,
     free_port,
@@ -104,6 +105,7 @@ tls = true
     try:
         for f in files:
             upload(orthanc, f)
+        echo = cli("echo", "--config", str(config), check=False)
         [study] = orthanc.get("/studies")
         job = orthanc.post("/modalities/HARMONISE/store",
                            {"Resources": [study], "StorageCommitment": True}, timeout=120)
@@ -113,6 +115,7 @@ tls = true
     finally:
         node.stop()
         orthanc.stop()
+    assert echo.stdout.startswith(f"ORTHANC at 127.0.0.1:{orthanc_port} (TLS): ok"), echo
     assert job["FailedInstancesCount"] == 0 and job["InstancesCount"] == 3
     assert report["Status"] == "Success" and len(report["Success"]) == 3
     assert not node.events("tls_handshake_failed")

@@ -1,0 +1,79 @@
+"""``dicomnode echo``: can the node reach its peers? C-ECHO from the node's own AE.
+
+What a PACS administrator checks first when harmonised series do not arrive: the peer's
+address, port, AE title and (for ``tls = true`` peers) certificates, exactly as the node
+itself will use them, without starting it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
+
+from dicomnode.client import associate, refusal
+from dicomnode.config import Config, Peer, load_config
+from dicomnode.errors import UserError
+from dicomnode.log import configure
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("echo", help="C-ECHO configured peers from the node's AE",
+                       description="Open an association to each named [[peers]] entry (all"
+                       " with a port when none is named), as the node does (its AE title,"
+                       " TLS where the peer has tls = true), and send C-ECHO. Exit status 1"
+                       " when any peer does not answer Success.")
+    p.add_argument("peers", nargs="*", metavar="AE", help="peer AE titles (default: all)")
+    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
+                   " conf/node.toml)")
+    p.set_defaults(func=run)
+
+
+def echo(config: Config, peer: Peer) -> str | None:
+    """None when ``peer`` answers C-ECHO with Success, else why not."""
+    try:
+        assoc = associate(config, peer, contexts=[build_context(Verification)])
+    except (OSError, ValueError) as exc:
+        return f"cannot connect: {exc}"
+    if not assoc.is_established:
+        return refusal(peer, assoc)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = int(status.Status) if "Status" in status else None
+    if code != 0x0000:
+        return "no C-ECHO response" if code is None else f"C-ECHO status 0x{code:04X}"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure("warning")  # pynetdicom's own reason (connection refused, TLS) as JSON on stderr
+    if args.peers:
+        peers = []
+        for title in args.peers:
+            peer = config.peer(title)
+            if peer is None:
+                raise UserError(f"{title} is not a [[peers]] entry in {config.path}")
+            if peer.port is None:
+                raise UserError(f"{title} has no port in {config.path}")
+            peers.append(peer)
+    else:
+        peers = [p for p in config.peers if p.port is not None]
+        if not peers:
+            raise UserError(f"no [[peers]] entry with a port in {config.path}")
+    failed = 0
+    for peer in peers:
+        where = f"{peer.ae_title} at {peer.host}:{peer.port}{' (TLS)' if peer.tls else ''}"
+        start = time.perf_counter()
+        problem = echo(config, peer)
+        if problem is None:
+            print(f"{where}: ok ({(time.perf_counter() - start) * 1000:.0f} ms)")
+        else:
+            failed += 1
+            print(f"{where}: FAILED: {problem}")
+    return 1 if failed else 0
