@@ -52,14 +52,18 @@ def client_ae(config: Config) -> AE:
     return ae
 
 
+def transport(config: Config, peer: Peer) -> dict[str, Any]:
+    """``AE.associate`` options for reaching ``peer``: TLS for a ``tls`` peer."""
+    return {"tls_args": (client_context(config.tls), peer.host)} if peer.tls else {}
+
+
 def associate(config: Config, peer: Peer, **options: Any) -> Association:
     """An association from our AE to ``peer`` (without Nagle; over TLS for a ``tls`` peer);
     ``options`` go to pynetdicom's ``AE.associate`` (``contexts``, ``max_pdu``). Check
     ``is_established``."""
-    if peer.tls:
-        options["tls_args"] = (client_context(config.tls), peer.host)
     return client_ae(config).associate(peer.host, peer.port, ae_title=peer.ae_title,
-                                       evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)], **options)
+                                       evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)],
+                                       **transport(config, peer), **options)
 
 
 def refusal(peer: Peer, assoc: Association) -> str:

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
 from pynetdicom import sop_class as sc
 
-from dicomnode.client import association_problem, nodelay
+from dicomnode.client import association_problem, nodelay, transport
 from dicomnode.index import Index
 from dicomnode.log import get_logger
 from dicomnode.outbox import describe_failure, fit_to_association, store_contexts
@@ -204,10 +204,11 @@ REFUSAL_CONTEXTS = (sc.Verification, sc.CTImageStorage, sc.MRImageStorage)
 
 def _destination(peer: Peer, ctx: ScpContext, contexts: list[Any] | None,
                  *handlers: tuple[Any, ...]) -> tuple[str, int, dict[str, Any]]:
-    """What a C-MOVE handler yields first: the destination and how to associate with it."""
+    """What a C-MOVE handler yields first: the destination and how to associate with it
+    (pynetdicom opens the sub-operations' association itself; TLS for a ``tls`` peer)."""
     return peer.host, peer.port, {
         "contexts": contexts, "evt_handlers": [*handlers, (evt.EVT_CONN_OPEN, nodelay)],
-        "max_pdu": ctx.config.node.max_pdu_size}
+        "max_pdu": ctx.config.node.max_pdu_size, **transport(ctx.config, peer)}
 
 
 def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:

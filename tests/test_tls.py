@@ -112,12 +112,18 @@ tls = true
         transaction = job["StorageCommitmentTransactionUID"]
         report = wait_for(lambda: (r := orthanc.get(f"/storage-commitment/{transaction}"))
                           ["Status"] != "Pending" and r, 30, what="the report over TLS")
+        # Orthanc retrieves the study back: C-MOVE to the node, sub-operations over TLS
+        study_uid = str(dcmread(files[0]).StudyInstanceUID)
+        orthanc.post("/modalities/HARMONISE/move", {
+            "Level": "Study", "Resources": [{"StudyInstanceUID": study_uid}],
+            "TargetAet": "ORTHANC"}, timeout=120)
     finally:
         node.stop()
         orthanc.stop()
     assert echo.stdout.startswith(f"ORTHANC at 127.0.0.1:{orthanc_port} (TLS): ok"), echo
     assert job["FailedInstancesCount"] == 0 and job["InstancesCount"] == 3
     assert report["Status"] == "Success" and len(report["Success"]) == 3
+    assert orthanc.store_requests("HARMONISE") == 3
     assert not node.events("tls_handshake_failed")
 
 
