@@ -114,13 +114,53 @@ def set_aside(datasets: Sequence[Dataset]) -> str | None:
 def not_harmonisable(datasets: Sequence[Dataset]) -> str | None:
     """Why a series, valid as it may be, holds nothing to harmonise, or None: only SOP
     classes besides :data:`IMAGE_SOP_CLASSES` (reports, PET, dose, ...) or colour images,
-    or localisers (scouts, topograms) only. Headers suffice."""
+    or localisers (scouts, topograms) only, or MR phase/real/imaginary images only. Headers
+    suffice."""
     images = harmonisable_images(datasets)
     if datasets and not images:
         return f"not harmonisable: {_others(datasets)}"
     if images and all("LOCALIZER" in image_type(ds) for ds in images):
         return "not harmonisable: localiser images only"
+    parts = {complex_part(ds, image_type(ds)) for ds in images}
+    if images and "" not in parts:
+        return f"not harmonisable: {' and '.join(sorted(parts))} images only"
     return None
+
+
+# MR images that are not magnitude images, by ImageType value 3 or later as Siemens
+# ("ORIGINAL\PRIMARY\P\ND") and Philips ("ORIGINAL\PRIMARY\PHASE MAP\P\FFE") write it;
+# Enhanced MR says so in ComplexImageComponent, GE in its private image type (0043,102F).
+NOT_MAGNITUDE = {"P": "phase", "PHASE": "phase", "PHASE MAP": "phase", "R": "real",
+                 "REAL": "real", "I": "imaginary", "IMAGINARY": "imaginary"}
+GE_IMAGE_TYPE = {1: "phase", 2: "real", 3: "imaginary"}  # 0 = magnitude
+
+
+def _ge_image_type(ds: Dataset) -> int | None:
+    try:
+        value = ds.private_block(0x0043, "GEMS_PARM_01")[0x2F].value
+    except (KeyError, ValueError):
+        return None
+    if isinstance(value, bytes):  # read without GE's private dictionary: SS, little endian
+        return int.from_bytes(value[:2], "little", signed=True) if len(value) >= 2 else None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def complex_part(ds: Dataset, frame_type: Sequence[str], frame: int | None = None) -> str:
+    """"phase", "real" or "imaginary" for an MR image that is one of those, else "" (a
+    magnitude image, or nothing says otherwise): a magnitude model has nothing to say
+    about phase, and a phase image beside each magnitude one doubles every position."""
+    explicit = _first(ds, "MRImageFrameTypeSequence", "ComplexImageComponent", frame)
+    if explicit:
+        return NOT_MAGNITUDE.get(str(explicit).upper(), "")
+    if str(ds.get("Modality", "")).upper() != "MR":
+        return ""
+    for value in frame_type[2:]:
+        if value in NOT_MAGNITUDE:
+            return NOT_MAGNITUDE[value]
+    return GE_IMAGE_TYPE.get(_ge_image_type(ds) or 0, "")
 
 
 def element_text(dataset: Any, keyword: str) -> str | None:
@@ -157,6 +197,7 @@ class Frame:
     slope: float
     intercept: float
     localiser: bool
+    complex_part: str = ""  # "phase", "real", "imaginary" (:func:`complex_part`); "" magnitude
 
     @property
     def normal(self) -> np.ndarray:
@@ -262,7 +303,8 @@ def _frames_of(path: Path, ds: Dataset) -> list[Frame]:
             pixel_spacing=(float(spacing[0]), float(spacing[1])),
             slope=float(slope if slope not in (None, "") else 1.0),
             intercept=float(intercept if intercept not in (None, "") else 0.0),
-            localiser="LOCALIZER" in frame_type))
+            localiser="LOCALIZER" in frame_type,
+            complex_part=complex_part(ds, frame_type, index)))
     return frames
 
 
@@ -298,6 +340,14 @@ def check_frames(frames: Sequence[Frame]) -> tuple[list[Frame], list[str]]:
         if not frames:
             raise SeriesError("only localiser images in series")
         warnings.append(f"split off {len(localisers)} localiser image(s)")
+    others = [f for f in frames if f.complex_part]
+    if others:
+        frames = [f for f in frames if not f.complex_part]
+        kinds = " and ".join(sorted({f.complex_part for f in others}))
+        if not frames:
+            raise SeriesError(f"only {kinds} images in series, no magnitude images")
+        warnings.append(f"set aside {len(others)} {kinds} image(s): only magnitude images"
+                        " are harmonised")
     checks = (
         ("SOP classes", lambda f: str(f.dataset.SOPClassUID)),
         ("image sizes", lambda f: f"{f.dataset.Rows}x{f.dataset.Columns}"),

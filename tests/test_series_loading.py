@@ -157,6 +157,51 @@ def test_a_large_set_aside_object_is_never_read(tmp_path):
     assert peak < payload / 8
 
 
+def _phase_copies(files, folder, mark) -> list:
+    """Each MR image again at its position as another image (``mark`` makes it a phase,
+    real or imaginary one), with other pixels: what a magnitude + phase series holds."""
+    folder.mkdir()
+    out = []
+    for i, f in enumerate(files):
+        ds = dcmread(f)
+        ds.SOPInstanceUID = f"1.2.3.{i}"
+        ds.PixelData = bytes(len(ds.PixelData))
+        mark(ds)
+        ds.save_as(folder / f.name)
+        out.append(folder / f.name)
+    return out
+
+
+def _siemens_phase(ds):
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
+
+
+def _ge_imaginary(ds):
+    ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2F, "SS", 3)
+
+
+def test_phase_and_imaginary_images_beside_magnitude_ones_are_set_aside(tmp_path):
+    files = write_series(tmp_path / "m", modality="MR", slices=4)
+    magnitude = load_series(files)
+    for mark, kind in ((_siemens_phase, "phase"), (_ge_imaginary, "imaginary")):
+        others = _phase_copies(files, tmp_path / kind, mark)
+        volume = load_series([*others, *files])
+        np.testing.assert_array_equal(volume.array, magnitude.array)
+        assert volume.warnings == (f"set aside 4 {kind} image(s): only magnitude images are"
+                                   " harmonised",)
+        with pytest.raises(SeriesError, match=f"^only {kind} images in series, no magn"):
+            load_series(others)
+        headers = read_headers(others)
+        assert not_harmonisable(headers) == f"not harmonisable: {kind} images only"
+        assert not_harmonisable(read_headers([*others, *files])) is None
+
+
+def test_ct_image_type_values_are_not_read_as_complex_parts(tmp_path):
+    def ct_p(ds, i):
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "P"]
+    assert load_series(write_series(tmp_path, slices=3, edit=ct_p)).warnings == ()
+
+
 def test_gap_is_a_warning(tmp_path):
     def gap(ds, i):
         if i >= 4:
