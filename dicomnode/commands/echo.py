@@ -14,6 +14,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from dicomnode.client import associate, refusal
+from dicomnode.commands import add_config_option
 from dicomnode.config import Config, Peer, load_config
 from dicomnode.errors import UserError
 from dicomnode.log import configure
@@ -26,8 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        " TLS where the peer has tls = true), and send C-ECHO. Exit status 1"
                        " when any peer does not answer Success.")
     p.add_argument("peers", nargs="*", metavar="AE", help="peer AE titles (default: all)")
-    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
-                   " conf/node.toml)")
+    add_config_option(p)
     p.set_defaults(func=run)
 
 

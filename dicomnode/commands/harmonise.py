@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from dicomnode.commands import add_config_option
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from dicomnode.log import configure
@@ -20,8 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        " any series is rejected or fails, with one line each on stderr.")
     p.add_argument("input", metavar="IN", help="folder with DICOM files (searched recursively)")
     p.add_argument("output", metavar="OUT", help="folder for the derived series")
-    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
-                   " conf/node.toml)")
+    add_config_option(p)
     choice = p.add_mutually_exclusive_group()
     choice.add_argument("--route", metavar="NAME", help="use this route for every series")
     choice.add_argument("--model", metavar="NAME", help="use this model for every series,"

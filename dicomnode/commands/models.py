@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dicomnode.commands import add_config_option
 from dicomnode.config import load_config
 
 
@@ -15,8 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="one model a line: name, version, domains, sha256"
                             " prefix (tab-separated)")
-    ls.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
-                    " conf/node.toml)")
+    add_config_option(ls)
     ls.add_argument("--models-dir", type=Path, help="look here instead of [node] models_dir")
     ls.set_defaults(func=run)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from dicomnode import outbox
+from dicomnode.commands import add_config_option
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from dicomnode.index import Index
@@ -22,8 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        " (its derived series UID, or the UID of the original it came from),"
                        " or every failed send. With --to, a series goes to that peer even if"
                        " its route never sent it there.")
-    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
-                   " conf/node.toml)")
+    add_config_option(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--series", metavar="UID", help="a derived series, or an original"
                        " whose harmonised copies should be sent again")

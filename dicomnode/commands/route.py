@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dicomnode.commands import add_config_option
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from pipelines.routing import route_series
@@ -18,8 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", metavar="DIR", help="folder with DICOM files (searched recursively)")
     p.add_argument("--explain", action="store_true",
                    help="also print every rule's verdict, condition by condition")
-    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
-                   " conf/node.toml)")
+    add_config_option(p)
     p.set_defaults(func=run)
 
 

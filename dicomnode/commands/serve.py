@@ -7,6 +7,7 @@ import signal
 import threading
 
 from dicomnode import log as logs
+from dicomnode.commands import add_config_option
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 
@@ -15,8 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the node (C-STORE in, harmonise, send, Q/R)",
                        description="Run the DICOM node in the foreground. SIGTERM or SIGINT"
                        " stops accepting, lets in-flight work finish or persists it, exits 0.")
-    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
-                   " conf/node.toml)")
+    add_config_option(p)
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 from dicomnode import commitment, outbox
+from dicomnode.commands import add_config_option
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from dicomnode.index import Index
@@ -15,8 +16,7 @@ from dicomnode.index import Index
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="series received/queued/harmonised/sent/failed",
                        description="Show every series in the node's index with its state.")
-    p.add_argument("--config", help="config file (default: $DICOMNODE_CONFIG or"
-                   " conf/node.toml)")
+    add_config_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
