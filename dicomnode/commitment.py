@@ -12,7 +12,9 @@ restart never loses one; a scheduled pass reports pending requests, retrying an
 unreachable requester with the outbox's back-off (``[outbox] retry_initial``,
 ``retry_max_interval``) and giving up after ``max_age_hours``. An instance is committed
 when it is indexed under the SOP class asked about and its file is on disk: its C-STORE
-was answered Success only once both were durable. A crash after the peer took the report
+was answered Success only once both were durable. One the node does not hold yet may still
+be arriving on another association, so a report with failures waits until the request is
+``series_timeout`` seconds old. A crash after the peer took the report
 and before the node recorded it sends the report again; the peer matches it by
 Transaction UID.
 """
@@ -214,18 +216,20 @@ class Reporter:
                                      (PENDING, now)).fetchall()
         for row in rows:
             try:
-                self._report(row)
+                self._report(row, now)
             except Exception as exc:  # any failure is retried; logged by type
                 self._failed_attempt(row, type(exc).__name__)
         return len(rows)
 
-    def _report(self, row: Any) -> None:
+    def _report(self, row: Any, now: float) -> None:
         peer = self.config.peer(row["requester"])
         if peer is None or peer.port is None:  # the config changed since the request
             self._failed_attempt(row, f"no [[peers]] port for {row['requester']}",
                                  permanent=True)
             return
         verdict = judge(self.config, self.index, [tuple(r) for r in json.loads(row["refs"])])
+        if verdict.failed and now - row["created"] < self.config.node.series_timeout:
+            return  # may still be arriving on another association: ask again next pass
         info = event_information(row["transaction_uid"], verdict, self.config.node.ae_title)
         # we open the association but play the Push Model's SCP role (role selection)
         assoc = associate(self.config, peer, contexts=[build_context(PUSH_MODEL)],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,10 @@ poll_interval = 0.2
 """
 
 
-def node_config(tmp: Path, port: int, orthanc_port: int) -> Path:
+def node_config(tmp: Path, port: int, orthanc_port: int, series_timeout: float = 1.5) -> Path:
     peer = f'[[peers]]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc_port}\n'
-    return write_config(tmp / "node.toml", port, tmp / "var", extra=FAST_RETRY + peer)
+    return write_config(tmp / "node.toml", port, tmp / "var", extra=FAST_RETRY + peer,
+                        series_timeout=series_timeout)
 
 
 def references(files: list[Path]) -> list[dict[str, str]]:
@@ -97,6 +99,29 @@ def test_orthanc_sends_a_study_asks_for_commitment_and_gets_the_report(tmp_path)
     assert summary["commitments"] == {"states": {"reported": 2}, "last_error": None}
     assert "storage commitment requests: 2 reported" in cli("status", "--config",
                                                            str(config)).stdout
+
+
+@pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed")
+def test_an_instance_still_arriving_when_asked_is_waited_for(tmp_path):
+    """A modality may ask for commitment while its last instance is still in flight on
+    another association: the node waits (up to series_timeout) before reporting it failed."""
+    port, orthanc_port = free_port(), free_port()
+    config = node_config(tmp_path, port, orthanc_port, series_timeout=8)
+    files = write_series(tmp_path / "ct", slices=3, size=32)
+    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port,
+                      modalities={"HARMONISE": ("127.0.0.1", port)}).start()
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        storescu(port, files[:2], aet="ORTHANC")
+        transaction = request_commitment(orthanc, references(files))
+        wait_for(lambda: node.events("commitment_requested"), 10, what="the request")
+        time.sleep(1.0)  # five report passes (poll_interval 0.2 s) while it is missing
+        storescu(port, files[2:], aet="ORTHANC")
+        done = report(orthanc, transaction)
+    finally:
+        node.stop()
+        orthanc.stop()
+    assert done["Status"] == "Success" and len(done["Success"]) == 3
 
 
 @pytest.mark.skipif(not have_orthanc(), reason="Orthanc not installed")
