@@ -95,6 +95,12 @@ def test_orthanc_sends_a_study_asks_for_commitment_and_gets_the_report(tmp_path)
     reported = node.events("commitment_reported")
     assert [(e["committed"], e["failed"]) for e in reported] == [(4, 0), (3, 2)]
     assert all(e["destination"] == "ORTHANC" for e in reported)
+    index = Index(load_config(config).index_path)
+    try:  # a reported request keeps its counts, not its instance list
+        kept = index.db.execute("SELECT refs, committed, failed FROM commitments").fetchall()
+    finally:
+        index.close()
+    assert sorted(tuple(r) for r in kept) == [("[]", 3, 2), ("[]", 4, 0)]
     summary = json.loads(cli("status", "--config", str(config), "--json").stdout)
     assert summary["commitments"] == {"states": {"reported": 2}, "last_error": None}
     assert "storage commitment requests: 2 reported" in cli("status", "--config",
