@@ -36,7 +36,7 @@ from dicomnode.client import associate, refusal
 from dicomnode.config import Config
 from dicomnode.index import Index
 from dicomnode.log import get_logger
-from dicomnode.outbox import backoff
+from dicomnode.outbox import after_failure
 
 if TYPE_CHECKING:
     from dicomnode.scp import ScpContext
@@ -265,10 +265,9 @@ class Reporter:
 
     def _failed_attempt(self, row: Any, reason: str, permanent: bool = False) -> None:
         now = time.time()
-        ob = self.config.outbox
         attempts = row["attempts"] + 1
-        expired = permanent or now - row["created"] >= ob.max_age_hours * 3600
-        delay = backoff(attempts, ob.retry_initial, ob.retry_max_interval)
+        expired, delay = after_failure(self.config.outbox, attempts, row["created"], now,
+                                       permanent)
         with self.index.transaction() as db:
             db.execute("UPDATE commitments SET state = ?, attempts = ?, next_attempt = ?,"
                        " updated = ?, error = ? WHERE transaction_uid = ? AND state = ?",

@@ -46,7 +46,7 @@ from pynetdicom.status import code_to_category
 
 from dicomnode import index as ix
 from dicomnode.client import Unreachable, associate, held_by_peer, refusal
-from dicomnode.config import Config
+from dicomnode.config import Config, OutboxSettings
 from dicomnode.index import Index
 from dicomnode.log import get_logger
 
@@ -197,6 +197,14 @@ def last_errors(index: Index) -> dict[str, str]:
 def backoff(attempts: int, initial: float, maximum: float) -> float:
     """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
     return min(maximum, initial * 2 ** max(0, min(attempts - 1, 60)))
+
+
+def after_failure(settings: OutboxSettings, attempts: int, created: float, now: float,
+                  permanent: bool = False) -> tuple[bool, float]:
+    """Whether a failed delivery first queued at ``created`` is given up (``permanent``,
+    or older than ``max_age_hours``), and the back-off before its next attempt."""
+    expired = permanent or now - created >= settings.max_age_hours * 3600
+    return expired, backoff(attempts, settings.retry_initial, settings.retry_max_interval)
 
 
 def store_contexts(items: Iterable[tuple[str, str]]) -> list[Any]:
@@ -425,12 +433,11 @@ class Outbox:
         """One failed attempt for many rows (association failed): one commit, one log
         line per series, not one per instance. Rows to retry go back to ``again``."""
         now = time.time()
-        ob = self.config.outbox
         outcome: dict[tuple[str, bool], list[float]] = defaultdict(list)
         with self.index.transaction() as db:
             for row in rows:
-                expired = now - row["created"] >= ob.max_age_hours * 3600
-                delay = backoff(row["attempts"], ob.retry_initial, ob.retry_max_interval)
+                expired, delay = after_failure(self.config.outbox, row["attempts"],
+                                               row["created"], now)
                 db.execute("UPDATE outbox SET state = ?, next_attempt = ?, updated = ?,"
                            " status = NULL, error = ? WHERE id = ? AND state = ?",
                            (FAILED if expired else again, now + delay, now, reason,
@@ -449,9 +456,8 @@ class Outbox:
     def _failed_attempt(self, row: Any, code: int | None, reason: str,
                         permanent: bool = False) -> None:
         now = time.time()
-        ob = self.config.outbox
-        expired = permanent or now - row["created"] >= ob.max_age_hours * 3600
-        delay = backoff(row["attempts"], ob.retry_initial, ob.retry_max_interval)
+        expired, delay = after_failure(self.config.outbox, row["attempts"], row["created"],
+                                       now, permanent)
         with self.index.transaction() as db:
             db.execute("UPDATE outbox SET state = ?, next_attempt = ?, updated = ?, status = ?,"
                        " error = ? WHERE id = ? AND state = ?",
