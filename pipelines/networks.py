@@ -10,6 +10,7 @@ tile or batch the runtime happens to feed, and tiles would no longer blend seaml
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -179,9 +180,59 @@ class ResidualUNet(nn.Module):
         return x + h[crop]
 
 
+class SpectralFilter(nn.Module):
+    """A learnable isotropic in-plane transfer function, applied by FFT.
+
+    Two FBP reconstructions of the same scan differ by the ratio of their kernels'
+    transfer functions, a linear shift-invariant filter that reshapes resolution and noise
+    texture alike. That is this model's whole capacity: the gain at ``knots`` evenly spaced
+    radial frequencies (cycles per pixel, 0 to the corner of the spectrum, linear in
+    between; positive, the identity at the start), with the gain at frequency 0 fixed at 1
+    as a kernel's is, so mean HU (water, air) stay as the scanner calibrated them. It
+    cannot move an edge or invent a structure, only re-weight frequencies already in the
+    image. Slices are reflect-padded by the filter's spatial reach before the FFT, so the
+    periodic wrap does not mix opposite borders.
+    """
+
+    def __init__(self, channels: int = 1, knots: int = 16, dims: int = 2) -> None:
+        super().__init__()
+        if knots < 2:
+            raise ValueError(f"knots must be at least 2, got {knots}")
+        self.log_gain = nn.Parameter(torch.zeros(knots - 1))  # knots 1..: knot 0 is 1
+        self.dims = dims
+        # a hat function of half-width df in frequency reaches about 1/df pixels in space
+        self.reach = math.ceil((knots - 1) / math.sqrt(0.5))
+
+    def receptive_field(self) -> ReceptiveField:
+        """Global in principle (an FFT), but the smooth gain curve makes the filter's
+        spatial reach about ``reach`` pixels; tiles with that overlap come close."""
+        return ReceptiveField(radius=self.reach, exact=False)
+
+    def gain(self, f: torch.Tensor) -> torch.Tensor:
+        """The transfer function at radial frequencies ``f`` (cycles per pixel)."""
+        g = torch.cat([self.log_gain.new_ones(1), self.log_gain.exp()])
+        pos = (f / math.sqrt(0.5) * (g.numel() - 1)).clamp(0, g.numel() - 1)
+        low = pos.floor().long().clamp(max=g.numel() - 2)
+        w = pos - low
+        return g[low] * (1 - w) + g[low + 1] * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        planes = x.float().reshape(-1, 1, *shape[-2:])
+        pad = min(self.reach, shape[-2] - 1, shape[-1] - 1)
+        padded = F.pad(planes, (pad, pad, pad, pad), mode="reflect") if pad > 0 else planes
+        h, w = padded.shape[-2:]
+        fy = torch.fft.fftfreq(h, device=x.device)[:, None]
+        fx = torch.fft.rfftfreq(w, device=x.device)[None, :]
+        spectrum = torch.fft.rfft2(padded) * self.gain(torch.sqrt(fx**2 + fy**2))
+        out = torch.fft.irfft2(spectrum, s=(h, w))[..., pad:pad + shape[-2], pad:pad + shape[-1]]
+        return out.reshape(shape).to(x.dtype)
+
+
 GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "plain": PlainResidualCNN,
     "unet": ResidualUNet,
+    "spectral": SpectralFilter,
 }
 
 

@@ -115,15 +115,34 @@ def test_unpaired_cyclegan_runs_with_every_option(tmp_path: Path, phantoms: list
     torch.manual_seed(0)
     features = train_classifier(list(data.samplers(32, 2, 0)), steps=20, batch=8, features=4)
     opts = UnpairedOptions(name="u", patch=32, batch=2, steps=4, val_every=2, progress=False,
-                           workdir=tmp_path, gan=gan, ssim=1.0, gram=1.0, pool=2,
+                           workdir=tmp_path, gan=gan, ssim=1.0, gram=1.0, spectrum=1.0, pool=2,
                            cycle_sigma=1.0 if gan == "wgan-gp" else 0.0,
                            disc_features=4, disc_layers=2, param={"features": 4, "levels": 2,
                                                                    "cbam": True})
     result = fit(unpaired_step(data, opts, features, CPU), opts)
     first = result.history["val_domain_distance"][0][1]
     assert first == pytest.approx(2.0)  # identity generator: both relative distances are 1
-    for key in ("g_adv", "cycle", "identity", "ssim_loss", "gram", "d"):
+    for key in ("g_adv", "cycle", "identity", "ssim_loss", "gram", "spectrum", "d"):
         assert len(result.history[key]) == 4 and np.isfinite(result.history[key]).all()
+
+
+def test_unpaired_spectral_resumes_with_its_spectra(tmp_path: Path, phantoms: list) -> None:
+    """The spectral generator under the noise-power-spectrum loss; the domains' mean
+    spectra accumulated so far are part of the checkpoint, as the image pools are."""
+    data = unpaired_data(phantoms)
+    features = train_classifier(list(data.samplers(32, 2, 0)), steps=2, batch=4, features=2)
+    base = dict(name="u", architecture="spectral", param={"knots": 6}, patch=32, batch=2,
+                val_every=3, progress=False, workdir=tmp_path, spectrum=10.0, gram=0.0,
+                disc_features=2, disc_layers=1, pool=0, lr=1e-2)
+    torch.manual_seed(0)
+    first = UnpairedOptions(steps=3, **base)
+    fit(unpaired_step(data, first, features, CPU), first)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["extra"]["spectrum"]["counts"] == {"a": 3, "b": 3}
+    again = UnpairedOptions(steps=5, resume=True, **base)
+    result = fit(unpaired_step(data, again, features, CPU), again)
+    assert result.steps == 5 and [s for s, _ in result.history["spectrum"]] == [1, 2, 3, 4, 5]
+    assert set(result.generator_state) == {"log_gain"}
 
 
 def test_unpaired_3d(tmp_path: Path) -> None:

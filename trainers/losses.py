@@ -145,6 +145,65 @@ class GramTextureLoss(nn.Module):
         return loss / len(fake_maps)
 
 
+def radial_power(x: torch.Tensor) -> torch.Tensor:
+    """Batch-mean in-plane power spectrum of ``x`` (N, C, [D,] H, W), averaged over rings of
+    integer radial frequency (index 0 = the mean, then one ring per frequency step of the
+    shorter side): the noise power spectrum's shape, whatever the anatomy's position.
+    A Hann window first, or the patch edges' jumps would leak the anatomy's low-frequency
+    power into every ring and hide the noise."""
+    planes = x.float().reshape(-1, *x.shape[-2:])
+    h, w = planes.shape[-2:]
+    window = (torch.hann_window(h, periodic=False, device=x.device)[:, None]
+              * torch.hann_window(w, periodic=False, device=x.device)[None, :])
+    power = torch.fft.rfft2(planes * window).abs().pow(2).mean(0) / window.pow(2).sum()
+    fy = torch.fft.fftfreq(h, device=x.device)[:, None] * min(h, w)
+    fx = torch.fft.rfftfreq(w, device=x.device)[None, :] * min(h, w)
+    ring = torch.sqrt(fx**2 + fy**2).round().long().flatten()
+    total = torch.zeros(int(ring.max()) + 1, device=x.device).index_add_(0, ring,
+                                                                         power.flatten())
+    count = torch.bincount(ring, minlength=total.numel()).clamp_min(1)
+    return total / count
+
+
+class SpectrumLoss:
+    """Noise-power-spectrum matching for unpaired domains: the log ratio of the output's
+    radial power spectrum (:func:`radial_power`) to its input's, pulled to the log ratio
+    of the two domains' mean spectra, ring by ring (squared error, mean over rings).
+
+    Two CT reconstruction kernels differ by a transfer function that shapes resolution
+    and noise texture the same way at every position, and the output/input ratio of one
+    batch is that transfer function squared whatever anatomy the batch shows; the
+    domains' mean spectra are accumulated over every batch seen (:meth:`observe`), so the
+    anatomy of unpaired patches averages out of the reference. The log makes every ring
+    count alike, however little power it holds.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def observe(self, domain: str, batch: torch.Tensor) -> None:
+        power = radial_power(batch.detach())
+        self.sums[domain] = self.sums.get(domain, torch.zeros_like(power)) + power
+        self.counts[domain] = self.counts.get(domain, 0) + 1
+
+    def _log_mean(self, domain: str) -> torch.Tensor:
+        return (self.sums[domain] / self.counts[domain]).clamp_min(1e-20).log()
+
+    def __call__(self, output: torch.Tensor, source: torch.Tensor, source_domain: str,
+                 target_domain: str) -> torch.Tensor:
+        wanted = self._log_mean(target_domain) - self._log_mean(source_domain)
+        got = (radial_power(output).clamp_min(1e-20).log()
+               - radial_power(source.detach()).clamp_min(1e-20).log())
+        return (got - wanted).pow(2).mean()
+
+    def state(self) -> dict:
+        return {"sums": self.sums, "counts": self.counts}
+
+    def load(self, state: dict) -> None:
+        self.sums, self.counts = state["sums"], state["counts"]
+
+
 def masked_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean absolute error, restricted to ``mask`` (the body) when one is given."""
     diff = (x.float() - y.float()).abs()

@@ -84,6 +84,8 @@ class UnpairedOptions(CommonOptions):
                               " noise need not survive the round trip (0 = plain L1)")
     ssim: float = _opt(0.0, "weight of the SSIM loss between input and output (0 = off)")
     gram: float = _opt(0.0, "weight of the Gram texture (domain) loss (0 = off)")
+    spectrum: float = _opt(0.0, "weight of the noise-power-spectrum matching loss: log"
+                           " radial power spectra of output and target patches (0 = off)")
     gp: float = _opt(10.0, "gradient penalty weight (wgan-gp)")
     disc_features: int = _opt(32, "PatchGAN width of its first layer")
     disc_layers: int = _opt(3, "PatchGAN stride-2 stages (3 = 70 px patches at 2D)")

@@ -23,6 +23,7 @@ from trainers.loop import Step, autocast
 from trainers.losses import (
     AdversarialLoss,
     GramTextureLoss,
+    SpectrumLoss,
     SSIMLoss,
     gradient_penalty,
     lowpass,
@@ -111,6 +112,7 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
     gan = AdversarialLoss(options.gan)
     ssim_loss = SSIMLoss(DATA_RANGE, DATA_LOW)
     gram_loss = GramTextureLoss(features.features)
+    spectrum_loss = SpectrumLoss()
     l1 = nn.L1Loss()
 
     def round_trip(output: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -148,6 +150,12 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
                 gr = gram_loss(fake_b, b) + gram_loss(fake_a, a)
                 loss = loss + options.gram * gr
                 losses["gram"] = gr.item()
+            if options.spectrum > 0:
+                spectrum_loss.observe("a", a)
+                spectrum_loss.observe("b", b)
+                sp = spectrum_loss(fake_b, a, "a", "b") + spectrum_loss(fake_a, b, "b", "a")
+                loss = loss + options.spectrum * sp
+                losses["spectrum"] = sp.item()
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
@@ -186,11 +194,13 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
 
     def state() -> dict:
         return {"a": sample_a.rng.bit_generator.state, "b": sample_b.rng.bit_generator.state,
-                "pool_a": pool_a.images, "pool_b": pool_b.images}
+                "pool_a": pool_a.images, "pool_b": pool_b.images,
+                "spectrum": spectrum_loss.state()}
 
     def load(s: dict) -> None:
         sample_a.rng.bit_generator.state, sample_b.rng.bit_generator.state = s["a"], s["b"]
         pool_a.images, pool_b.images = s["pool_a"], s["pool_b"]
+        spectrum_loss.load(s.get("spectrum", {"sums": {}, "counts": {}}))
 
     return Step(modules={"g_ab": g_ab, "g_ba": g_ba, "d_a": d_a, "d_b": d_b},
                 optimizers={"g": opt_g, "d": opt_d}, train=train, validate=validate,
