@@ -165,6 +165,17 @@ def radial_power(x: torch.Tensor) -> torch.Tensor:
     return total / count
 
 
+def log_radial_power(x: torch.Tensor) -> torch.Tensor:
+    return radial_power(x).clamp_min(1e-20).log()
+
+
+def spectrum_error(output: torch.Tensor, source: torch.Tensor,
+                   wanted: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, over rings, between the log power ratio of ``output`` to its
+    ``source`` and the ``wanted`` one (a log ratio of two domains' spectra)."""
+    return (log_radial_power(output) - log_radial_power(source.detach()) - wanted).pow(2).mean()
+
+
 class SpectrumLoss:
     """Noise-power-spectrum matching for unpaired domains: the log ratio of the output's
     radial power spectrum (:func:`radial_power`) to its input's, pulled to the log ratio
@@ -193,9 +204,7 @@ class SpectrumLoss:
     def __call__(self, output: torch.Tensor, source: torch.Tensor, source_domain: str,
                  target_domain: str) -> torch.Tensor:
         wanted = self._log_mean(target_domain) - self._log_mean(source_domain)
-        got = (radial_power(output).clamp_min(1e-20).log()
-               - radial_power(source.detach()).clamp_min(1e-20).log())
-        return (got - wanted).pow(2).mean()
+        return spectrum_error(output, source, wanted)
 
     def state(self) -> dict:
         return {"sums": self.sums, "counts": self.counts}

@@ -26,7 +26,9 @@ from trainers.losses import (
     SpectrumLoss,
     SSIMLoss,
     gradient_penalty,
+    log_radial_power,
     lowpass,
+    spectrum_error,
 )
 from trainers.options import UnpairedOptions
 from trainers.paired import DATA_LOW, DATA_RANGE, VAL_PATCHES, generator_params
@@ -97,9 +99,13 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
     """CycleGAN modules and step; ``features`` is the frozen classifier for Gram/validation.
 
     Validation on held-out patches: intensity Wasserstein-1 and Gram distance of
-    translated source vs real target, each relative to the untranslated source (so 1.0
-    = no harmonisation); their sum ``domain_distance`` selects the best checkpoint. The
-    classifier's balanced accuracy (0.5 = indistinguishable) is logged alongside.
+    translated source vs real target, and with ``--spectrum`` the spectrum error
+    (:func:`~trainers.losses.spectrum_error`, the held-out domains' log power ratio
+    wanted), each relative to the untranslated source (so 1.0 = no harmonisation). Their
+    sum ``domain_distance`` selects the best checkpoint; with ``--spectrum`` and no
+    ``--gram`` the Gram term is only logged: the features it compares are a classifier's,
+    trained for another purpose, and need not move with the texture the training matches.
+    The classifier's balanced accuracy (0.5 = indistinguishable) is logged alongside.
     """
     params = generator_params(options)
     g_ab = build_generator(options.architecture, params).to(device)
@@ -187,8 +193,15 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
                                       1e-12))
         features.to(device)
         rel_w1, rel_gram = w1 / reference["w1"], gram / reference["gram"]
-        return {"domain_distance": rel_w1 + rel_gram, "w1": w1, "gram": gram,
-                "rel_w1": rel_w1, "rel_gram": rel_gram,
+        textures = {"rel_gram": rel_gram}
+        if options.spectrum > 0:
+            wanted = log_radial_power(val_b) - log_radial_power(val_a)
+            textures["rel_spectrum"] = float(spectrum_error(out, val_a, wanted)
+                                             / wanted.pow(2).mean().clamp_min(1e-12))
+        scored = [v for k, v in textures.items() if k != "rel_gram" or options.gram > 0
+                  or options.spectrum == 0]
+        return {"domain_distance": rel_w1 + sum(scored), "w1": w1, "gram": gram,
+                "rel_w1": rel_w1, **textures,
                 "domain_accuracy": balanced_accuracy(feats, [out, val_b]),
                 "cycle_l1": float((cyc - val_a).abs().mean())}
 
