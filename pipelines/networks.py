@@ -180,6 +180,13 @@ class ResidualUNet(nn.Module):
         return x + h[crop]
 
 
+def radial_frequency(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """|f| in cycles per pixel on the (h, w // 2 + 1) grid of ``torch.fft.rfft2``."""
+    fy = torch.fft.fftfreq(h, device=device)[:, None]
+    fx = torch.fft.rfftfreq(w, device=device)[None, :]
+    return torch.sqrt(fx**2 + fy**2)
+
+
 class SpectralFilter(nn.Module):
     """A learnable isotropic in-plane transfer function, applied by FFT.
 
@@ -198,8 +205,8 @@ class SpectralFilter(nn.Module):
         super().__init__()
         if knots < 2:
             raise ValueError(f"knots must be at least 2, got {knots}")
+        # dims is accepted as every generator's is: the filter acts in-plane either way
         self.log_gain = nn.Parameter(torch.zeros(knots - 1))  # knots 1..: knot 0 is 1
-        self.dims = dims
         # a hat function of half-width df in frequency reaches about 1/df pixels in space
         self.reach = math.ceil((knots - 1) / math.sqrt(0.5))
 
@@ -222,9 +229,7 @@ class SpectralFilter(nn.Module):
         pad = min(self.reach, shape[-2] - 1, shape[-1] - 1)
         padded = F.pad(planes, (pad, pad, pad, pad), mode="reflect") if pad > 0 else planes
         h, w = padded.shape[-2:]
-        fy = torch.fft.fftfreq(h, device=x.device)[:, None]
-        fx = torch.fft.rfftfreq(w, device=x.device)[None, :]
-        spectrum = torch.fft.rfft2(padded) * self.gain(torch.sqrt(fx**2 + fy**2))
+        spectrum = torch.fft.rfft2(padded) * self.gain(radial_frequency(h, w, x.device))
         out = torch.fft.irfft2(spectrum, s=(h, w))[..., pad:pad + shape[-2], pad:pad + shape[-1]]
         return out.reshape(shape).to(x.dtype)
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.networks import radial_frequency
+
 
 def _gaussian_window(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
     coords = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
@@ -156,17 +158,19 @@ def radial_power(x: torch.Tensor) -> torch.Tensor:
     window = (torch.hann_window(h, periodic=False, device=x.device)[:, None]
               * torch.hann_window(w, periodic=False, device=x.device)[None, :])
     power = torch.fft.rfft2(planes * window).abs().pow(2).mean(0) / window.pow(2).sum()
-    fy = torch.fft.fftfreq(h, device=x.device)[:, None] * min(h, w)
-    fx = torch.fft.rfftfreq(w, device=x.device)[None, :] * min(h, w)
-    ring = torch.sqrt(fx**2 + fy**2).round().long().flatten()
+    ring = (radial_frequency(h, w, x.device) * min(h, w)).round().long().flatten()
     total = torch.zeros(int(ring.max()) + 1, device=x.device).index_add_(0, ring,
                                                                          power.flatten())
     count = torch.bincount(ring, minlength=total.numel()).clamp_min(1)
     return total / count
 
 
+def _log(power: torch.Tensor) -> torch.Tensor:
+    return power.clamp_min(1e-20).log()
+
+
 def log_radial_power(x: torch.Tensor) -> torch.Tensor:
-    return radial_power(x).clamp_min(1e-20).log()
+    return _log(radial_power(x))
 
 
 def spectrum_error(output: torch.Tensor, source: torch.Tensor,
@@ -199,7 +203,7 @@ class SpectrumLoss:
         self.counts[domain] = self.counts.get(domain, 0) + 1
 
     def _log_mean(self, domain: str) -> torch.Tensor:
-        return (self.sums[domain] / self.counts[domain]).clamp_min(1e-20).log()
+        return _log(self.sums[domain] / self.counts[domain])
 
     def __call__(self, output: torch.Tensor, source: torch.Tensor, source_domain: str,
                  target_domain: str) -> torch.Tensor:
