@@ -17,16 +17,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import structlog
+from torch import nn
 
 from pipelines import software_version
 from pipelines.derived import Provenance, write_derived_series
 from pipelines.errors import ModelError
-from pipelines.inference import InferenceSettings, choose_execution, resolve_device, run_generator
-from pipelines.intensity import denormalise, keep_source, normalise
+from pipelines.inference import (
+    Execution,
+    InferenceSettings,
+    choose_execution,
+    resolve_device,
+    run_generator,
+)
+from pipelines.intensity import Normalisation, denormalise, keep_source, normalise
 from pipelines.model_folder import LoadedModel, load_model_folder, read_model_info
 from pipelines.routing import Route, RoutingDecision, never_routed, route_series
 from pipelines.series import SeriesError, harmonisable_images, load_series, read_headers
+from pipelines.spacing import resize_slices, working_shape
 from pipelines.sr import write_algorithm_sr
 
 log = structlog.get_logger(component="harmonise")
@@ -116,6 +125,38 @@ def _model_modality(model: LoadedModel) -> str | None:
     return str(value) if value else None
 
 
+@dataclass(frozen=True)
+class Translation:
+    """How :func:`translate_volume` ran: normalisation anchors, execution, working grid."""
+
+    anchors: tuple[float, float]
+    execution: Execution
+    shape: tuple[int, int]  # rows, columns the generator saw
+
+
+def translate_volume(generator: nn.Module, array: np.ndarray, norm: Normalisation, dims: int,
+                     settings: InferenceSettings, *, spacing: Sequence[float] | None = None,
+                     model_spacing: Sequence[float] | None = None,
+                     padding: np.ndarray | None = None, name: str = "generator",
+                     key: str | None = None, cache: Path | None = None
+                     ) -> tuple[np.ndarray, Translation]:
+    """Real values in, real values out, on the same grid: normalise, resample to the
+    model's ``model_spacing`` when it has one (``spacing`` is the series', mm, row then
+    column), run, resample back, denormalise, keep the source where the model has no say
+    (:func:`~pipelines.intensity.keep_source`). The one path the node and the trainers'
+    reports share. ``key`` and ``cache`` go to :func:`~pipelines.inference.choose_execution`.
+    """
+    normalised, anchors = normalise(array, norm)
+    shape = working_shape(array.shape[1:], spacing, model_spacing) if spacing is not None \
+        else (array.shape[1], array.shape[2])
+    work = resize_slices(normalised, shape)
+    execution = choose_execution(generator, work, dims, settings, key=key, cache=cache)
+    result = resize_slices(run_generator(generator, work, dims, settings, name=name,
+                                         execution=execution), array.shape[1:])
+    output = keep_source(array, denormalise(result, anchors), anchors, norm, padding)
+    return output, Translation(anchors, execution, shape)
+
+
 def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_dir: Path,
                      out_dir: Path, options: InferenceSettings | None = None,
                      route_name: str | None = None, model_name: str | None = None,
@@ -172,14 +213,12 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     except SeriesError as exc:
         return SeriesOutcome("rejected", uid, str(exc), route_label, ref)
     loaded = time.perf_counter()
-    normalised, anchors = normalise(volume.array, info.normalisation)
     settings = options or InferenceSettings()
-    execution = choose_execution(model.generator, normalised, info.dims, settings,
-                                 key=info.weights_sha256, cache=execution_cache)
-    output = keep_source(volume.array, denormalise(
-        run_generator(model.generator, normalised, info.dims, settings,
-                      name=f"model '{info.name}'", execution=execution), anchors),
-        anchors, info.normalisation, volume.padding)
+    output, translation = translate_volume(
+        model.generator, volume.array, info.normalisation, info.dims, settings,
+        spacing=volume.spacing[1:], model_spacing=info.pixel_spacing, padding=volume.padding,
+        name=f"model '{info.name}'", key=info.weights_sha256, cache=execution_cache)
+    anchors, execution = translation.anchors, translation.execution
     inferred = time.perf_counter()
     provenance = Provenance(
         model_name=info.name, model_version=info.version, weights_sha256=info.weights_sha256,
@@ -188,7 +227,9 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
                     "normalisation": info.normalisation.to_spec(), "anchors": list(anchors),
                     "inference": {"device": resolve_device(settings.device).type,
                                   "precision": execution.precision,
-                                  "tile": execution.tile}})
+                                  "tile": execution.tile,
+                                  **({"resampled_to": translation.shape}
+                                     if translation.shape != volume.array.shape[1:] else {})}})
     derived_uid, paths = write_derived_series(volume, output, provenance, out_dir)
     report = write_algorithm_sr(paths, provenance, out_dir) if sr else None
     written = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class ModelInfo:
     validation: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     software_version: str = ""
+    pixel_spacing: tuple[float, float] | None = None  # mm (row, column) it works at
 
     @property
     def dims(self) -> int:
@@ -91,16 +93,20 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
                       normalisation: Mapping[str, Any],
                       training: Mapping[str, Any] | None = None,
                       validation: Mapping[str, Any] | None = None,
-                      software_version: str | None = None) -> Path:
+                      software_version: str | None = None,
+                      pixel_spacing: tuple[float, float] | None = None) -> Path:
     """Write ``directory/model.json`` and ``directory/weights.pt``; returns the folder.
 
     The generator must be rebuildable as ``build_generator(architecture, params)``, which is
     checked by loading its state_dict into a fresh instance before anything is written.
+    ``pixel_spacing`` (mm, row then column) is the in-plane spacing the generator works at,
+    where it is not every series' own (:mod:`pipelines.spacing`).
     """
     folder = Path(directory)
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"model name {name!r} must be a plain folder name")
     norm = Normalisation.from_spec(normalisation)
+    spacing = None if pixel_spacing is None else _spacing(list(pixel_spacing), "pixel_spacing")
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     try:
         build_generator(architecture, dict(params)).load_state_dict(state)
@@ -119,6 +125,7 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
         "source": dict(source),
         "target": dict(target),
         "normalisation": norm.to_spec(),
+        **({"pixel_spacing": list(spacing)} if spacing else {}),
         "training": dict(training or {}),
         "validation": dict(validation or {}),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -159,13 +166,29 @@ def read_model_info(directory: str | os.PathLike[str]) -> ModelInfo:
         norm = Normalisation.from_spec(meta["normalisation"])
     except ValueError as exc:
         raise ModelError(f"{where}: {exc}") from None
+    try:
+        spacing = _spacing(meta["pixel_spacing"], "'pixel_spacing'") \
+            if meta.get("pixel_spacing") is not None else None
+    except ValueError as exc:
+        raise ModelError(f"{where}: {exc}") from None
     return ModelInfo(path=folder, name=str(meta["name"]), version=str(meta["version"]),
                      architecture=str(meta["architecture"]), params=meta["params"],
                      source=meta["source"], target=meta["target"], normalisation=norm,
                      weights=weights, weights_sha256=str(meta["weights_sha256"]).lower(),
                      training=meta.get("training", {}), validation=meta.get("validation", {}),
                      created=str(meta.get("created", "")),
-                     software_version=str(meta.get("software_version", "")))
+                     software_version=str(meta.get("software_version", "")),
+                     pixel_spacing=spacing)
+
+
+def _spacing(value: Any, what: str) -> tuple[float, float]:
+    """Two positive finite millimetre values (row, column spacing)."""
+    if not isinstance(value, list | tuple) or len(value) != 2 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            and v > 0 for v in value):
+        raise ValueError(f"{what} must be two positive numbers (mm, row then column),"
+                         f" got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 def load_model_folder(directory: str | os.PathLike[str]) -> LoadedModel:

@@ -45,17 +45,19 @@ def register() -> None:
 
 
 def make_model(models_dir: Path, name: str = "smooth", *, modality: str = "CT", dims: int = 2,
-               layers: int = 1, version: str = "1.0") -> Path:
-    """Write a model folder holding a :class:`Smoother`."""
+               layers: int = 1, version: str = "1.0", mix: float = 0.5,
+               pixel_spacing: tuple[float, float] | None = None) -> Path:
+    """Write a model folder holding a :class:`Smoother` (``mix`` 0: the identity)."""
     register()
-    params = {"dims": dims, "layers": layers}
+    params = {"dims": dims, "layers": layers, **({"mix": mix} if mix != 0.5 else {})}
     return save_model_folder(
         models_dir / name, Smoother(**params), name=name, version=version,
         architecture="test-smoother", params=params,
         source={"name": f"{modality.lower()}-sharp", "Modality": modality},
         target={"name": f"{modality.lower()}-smooth", "Modality": modality},
         normalisation=CT_NORM if modality == "CT" else MR_NORM,
-        training={"epochs": 0}, validation={"psnr": {"before": 30.0, "after": 31.0}})
+        training={"epochs": 0}, validation={"psnr": {"before": 30.0, "after": 31.0}},
+        pixel_spacing=pixel_spacing)
 
 
 def make_plain_model(models_dir: Path, name: str, *, blocks: int = 3) -> Path:

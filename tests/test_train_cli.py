@@ -11,6 +11,7 @@ from pydicom import dcmread
 
 import trainers.evaluate as evaluate_module
 from dicomnode.cli import main
+from pipelines.harmonise import ModelCache, harmonise_series
 from pipelines.model_folder import load_model_folder, read_model_info
 from tests.dicom_factory import raw_data, siemens_non_image, write_series
 from trainers.simulation import simulate_series
@@ -74,6 +75,32 @@ def test_train_paired_writes_a_loadable_model_folder(ct: Path, tmp_path: Path) -
     assert rc == 0 and read_model_info(models / "k").training["steps"] == 6
 
 
+def test_train_at_a_pixel_spacing_records_it_for_the_node(ct: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    """--pixel-spacing: the series (7.9 mm pixels) train resampled to 4 mm, and model.json
+    tells the node to run the model there."""
+    models = tmp_path / "models"
+    rc = main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(ct / "smooth"),
+               "--name", "k", "--models-dir", str(models), "--workdir", str(tmp_path / "run"),
+               "--param", "features=4", "--param", "blocks=2", "--pixel-spacing", "4",
+               "--patch", "64", *TINY[2:]])
+    assert rc == 0
+    info = read_model_info(models / "k")
+    assert info.pixel_spacing == (4.0, 4.0) and info.training["options"]["pixel_spacing"] == 4
+    assert info.training["pairs"] == 3  # patches of 64 px exist only on the 95-px grid
+    files = sorted((ct / "sharp" / "siemens-b70f-0").glob("*.dcm"))
+    outcome = harmonise_series(files, routes=[], models_dir=models, out_dir=tmp_path / "out",
+                               model_name="k", cache=ModelCache(1))
+    assert outcome.status == "harmonised" and len(outcome.outputs) == SLICES
+    assert dcmread(outcome.outputs[0]).Rows == SIZE
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(ct / "smooth"),
+              "--name", "n", "--models-dir", str(models), "--pixel-spacing", "-1", *TINY])
+    assert exit_.value.code == 2
+    assert "--pixel-spacing: expected a length in mm (0 or more), got '-1'" in \
+        capsys.readouterr().err
+
+
 def test_train_errors_are_one_line(ct: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(tmp_path),
@@ -120,7 +147,7 @@ def test_train_site_writes_a_new_version_and_compares(ct: Path, tmp_path: Path,
     models = tmp_path / "models"
     main(["train", "paired", "--source", str(ct / "sharp"), "--target", str(ct / "smooth"),
           "--name", "kernel", "--models-dir", str(models), "--workdir", str(tmp_path / "r0"),
-          "--param", "features=4", "--param", "blocks=3", *TINY])
+          "--param", "features=4", "--param", "blocks=3", "--pixel-spacing", "7", *TINY])
     deployed = (models / "kernel" / "weights.pt").read_bytes()
     config = tmp_path / "node.toml"
     config.write_text(f"""
@@ -143,6 +170,7 @@ ConvolutionKernel = "B3*"
     assert "route 'sharp': 5 source and 5 target series" in capsys.readouterr().out
     new = read_model_info(models / "kernel-v1.1")
     assert new.version == "1.1" and new.architecture == "plain"  # the deployed architecture
+    assert new.pixel_spacing == (7.0, 7.0)  # and where it works
     assert (models / "kernel" / "weights.pt").read_bytes() == deployed
     comparison = json.loads((models / "kernel-v1.1" / "report" /
                              "site-comparison.json").read_text())

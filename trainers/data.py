@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from pipelines.intensity import Normalisation
 from pipelines.series import SeriesError, Volume, element_text, find_series, load_series
+from pipelines.spacing import resample_volume
 
 
 def body_mask(volume: np.ndarray, modality: str) -> np.ndarray:
@@ -166,6 +167,19 @@ def load_series_dir(root: Path, log: Callable[[str], None] = print) -> list[Seri
         modality = str(volume.datasets[0].get("Modality", ""))
         found.append(Series(uid, files, volume, body_mask(volume.array, modality)))
     return found
+
+
+def at_pixel_spacing(series: Sequence[Series], spacing: float) -> list[Series]:
+    """The series resampled in-plane to ``spacing`` mm (0: as they are), with their body
+    masks drawn again, as the node will resample what it harmonises (:mod:`pipelines.spacing`)."""
+    if not spacing:
+        return list(series)
+    out = []
+    for s in series:
+        volume = resample_volume(s.volume, (spacing, spacing))
+        out.append(s if volume is s.volume else
+                   Series(s.uid, s.files, volume, body_mask(volume.array, s.modality)))
+    return out
 
 
 def normalisation_for(modality: str) -> Normalisation:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,17 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002 - argparse
         return field(default_factory=lambda: type(default)(default),
                      metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
+
+
+def _millimetres(text: str) -> float:
+    """A non-negative, finite length in mm (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a length in mm (0 or more), got {text!r}")
+    return value
 
 
 @dataclass
@@ -42,6 +54,10 @@ class CommonOptions:
     dims: int = _opt(2, "2 (slices) or 3 (volumes)", choices=(2, 3))
     param: dict[str, Any] = _opt({}, "generator parameter KEY=VALUE (repeatable), e.g."
                                  " features=32 blocks=8 cbam=2")
+    pixel_spacing: float = _opt(0.0, "in-plane pixel spacing (mm) the model works at: training"
+                                " series are resampled to it, and the node resamples every series"
+                                " it harmonises to it and back; 0 = each series' own grid",
+                                type=_millimetres)
     patch: int = _opt(64, "patch edge in pixels (3D: depth min(patch, slices))")
     batch: int = _opt(16, "patches per step")
     steps: int = _opt(2000, "optimiser steps (the learning rate decays over the last half)")
@@ -144,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] | N
         else:
             shown = f" (default: {default})" if default not in (None, "") and \
                 f.metadata.get("show_default", True) else ""
-            parser.add_argument(flag, type=kind, default=default,
+            parser.add_argument(flag, type=f.metadata.get("type", kind), default=default,
                                 choices=f.metadata.get("choices"), help=help_text + shown)
 
 

@@ -101,6 +101,8 @@ def train_site(options: SiteOptions, routes: Sequence[Route], spool: Path, model
             options.dims = deployed.dims
         else:
             options.architecture = "plain" if options.pairing == "paired" else "unet"
+    if not options.pixel_spacing and deployed is not None and deployed.pixel_spacing:
+        options.pixel_spacing = deployed.pixel_spacing[0]  # where the deployed one works
     options = dataclasses.replace(options, name=folder.name, version=version,
                                   models_dir=models_dir, force=False)
     s_train, s_test = split_holdout(len(sources), options.holdout, options.seed + 101)

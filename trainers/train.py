@@ -18,14 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.inference import InferenceSettings, run_generator
-from pipelines.intensity import Normalisation, denormalise, keep_source, normalise
+from pipelines.harmonise import translate_volume
+from pipelines.inference import InferenceSettings
+from pipelines.intensity import Normalisation, normalise
 from pipelines.model_folder import save_model_folder
 from pipelines.networks import build_generator, count_parameters
 from trainers import report
 from trainers.data import (
     PatchSampler,
     Series,
+    at_pixel_spacing,
     load_series_dir,
     normalisation_for,
     pair_series,
@@ -87,11 +89,10 @@ def _domain(name: str, series: Sequence[Series]) -> dict[str, Any]:
 
 def harmonise_array(generator: nn.Module, volume: np.ndarray, norm: Normalisation, dims: int,
                     device: torch.device) -> np.ndarray:
-    """Real values in, real values out, exactly as the node's runtime does it."""
-    normalised, anchors = normalise(volume, norm)
+    """Real values in, real values out, exactly as the node's runtime does it (on series
+    already at the model's pixel spacing: see :func:`at_pixel_spacing`)."""
     settings = InferenceSettings(device=device.type, batch_size=4, bf16=False)
-    output = denormalise(run_generator(generator, normalised, dims, settings), anchors)
-    return keep_source(volume, output, anchors, norm)
+    return translate_volume(generator, volume, norm, dims, settings)[0]
 
 
 def _report_slices(depth: int) -> list[int]:
@@ -117,7 +118,9 @@ def _save(options: CommonOptions, folder: Path, result: FitResult, modality: str
                       source=_domain(options.source_domain, sources),
                       target=_domain(options.target_domain, targets),
                       normalisation=normalisation_for(modality).to_spec(), training=training,
-                      validation={"best": result.best, "step": result.best_step})
+                      validation={"best": result.best, "step": result.best_step},
+                      pixel_spacing=(options.pixel_spacing,) * 2 if options.pixel_spacing
+                      else None)
     log(f"wrote {folder} (best validation at step {result.best_step}: "
         + ", ".join(f"{k}={v:.4g}" for k, v in result.best.items()) + ")")
     return generator
@@ -148,6 +151,7 @@ def train_paired_series(options: PairedOptions, sources: Sequence[Series],
                         targets: Sequence[Series], folder: Path,
                         log: Log = print) -> TrainOutcome:
     """Paired training on already loaded series (``train site`` selects them itself)."""
+    sources, targets = (at_pixel_spacing(s, options.pixel_spacing) for s in (sources, targets))
     pairs = pair_series(sources, targets, options.tolerance)
     if len(pairs) < 2:
         raise TrainingError(f"found {len(pairs)} source/target pair(s) sharing a"
@@ -213,6 +217,7 @@ def train_unpaired_series(options: UnpairedOptions, sources: Sequence[Series],
                           targets: Sequence[Series], folder: Path,
                           log: Log = print) -> TrainOutcome:
     """CycleGAN on already loaded series (``train site`` selects them from the spool)."""
+    sources, targets = (at_pixel_spacing(s, options.pixel_spacing) for s in (sources, targets))
     modality = sources[0].modality
     norm = normalisation_for(modality)
     try:
