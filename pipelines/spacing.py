@@ -19,6 +19,7 @@ from scipy import signal
 from pipelines.series import Volume
 
 Shape = tuple[int, int]
+CHUNK = 16  # slices resampled at a time
 
 
 def working_shape(shape: Sequence[int], spacing: Sequence[float],
@@ -43,11 +44,14 @@ def resize_slices(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     size = (int(shape[0]), int(shape[1]))
     if volume.shape[1:] == size:
         return volume
-    out = volume.astype(np.float32, copy=False)
-    for axis, n in ((1, size[0]), (2, size[1])):
-        if out.shape[axis] != n:
-            out = signal.resample(out, n, axis=axis)
-    return out.astype(np.float32, copy=False)
+    out = np.empty((volume.shape[0], *size), np.float32)
+    for start in range(0, volume.shape[0], CHUNK):  # bounds the complex128 spectra
+        part = volume[start:start + CHUNK]
+        for axis, n in ((1, size[0]), (2, size[1])):
+            if part.shape[axis] != n:
+                part = signal.resample(part, n, axis=axis)
+        out[start:start + CHUNK] = part
+    return out
 
 
 def resample_volume(volume: Volume, spacing: Sequence[float]) -> Volume:
