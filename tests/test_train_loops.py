@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from trainers.data import PatchSampler, band_groups, body_mask, match_slices
+from trainers.data import PatchSampler, body_mask, match_slices
 from trainers.domain_classifier import balanced_accuracy, train_classifier
 from trainers.loop import fit, select_device
 from trainers.options import PairedOptions, UnpairedOptions
@@ -143,38 +143,6 @@ def test_unpaired_spectral_resumes_with_its_spectra(tmp_path: Path, phantoms: li
     result = fit(unpaired_step(data, again, features, CPU), again)
     assert result.steps == 5 and [s for s, _ in result.history["spectrum"]] == [1, 2, 3, 4, 5]
     assert set(result.generator_state) == {"log_gain"}
-
-
-def test_band_groups_by_shared_native_spacing() -> None:
-    # 0.94 and 1.88 mm on both sides are groups; 1.0 mm joins 0.94, 2.5 mm joins 1.88
-    assert band_groups([0.9375, 1.875, 1.0], [1.875, 0.9375, 2.5]) == (
-        [0, 1, 0], [1, 0, 1], [0.938, 1.875])
-    assert band_groups([0.9375, 1.875], [0.9375, 0.9375]) == ([0, 0], [0, 0], [0.938])
-
-
-def test_unpaired_band_groups_alternate_with_their_own_discriminators(
-        tmp_path: Path, phantoms: list) -> None:
-    """Each step draws both domains' batches from one band group and judges them with that
-    group's discriminators; every group's samplers, pools and spectra resume."""
-    ph = phantoms
-    data = UnpairedData([ph[0][0], ph[1][0]], [ph[0][2], ph[1][2]],
-                        [ph[2][1], ph[3][1]], [ph[2][2], ph[3][2]],
-                        [ph[3][0]], [ph[3][2]], [ph[2][1]], [ph[2][2]], [0, 1], [1, 0])
-    groups = data.group_samplers(32, 2, 0)
-    assert [(a.volumes[0] is ph[g][0], b.volumes[0] is ph[3 - g][1])
-            for g, (a, b) in enumerate(groups)] == [(True, True), (True, True)]
-    features = train_classifier(list(data.samplers(32, 2, 0)), steps=2, batch=4, features=2)
-    base = dict(name="u", patch=32, batch=2, val_every=3, progress=False, workdir=tmp_path,
-                spectrum=1.0, disc_features=2, disc_layers=1, pool=2,
-                param={"features": 2, "levels": 1})
-    torch.manual_seed(0)
-    first = UnpairedOptions(steps=3, **base)
-    fit(unpaired_step(data, first, features, CPU), first)
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert {"d_a", "d_b", "d_a1", "d_b1"} <= set(saved["modules"])
-    assert saved["extra"]["spectrum"]["counts"] == {"a": 2, "b": 2, "a1": 1, "b1": 1}
-    again = UnpairedOptions(steps=5, resume=True, **base)
-    assert fit(unpaired_step(data, again, features, CPU), again).steps == 5
 
 
 def test_unpaired_3d(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ dominate the pixel losses.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,28 +180,6 @@ def at_pixel_spacing(series: Sequence[Series], spacing: float) -> list[Series]:
         out.append(s if volume is s.volume else
                    Series(s.uid, s.files, volume, body_mask(volume.array, s.modality)))
     return out
-
-
-def band_groups(source: Sequence[float], target: Sequence[float]
-                ) -> tuple[list[int], list[int], list[float]]:
-    """Group numbers for series by their native pixel spacing (mm), before resampling.
-
-    Series resampled onto one grid from different pixel sizes hold different frequency
-    bands: a 1.9 mm acquisition brought to 0.94 mm has nothing above half the new Nyquist
-    frequency, a 0.94 mm one has noise to the edge. An unpaired discriminator shown both
-    accepts a band-limited translation of a fine series as real, and the generator never
-    learns the fine scanner's high-frequency texture. So each spacing both domains share
-    is a group (a discriminator of its own, batches from one group); a series of any other
-    spacing joins the group of the nearest shared one. Fewer than two shared: one group.
-    Returns each series' group and each group's spacing (finest first).
-    """
-    shared = sorted({round(v, 3) for v in source} & {round(v, 3) for v in target})
-    if len(shared) < 2:
-        return [0] * len(source), [0] * len(target), shared[:1]
-
-    def group(v: float) -> int:
-        return int(np.argmin([abs(math.log(v / g)) for g in shared]))
-    return [group(v) for v in source], [group(v) for v in target], shared
 
 
 def normalisation_for(modality: str) -> Normalisation:

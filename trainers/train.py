@@ -28,7 +28,6 @@ from trainers.data import (
     PatchSampler,
     Series,
     at_pixel_spacing,
-    band_groups,
     load_series_dir,
     normalisation_for,
     pair_series,
@@ -218,7 +217,6 @@ def train_unpaired_series(options: UnpairedOptions, sources: Sequence[Series],
                           targets: Sequence[Series], folder: Path,
                           log: Log = print) -> TrainOutcome:
     """CycleGAN on already loaded series (``train site`` selects them from the spool)."""
-    native = ([s.volume.spacing[1] for s in sources], [t.volume.spacing[1] for t in targets])
     sources, targets = (at_pixel_spacing(s, options.pixel_spacing) for s in (sources, targets))
     modality = sources[0].modality
     norm = normalisation_for(modality)
@@ -229,20 +227,12 @@ def train_unpaired_series(options: UnpairedOptions, sources: Sequence[Series],
         raise TrainingError(str(exc)) from None
     log(f"source: {len(s_train)} series for training, {len(s_val)} held out; target:"
         f" {len(t_train)} / {len(t_val)}")
-    group_a, group_b, bands = band_groups([native[0][i] for i in s_train],
-                                          [native[1][i] for i in t_train]) \
-        if options.pixel_spacing else ([0] * len(s_train), [0] * len(t_train), [])
-    if len(bands) > 1:
-        log("band groups by native pixel spacing (source / target training series): "
-            + ", ".join(f"{mm:g} mm {group_a.count(g)} / {group_b.count(g)}"
-                        for g, mm in enumerate(bands)))
     src = [normalise(s.volume.array, norm)[0] for s in sources]
     tgt = [normalise(t.volume.array, norm)[0] for t in targets]
     data = UnpairedData([src[i] for i in s_train], [sources[i].mask for i in s_train],
                         [tgt[i] for i in t_train], [targets[i].mask for i in t_train],
                         [src[i] for i in s_val], [sources[i].mask for i in s_val],
-                        [tgt[i] for i in t_val], [targets[i].mask for i in t_val],
-                        group_a, group_b)
+                        [tgt[i] for i in t_val], [targets[i].mask for i in t_val])
     seed_everything(options.seed)
     device = select_device(options.device)
     log(f"training the Gram/validation feature network ({options.feature_steps} steps)")

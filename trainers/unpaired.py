@@ -46,33 +46,10 @@ class UnpairedData:
     val_source_masks: Sequence[np.ndarray]
     val_target: Sequence[np.ndarray]
     val_target_masks: Sequence[np.ndarray]
-    # band group of each training volume (trainers.data.band_groups); None: all one group
-    train_source_groups: Sequence[int] | None = None
-    train_target_groups: Sequence[int] | None = None
 
     def samplers(self, patch: int, dims: int, seed: int) -> tuple[PatchSampler, PatchSampler]:
         return (PatchSampler(self.train_source, self.train_source_masks, patch, dims, seed),
                 PatchSampler(self.train_target, self.train_target_masks, patch, dims, seed + 7))
-
-    def group_samplers(self, patch: int, dims: int, seed: int
-                       ) -> list[tuple[PatchSampler, PatchSampler]]:
-        """Source and target samplers of each band group (one group: :meth:`samplers`)."""
-        a_groups = self.train_source_groups or [0] * len(self.train_source)
-        b_groups = self.train_target_groups or [0] * len(self.train_target)
-        count = max([*a_groups, *b_groups]) + 1
-        if count == 1:
-            return [self.samplers(patch, dims, seed)]
-        out = []
-        for g in range(count):
-            a = [i for i, k in enumerate(a_groups) if k == g]
-            b = [i for i, k in enumerate(b_groups) if k == g]
-            out.append((
-                PatchSampler([self.train_source[i] for i in a],
-                             [self.train_source_masks[i] for i in a], patch, dims, seed + 13 * g),
-                PatchSampler([self.train_target[i] for i in b],
-                             [self.train_target_masks[i] for i in b], patch, dims,
-                             seed + 13 * g + 7)))
-        return out
 
 
 class ImagePool:
@@ -111,11 +88,6 @@ def _wasserstein1(x: torch.Tensor, y: torch.Tensor, quantiles: int = 512) -> flo
                   - torch.quantile(y.flatten().float()[:2 ** 24], q)).abs().mean())
 
 
-def _key(name: str, group: int) -> str:
-    """Checkpoint and spectrum key of a band group's part (group 0: the plain name)."""
-    return name if group == 0 else f"{name}{group}"
-
-
 def _requires_grad(modules: Sequence[nn.Module], flag: bool) -> None:
     for m in modules:
         for p in m.parameters():
@@ -138,16 +110,11 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
     params = generator_params(options)
     g_ab = build_generator(options.architecture, params).to(device)
     g_ba = build_generator(options.architecture, params).to(device)
-    groups = data.group_samplers(options.patch, options.dims, options.seed)
-    # per band group: a discriminator for each domain, its image pools (group 0 as ever)
-    discs = [tuple(PatchGAN(1, options.disc_features, options.disc_layers,
-                            options.dims).to(device) for _ in range(2)) for _ in groups]
-    pools = [(ImagePool(options.pool, options.seed + 2 * g),
-              ImagePool(options.pool, options.seed + 2 * g + 1)) for g in range(len(groups))]
-    disc_params = [p for pair in discs for d in pair for p in d.parameters()]
+    d_a, d_b = (PatchGAN(1, options.disc_features, options.disc_layers, options.dims).to(device)
+                for _ in range(2))
     betas = (0.5, 0.999) if options.gan == "lsgan" else (0.0, 0.9)
     opt_g = torch.optim.Adam([*g_ab.parameters(), *g_ba.parameters()], options.lr, betas=betas)
-    opt_d = torch.optim.Adam(disc_params, options.lr, betas=betas)
+    opt_d = torch.optim.Adam([*d_a.parameters(), *d_b.parameters()], options.lr, betas=betas)
     gan = AdversarialLoss(options.gan)
     ssim_loss = SSIMLoss(DATA_RANGE, DATA_LOW)
     gram_loss = GramTextureLoss(features.features)
@@ -158,6 +125,9 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
         """Cycle / identity L1, on low-passed images when ``--cycle-sigma`` is set."""
         return l1(lowpass(output.float(), options.cycle_sigma),
                   lowpass(original, options.cycle_sigma))
+    sample_a, sample_b = data.samplers(options.patch, options.dims, options.seed)
+    pool_a, pool_b = ImagePool(options.pool, options.seed), ImagePool(options.pool,
+                                                                      options.seed + 1)
     val_a = PatchSampler(data.val_source, data.val_source_masks, options.patch, options.dims,
                          options.seed + 2, flip=False).sample(VAL_PATCHES)[0]
     val_b = PatchSampler(data.val_target, data.val_target_masks, options.patch, options.dims,
@@ -167,9 +137,7 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
     val_wanted = log_radial_power(val_b) - log_radial_power(val_a) if options.spectrum > 0 \
         else None
 
-    def train(step: int) -> dict[str, float]:
-        g = step % len(groups)  # each step's batches and discriminators: one band group
-        (sample_a, sample_b), (d_a, d_b), (pool_a, pool_b) = groups[g], discs[g], pools[g]
+    def train(_: int) -> dict[str, float]:
         a = sample_a.sample(options.batch)[0].to(device)
         b = sample_b.sample(options.batch)[0].to(device)
         _requires_grad([d_a, d_b], False)
@@ -191,11 +159,10 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
                 gr = gram_loss(fake_b, b) + gram_loss(fake_a, a)
                 loss = loss + options.gram * gr
                 losses["gram"] = gr.item()
-            if options.spectrum > 0:  # each group's own mean spectra
-                ka, kb = _key("a", g), _key("b", g)
-                spectrum_loss.observe(ka, a)
-                spectrum_loss.observe(kb, b)
-                sp = spectrum_loss(fake_b, a, ka, kb) + spectrum_loss(fake_a, b, kb, ka)
+            if options.spectrum > 0:
+                spectrum_loss.observe("a", a)
+                spectrum_loss.observe("b", b)
+                sp = spectrum_loss(fake_b, a, "a", "b") + spectrum_loss(fake_a, b, "b", "a")
                 loss = loss + options.spectrum * sp
                 losses["spectrum"] = sp.item()
         opt_g.zero_grad(set_to_none=True)
@@ -240,25 +207,15 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
                 "cycle_l1": float((cyc - val_a).abs().mean())}
 
     def state() -> dict:
-        out: dict = {"spectrum": spectrum_loss.state()}
-        for g, ((sample_a, sample_b), (pool_a, pool_b)) in enumerate(zip(groups, pools,
-                                                                          strict=True)):
-            out.update({_key("a", g): sample_a.rng.bit_generator.state,
-                        _key("b", g): sample_b.rng.bit_generator.state,
-                        _key("pool_a", g): pool_a.images, _key("pool_b", g): pool_b.images})
-        return out
+        return {"a": sample_a.rng.bit_generator.state, "b": sample_b.rng.bit_generator.state,
+                "pool_a": pool_a.images, "pool_b": pool_b.images,
+                "spectrum": spectrum_loss.state()}
 
     def load(s: dict) -> None:
-        for g, ((sample_a, sample_b), (pool_a, pool_b)) in enumerate(zip(groups, pools,
-                                                                          strict=True)):
-            sample_a.rng.bit_generator.state = s[_key("a", g)]
-            sample_b.rng.bit_generator.state = s[_key("b", g)]
-            pool_a.images, pool_b.images = s[_key("pool_a", g)], s[_key("pool_b", g)]
+        sample_a.rng.bit_generator.state, sample_b.rng.bit_generator.state = s["a"], s["b"]
+        pool_a.images, pool_b.images = s["pool_a"], s["pool_b"]
         spectrum_loss.load(s.get("spectrum", {"sums": {}, "counts": {}}))
 
-    modules = {"g_ab": g_ab, "g_ba": g_ba}
-    for g, (d_a, d_b) in enumerate(discs):
-        modules.update({_key("d_a", g): d_a, _key("d_b", g): d_b})
-    return Step(modules=modules,
+    return Step(modules={"g_ab": g_ab, "g_ba": g_ba, "d_a": d_a, "d_b": d_b},
                 optimizers={"g": opt_g, "d": opt_d}, train=train, validate=validate,
                 generator="g_ab", score="domain_distance", higher=False, state=state, load=load)
