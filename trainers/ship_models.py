@@ -75,8 +75,7 @@ MODELS = {
         ("--architecture", "unet", "--param", "features=16", "--param", "levels=3",
          "--patch", "64", "--batch", "4", "--steps", "4000", "--identity", "1",
          "--cycle", "10", "--gram", "10", "--disc-features", "16", "--disc-layers", "3",
-         "--val-every", "100", "--minutes", "55", "--pixel-spacing", "0.9375"),
-        train_sizes=(128, 256), version="1.2"),
+         "--val-every", "100", "--minutes", "55"), train_sizes=(128, 256), version="1.1"),
 }
 
 
