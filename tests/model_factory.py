@@ -49,7 +49,7 @@ def make_model(models_dir: Path, name: str = "smooth", *, modality: str = "CT", 
                pixel_spacing: tuple[float, float] | None = None) -> Path:
     """Write a model folder holding a :class:`Smoother` (``mix`` 0: the identity)."""
     register()
-    params = {"dims": dims, "layers": layers, **({"mix": mix} if mix != 0.5 else {})}
+    params = {"dims": dims, "layers": layers, "mix": mix}
     return save_model_folder(
         models_dir / name, Smoother(**params), name=name, version=version,
         architecture="test-smoother", params=params,
