@@ -18,7 +18,8 @@ def test_shipped_config_loads_and_resolves_paths_from_checkout():
     assert config.node.data_dir == ROOT / "var"
     assert config.node.models_dir == ROOT / "models"
     assert [r.name for r in config.routes] == [
-        "ct-sharp-to-smooth", "ct-ge-to-siemens", "mr-t1w-ge15-to-siemens3"]
+        "ct-sharp-to-smooth", "ct-ge-to-siemens", "mr-t1w-ge15-to-siemens3-coarse",
+        "mr-t1w-ge15-to-siemens3"]
     assert config.peer("PACS").port == 4242
 
 

@@ -6,8 +6,9 @@ Everything is seeded, runs on the CPU and prints each ``dicomnode`` command (wit
 output) on stderr before running it; stdout is the evaluations' JSON. Training series and
 held-out test series come from different simulated subjects; for the unpaired models the
 source and target training subjects differ too, so no anatomy is shared between the two
-sides. Each model is evaluated twice, at 128² (where most train) and at the clinical
-matrix (``report/evaluation`` and ``report/evaluation-clinical``).
+sides. Each model is evaluated at the matrices the shipped routes send it: 128² (where
+most train; ``report/evaluation``) and the clinical matrix (``report/evaluation-clinical``),
+except the two MR models, which the routes split by pixel size.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ REPORTS = ("evaluation", "evaluation-clinical")  # under report/: 128², clinica
 def evaluation_sizes(modality: str) -> dict[str, int]:
     """Report folder -> matrix of the held-out series evaluated there: 128 and the
     simulator's default, clinical one (CT 512, MR 256). Pixel size changes the
-    noise per pixel and the scale of anatomy in pixels, so a model is measured on both."""
+    noise per pixel and the scale of anatomy in pixels, so a model is measured at each
+    matrix its route takes (``Spec.reports``)."""
     return dict(zip(REPORTS, (SMALL, DEFAULT_SIZE[modality]), strict=True))
 
 
@@ -52,6 +54,12 @@ class Spec:
     args: tuple[str, ...] = field(default=())
     train_sizes: tuple[int, ...] = (SMALL,)  # each training subject at each matrix
     version: str = "1.0"  # a retrained shipped model gets a new one
+    reports: tuple[str, ...] = REPORTS  # evaluated where conf/node.toml routes series to it
+
+    def sizes(self) -> dict[str, int]:
+        """Report folder -> matrix of the held-out series evaluated there."""
+        every = evaluation_sizes(self.modality)
+        return {report: every[report] for report in self.reports}
 
 
 MODELS = {
@@ -75,7 +83,17 @@ MODELS = {
         ("--architecture", "unet", "--param", "features=16", "--param", "levels=3",
          "--patch", "64", "--batch", "4", "--steps", "4000", "--identity", "1",
          "--cycle", "10", "--gram", "10", "--disc-features", "16", "--disc-layers", "3",
-         "--val-every", "100", "--minutes", "55"), train_sizes=(128, 256), version="1.1"),
+         "--val-every", "100", "--minutes", "55"), train_sizes=(128, 256), version="1.1",
+        reports=("evaluation-clinical",)),  # 256², 0.94 mm: finer than the coarse route
+    # the same recipe working at 0.9375 mm: the 128² (1.88 mm) series resampled to it
+    "mr-t1w-ge15-to-siemens3-coarse": Spec(
+        "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "unpaired", tuple(range(6)),
+        tuple(range(10, 16)),
+        ("--architecture", "unet", "--param", "features=16", "--param", "levels=3",
+         "--patch", "64", "--batch", "4", "--steps", "4000", "--identity", "1",
+         "--cycle", "10", "--gram", "10", "--disc-features", "16", "--disc-layers", "3",
+         "--val-every", "100", "--minutes", "55", "--pixel-spacing", "0.9375"),
+        train_sizes=(128, 256), reports=("evaluation",)),  # 128²: its route's > 1.2 mm
 }
 
 
@@ -98,7 +116,7 @@ def simulate(spec: Spec, root: Path) -> dict[str, Path]:
         stamp.write_text(digest + "\n")
     plan = {"train-source": (spec.source, spec.source_subjects, spec.train_sizes),
             "train-target": (spec.target, spec.target_subjects, spec.train_sizes)}
-    for size in set(evaluation_sizes(spec.modality).values()):
+    for size in set(spec.sizes().values()):
         plan[f"test-source-{size}"] = (spec.source, TEST_SUBJECTS, (size,))
         plan[f"test-target-{size}"] = (spec.target, TEST_SUBJECTS, (size,))
     folders = {}
@@ -139,7 +157,7 @@ def build(name: str, work: Path, models_dir: Path, train: bool = True) -> dict:
               "--device", "cpu", "--workdir", str(work / name / "run"), "--force",
               "--no-progress", *spec.args])
     results = {}
-    for evaluation, size in evaluation_sizes(spec.modality).items():
+    for evaluation, size in spec.sizes().items():
         out = _run([*dicomnode, "evaluate", "--model", name, "--models-dir", str(models_dir),
                     "--source", str(folders[f"test-source-{size}"]), "--target",
                     str(folders[f"test-target-{size}"]), "--report",
@@ -175,12 +193,16 @@ def table(models_dir: Path, evaluation: str = "evaluation") -> str:
     rows = ["| model | training | SSIM | PSNR (dB) | texture radiomics CCC | domain accuracy"
             " | weights | CPU training |", "|---|---|---|---|---|---|---|---|"]
     for name, spec in MODELS.items():
+        if evaluation not in spec.reports:
+            continue
         folder = models_dir / name
         info = json.loads((folder / "model.json").read_text())
         metrics = json.loads((folder / "report" / evaluation / "metrics.json").read_text())
         size = (folder / info["weights"]).stat().st_size
         training = info["training"]
         matrices = " + ".join(f"{n}²" for n in spec.train_sizes)
+        if "pixel_spacing" in info:  # resampled to the spacing the model works at
+            matrices += f" at {info['pixel_spacing'][0]:g} mm"
         rows.append(
             f"| `{name}` | {spec.mode}, {info['architecture']}, {spec.source} → {spec.target}"
             f", {matrices} | {_cell(metrics, 'ssim', 3)} | {_cell(metrics, 'psnr', 1)}"
