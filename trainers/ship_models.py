@@ -20,7 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -33,14 +33,6 @@ SLICES = 16
 TEST_SUBJECTS = (100, 101, 102)
 SMALL = 128  # the matrix the models train on by default: minutes on a CPU
 REPORTS = ("evaluation", "evaluation-clinical")  # under report/: 128², clinical matrix
-
-
-def evaluation_sizes(modality: str) -> dict[str, int]:
-    """Report folder -> matrix of the held-out series evaluated there: 128 and the
-    simulator's default, clinical one (CT 512, MR 256). Pixel size changes the
-    noise per pixel and the scale of anatomy in pixels, so a model is measured at each
-    matrix its route takes (``Spec.reports``)."""
-    return dict(zip(REPORTS, (SMALL, DEFAULT_SIZE[modality]), strict=True))
 
 
 @dataclass(frozen=True)
@@ -57,16 +49,23 @@ class Spec:
     reports: tuple[str, ...] = REPORTS  # evaluated where conf/node.toml routes series to it
 
     def sizes(self) -> dict[str, int]:
-        """Report folder -> matrix of the held-out series evaluated there."""
-        every = evaluation_sizes(self.modality)
+        """Report folder -> matrix of the held-out series evaluated there: 128 and the
+        simulator's default, clinical one (CT 512, MR 256). Pixel size changes the noise
+        per pixel and the scale of anatomy in pixels, so a model is measured at each
+        matrix its route takes."""
+        every = dict(zip(REPORTS, (SMALL, DEFAULT_SIZE[self.modality]), strict=True))
         return {report: every[report] for report in self.reports}
 
 
-# the unpaired U-Net both MR models train with: CycleGAN with identity and Gram losses
-MR_RECIPE = ("--architecture", "unet", "--param", "features=16", "--param", "levels=3",
-             "--patch", "64", "--batch", "4", "--steps", "4000", "--identity", "1",
-             "--cycle", "10", "--gram", "10", "--disc-features", "16", "--disc-layers", "3",
-             "--val-every", "100", "--minutes", "55")
+# GE 1.5 T T1w -> Siemens 3 T: an unpaired U-Net (CycleGAN with identity and Gram losses)
+# trained on each matrix natively; at 256², 0.94 mm: finer than the coarse route takes
+MR_T1W = Spec(
+    "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "unpaired", tuple(range(6)), tuple(range(10, 16)),
+    ("--architecture", "unet", "--param", "features=16", "--param", "levels=3",
+     "--patch", "64", "--batch", "4", "--steps", "4000", "--identity", "1",
+     "--cycle", "10", "--gram", "10", "--disc-features", "16", "--disc-layers", "3",
+     "--val-every", "100", "--minutes", "55"), train_sizes=(128, 256), version="1.1",
+    reports=("evaluation-clinical",))
 
 MODELS = {
     "ct-kernel-sharp-to-smooth": Spec(
@@ -83,17 +82,12 @@ MODELS = {
          "8", "--steps", "600", "--lr", "5e-3", "--identity", "0.5", "--cycle", "10",
          "--spectrum", "10", "--disc-features", "16", "--disc-layers", "3",
          "--val-every", "100", "--minutes", "30"), train_sizes=(512,), version="1.1"),
-    "mr-t1w-ge15-to-siemens3": Spec(
-        "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "unpaired", tuple(range(6)),
-        tuple(range(10, 16)),
-        MR_RECIPE, train_sizes=(128, 256), version="1.1",
-        reports=("evaluation-clinical",)),  # 256², 0.94 mm: finer than the coarse route
-    # the same recipe working at 0.9375 mm: the 128² (1.88 mm) series resampled to it
-    "mr-t1w-ge15-to-siemens3-coarse": Spec(
-        "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "unpaired", tuple(range(6)),
-        tuple(range(10, 16)),
-        (*MR_RECIPE, "--pixel-spacing", "0.9375"),
-        train_sizes=(128, 256), reports=("evaluation",)),  # 128²: its route's > 1.2 mm
+    "mr-t1w-ge15-to-siemens3": MR_T1W,
+    # the same recipe working at 0.9375 mm, the 128² (1.88 mm) series resampled to it;
+    # evaluated at 128², as its route takes series coarser than 1.2 mm
+    "mr-t1w-ge15-to-siemens3-coarse": replace(
+        MR_T1W, args=(*MR_T1W.args, "--pixel-spacing", "0.9375"), version="1.0",
+        reports=("evaluation",)),
 }
 
 
