@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import structlog
 from scipy import ndimage
 
 from dicomnode.cli import main
-from trainers.simulation import DOMAINS, ground_truth, simulate_series
+from trainers.simulation import DOMAINS, acquire_volume, ground_truth, simulate_series
 from trainers.simulation.ct_physics import system_response
 from trainers.simulation.preview import read_series
 
@@ -244,3 +246,22 @@ def test_external_volume_nifti(tmp_path):
     img = read_series(paths)
     assert abs(img[:, 26:38, 26:38].mean()) < 10
     assert abs(img[:, :6, :6].mean() + 1000) < 10
+
+
+def test_acquire_volume_is_what_simulate_series_writes(tmp_path):
+    paths = simulate_series("MR", "ge-1.5t-t1w", tmp_path, subject=3, slices=2, size=64,
+                            progress=False)
+    written = read_series(paths)
+    acquired = acquire_volume(DOMAINS["ge-1.5t-t1w"], subject=3, slices=2, size=64)
+    np.testing.assert_array_equal(written, acquired)
+
+
+@pytest.mark.parametrize("domain, quiet", [("siemens-b30f", {"mas": math.inf}),
+                                           ("siemens-3t-t1w", {"snr": math.inf})])
+def test_no_noise_means_every_noise_draw_is_the_same_image(domain, quiet):
+    noisy = [acquire_volume(DOMAINS[domain], 1, 2, 64, noise_seed=k) for k in (0, 1)]
+    clean = [acquire_volume(replace(DOMAINS[domain], **quiet), 1, 2, 64, noise_seed=k)
+             for k in (0, 1)]
+    assert not np.array_equal(*noisy)
+    np.testing.assert_array_equal(*clean)
+    assert not np.array_equal(clean[0], noisy[0])

@@ -26,6 +26,11 @@ Python API::
         # same acquisition; volume: CT anatomy from a NIfTI file or DICOM folder (HU);
         # enhanced: one Enhanced CT/MR multi-frame file; jpeg2000: lossless J2K.
 
+    acquire_volume(domain, subject=0, slices=32, size=None, seed=0, *, noise_seed=0,
+                   phantom="chest", volume=None) -> np.ndarray
+        # the stored integers simulate_series would write (CT: HU + 1024), for a Domain
+        # object: a dataclasses.replace variant of one (snr or mas = math.inf: no noise)
+
     ground_truth(modality, subject=0, seed=0, slices=32, size=None, thickness=1.0,
                  phantom="chest", volume=None) -> np.ndarray
         # CT: HU (slices, size, size); MR: GM/WM/CSF fractions (3, slices, size, size);
@@ -42,11 +47,12 @@ values (HU for CT); ``save_preview`` draws the same slice across domains with di
 from trainers.simulation.domains import DOMAINS, CTDomain, Domain, MRDomain, key_tags
 from trainers.simulation.series import (
     Geometry,
+    acquire_volume,
     geometry,
     ground_truth,
     make_phantom,
     simulate_series,
 )
 
-__all__ = ["DOMAINS", "CTDomain", "Domain", "Geometry", "MRDomain", "geometry", "ground_truth",
-           "key_tags", "make_phantom", "simulate_series"]
+__all__ = ["DOMAINS", "CTDomain", "Domain", "Geometry", "MRDomain", "acquire_volume", "geometry",
+           "ground_truth", "key_tags", "make_phantom", "simulate_series"]

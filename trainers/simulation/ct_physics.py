@@ -133,6 +133,10 @@ def acquire(hu: torch.Tensor, pixel: float, domain: CTDomain,
     """Reconstructed HU (S, n, n) of z-integrated ground-truth HU slices, as the domain's
     scanner would produce them: dose-dependent Poisson noise, kernel, calibration offset."""
     n = hu.shape[-1]
+    clean = torch.fft.irfft2(torch.fft.rfft2(hu + 1000.0) * system_response(domain.kernel, n),
+                             s=(n, n)) - 1000.0
+    if math.isinf(domain.mas):  # unlimited exposure: no quantum noise (a metric's ceiling)
+        return clean + domain.hu_offset
     mw = mu_water(domain.kvp)
     mu = ((hu + 1000.0) * (mw / 1000.0)).clamp(min=0.0)
     views = views_for(n)
@@ -145,6 +149,4 @@ def acquire(hu: torch.Tensor, pixel: float, domain: CTDomain,
     noise = torch.zeros(hu.shape[0], views, 2 * n)
     noise[..., support] = -torch.log(counts / i0) - p
     noise_hu = fbp(noise, pixel, domain.kernel) * (1000.0 / mw)
-    clean = torch.fft.irfft2(torch.fft.rfft2(hu + 1000.0) * system_response(domain.kernel, n),
-                             s=(n, n)) - 1000.0
     return clean + noise_hu + domain.hu_offset

@@ -150,19 +150,12 @@ def simulate_series(modality: str, domain: str, out_dir: Path | str, subject: in
     assert dom is not None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), len(_cpus()))))
-    acquisition = getattr(dom, "raw_data_of", "") or domain  # reconstructions share noise
-    gen = torch.Generator().manual_seed(
-        zlib.crc32(f"noise/{seed}/{subject}/{acquisition}/{noise_seed}".encode()))
-    if isinstance(dom, CTDomain):
-        ph = make_phantom(subject, seed, phantom, volume)
-        geo = geometry("CT", slices, size, ph)
-        stored = _simulate_ct(ph, geo, dom, gen, progress)
+    stored, geo, ph = _acquire(dom, subject, slices, size, seed, noise_seed, phantom, volume,
+                               progress)
+    if ph is not None:
         body_part = ph.body_part
         anatomy = f"{phantom if volume is None else Path(volume).resolve()}"
     else:
-        geo = geometry("MR", slices, size)
-        stored = _simulate_mr(subject, seed, geo, dom, gen)
         body_part, anatomy = "BRAIN", "brain"
     index = list(DOMAINS).index(domain)
     key = f"{seed}/{subject}/{modality}/{anatomy}/{slices}/{size}"
@@ -179,6 +172,39 @@ def simulate_series(modality: str, domain: str, out_dir: Path | str, subject: in
     log.info("simulated", domain=domain, modality=modality, slices=slices, size=size,
              files=len(paths), series_uid=ctx.series_uid, out=str(out))
     return paths
+
+
+def acquire_volume(domain: Domain, subject: int = 0, slices: int = DEFAULT_SLICES,
+                   size: int | None = None, seed: int = 0, *, noise_seed: int = 0,
+                   phantom: str = "chest", volume: Path | None = None,
+                   progress: bool | None = False) -> np.ndarray:
+    """The stored integers (slices, size, size) that ``domain``'s scanner writes for one
+    subject: what ``simulate_series`` puts in its files (CT: HU + 1024), without them.
+
+    Takes the domain itself, so a variant made with ``dataclasses.replace`` (another
+    exposure, resolution or SNR; ``snr``/``mas`` of ``math.inf`` for no noise) can be
+    acquired on the same anatomy; noise and bias draws follow the variant's ``name``.
+    """
+    size = size or DEFAULT_SIZE[domain.modality]
+    _check(domain.modality, None, size, slices)
+    return _acquire(domain, subject, slices, size, seed, noise_seed, phantom, volume,
+                    progress)[0]
+
+
+def _acquire(dom: Domain, subject: int, slices: int, size: int, seed: int, noise_seed: int,
+             phantom: str, volume: Path | None, progress: bool | None
+             ) -> tuple[np.ndarray, Geometry, Phantom | None]:
+    """Stored pixels, geometry and (CT) phantom of one acquisition of ``dom``."""
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), len(_cpus()))))
+    acquisition = getattr(dom, "raw_data_of", "") or dom.name  # reconstructions share noise
+    gen = torch.Generator().manual_seed(
+        zlib.crc32(f"noise/{seed}/{subject}/{acquisition}/{noise_seed}".encode()))
+    if isinstance(dom, CTDomain):
+        ph = make_phantom(subject, seed, phantom, volume)
+        geo = geometry("CT", slices, size, ph)
+        return _simulate_ct(ph, geo, dom, gen, progress), geo, ph
+    geo = geometry("MR", slices, size)
+    return _simulate_mr(subject, seed, geo, dom, gen), geo, None
 
 
 def _cpus() -> set[int]:
