@@ -1,0 +1,127 @@
+"""How close can any harmonisation come? Ceilings of the paired metrics for a scanner pair.
+
+    python -m trainers.ceilings --source ge-1.5t-t1w --target siemens-3t-t1w [--size 256]
+        [--subjects 100 101 102] [--slices 16] [--json]
+
+``dicomnode evaluate`` scores an output against one acquisition of the target scanner,
+whose noise is its own and whose detail the source scanner may never have acquired, so no
+output reaches SSIM 1. Each row here is an image of the same simulated subjects, scored
+against that target acquisition with evaluate's metrics, units and body mask:
+
+* ``source``: the source scanner's own image (evaluate's "before");
+* ``another target acquisition``: the target scanner again, another noise draw; where an
+  output that carries the target's noise (one that passes for it) sits;
+* ``noise-free target``: the target image without noise, a perfect denoising mapping;
+* ``noise-free target at the source's resolution``: the target's contrast and calibration
+  acquired with the source's slice thickness and k-space extent (MR) or kernel (CT),
+  noise-free: a perfect mapping that cannot restore detail the source never acquired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+from tqdm import tqdm
+
+from trainers.data import body_mask
+from trainers.metrics import data_range, image_metrics, metric_units
+from trainers.simulation import DOMAINS, CTDomain, Domain, MRDomain, acquire_volume
+
+TEST_SUBJECTS = (100, 101, 102)  # the held-out subjects of the shipped models' reports
+CT_STORED_OFFSET = 1024.0        # the simulator stores HU + 1024
+
+
+def variants(source: Domain, target: Domain) -> dict[str, tuple[Domain, int]]:
+    """Row name -> (domain acquired, noise seed), for a source and target of one modality."""
+    quiet: dict[str, float] = {"snr": math.inf} if target.modality == "MR" else {"mas": math.inf}
+    resolution: dict[str, object] = {"slice_thickness": source.slice_thickness}
+    if isinstance(source, MRDomain) and isinstance(target, MRDomain):
+        resolution.update(kspace_fraction=source.kspace_fraction,
+                          apodisation=source.apodisation)
+    elif isinstance(source, CTDomain) and isinstance(target, CTDomain):
+        resolution["kernel"] = source.kernel
+    else:
+        raise ValueError(f"{source.name} is {source.modality} but {target.name} is"
+                         f" {target.modality}")
+    return {"source": (source, 0),
+            "another target acquisition": (target, 1),
+            "noise-free target": (replace(target, **quiet), 0),
+            "noise-free target at the source's resolution":
+                (replace(target, **quiet, **resolution), 0)}
+
+
+def _values(stored: np.ndarray, modality: str) -> np.ndarray:
+    """Stored integers -> real values (HU for CT), as a loaded series holds them."""
+    values = stored.astype(np.float32)
+    return values - CT_STORED_OFFSET if modality == "CT" else values
+
+
+def _domain(name: str) -> Domain:
+    if name not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}")
+    return DOMAINS[name]
+
+
+def ceilings(source: str, target: str, size: int | None = None,
+             subjects: Sequence[int] = TEST_SUBJECTS, slices: int = 16,
+             progress: bool | None = None) -> dict[str, dict[str, float]]:
+    """Row -> mean PSNR (dB), SSIM, RMSE and NCC over ``subjects`` against the target."""
+    src, tgt = _domain(source), _domain(target)
+    if not subjects:
+        raise ValueError("need at least one subject")
+    rows, modality = variants(src, tgt), tgt.modality
+    scores: dict[str, list[dict[str, float]]] = {row: [] for row in rows}
+    bar = tqdm(total=len(subjects) * (len(rows) + 1), desc="ceilings", unit="acquisition",
+               disable=None if progress is None else not progress)
+    for subject in subjects:
+        reference = _values(acquire_volume(tgt, subject, slices, size), modality)
+        wanted, reference_mask = metric_units(reference, modality), body_mask(reference, modality)
+        bar.update()
+        for row, (domain, noise_seed) in rows.items():
+            image = _values(acquire_volume(domain, subject, slices, size,
+                                           noise_seed=noise_seed), modality)
+            mask = body_mask(image, modality) | reference_mask
+            scores[row].append(image_metrics(metric_units(image, modality), wanted, mask,
+                                             data_range(wanted, mask)))
+            bar.update()
+    bar.close()
+    return {row: {k: float(np.mean([s[k] for s in values])) for k in values[0]}
+            for row, values in scores.items()}
+
+
+def table(result: dict[str, dict[str, float]]) -> str:
+    """The rows as a markdown table."""
+    lines = ["| against one target acquisition | SSIM | PSNR (dB) | RMSE | NCC |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {row} | {m['ssim']:.3f} | {m['psnr']:.1f} | {m['rmse']:.3g} | {m['ncc']:.3f} |"
+              for row, m in result.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, help="source scanner domain")
+    p.add_argument("--target", required=True, help="target scanner domain")
+    p.add_argument("--size", type=int, default=None, help="matrix (default CT 512, MR 256)")
+    p.add_argument("--subjects", type=int, nargs="+", default=list(TEST_SUBJECTS))
+    p.add_argument("--slices", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        result = ceilings(args.source, args.target, args.size, args.subjects, args.slices,
+                          progress=False if args.no_progress else None)
+    except ValueError as exc:
+        p.error(str(exc))
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
