@@ -29,10 +29,14 @@ from dicomnode.scp import (
 )
 from dicomnode.storage import leftover_temp_files
 from dicomnode.worker import Worker
+from pipelines.files import atomic_write, fsync_dir
 
 log = get_logger("service")
 
 LOCK_FILE = "dicomnode.lock"
+# Written by a stop that drained every association, job and scheduled task: the spool,
+# archive and index then agree, and the next start need not walk them (see reconcile)
+CLEAN_STOP = "clean-stop"
 
 
 def lock_data_dir(data_dir: Path) -> int:
@@ -71,7 +75,22 @@ def check_listen(host: str, port: int) -> None:
         raise _cannot_listen(host, port, exc) from None
 
 
-def reconcile(index: Index, config: Config) -> dict[str, int]:
+def take_clean_stop(data_dir: Path) -> bool:
+    """Whether the last node on ``data_dir`` stopped cleanly. The mark is removed, durably,
+    before anything else happens: should this run crash, its start-up walks the spool."""
+    try:
+        (data_dir / CLEAN_STOP).unlink()
+    except FileNotFoundError:
+        return False
+    fsync_dir(data_dir)
+    return True
+
+
+def mark_clean_stop(data_dir: Path) -> None:
+    atomic_write(data_dir / CLEAN_STOP, lambda fh: fh.write(b"stopped cleanly\n"))
+
+
+def reconcile(index: Index, config: Config, walk: bool = True) -> dict[str, int]:
     """Bring the spool, the archive and the index back in step after a crash.
 
     A temporary file in the spool, or a data set left in the incoming folder, was never
@@ -82,16 +101,20 @@ def reconcile(index: Index, config: Config) -> dict[str, int]:
     spool file whose UID is not indexed at all was renamed into place just before the
     crash, also unacknowledged, but its bytes are whole, so index it rather than throw
     it away (the peer will resend it and the duplicate policy makes that harmless).
+
+    After a clean stop (``walk=False``) none of that can be there, and walking millions of
+    files would only delay listening: just the incoming folder is emptied.
     """
     data_dir, spool = config.node.data_dir, config.spool_dir
     removed = superseded = adopted = 0
     incoming = sorted(config.incoming_dir.iterdir()) if config.incoming_dir.exists() else []
-    for tmp in [*leftover_temp_files(spool), *leftover_temp_files(config.archive_dir),
+    walked = (spool, config.archive_dir) if walk else ()
+    for tmp in [*(t for root in walked for t in leftover_temp_files(root)),
                 *(p for p in incoming if p.is_file())]:
         tmp.unlink(missing_ok=True)
         removed += 1
-    known = index.known_paths()
-    for root in (spool, config.archive_dir):
+    known = index.known_paths() if walk else set()
+    for root in walked:
         for path in (root.rglob("*.dcm") if root.exists() else ()):
             rel = str(path.relative_to(data_dir))
             if rel in known:
@@ -128,9 +151,10 @@ class Node:
     def start(self) -> None:
         cfg = self.config
         check_listen(cfg.node.host, cfg.node.port)
+        clean = take_clean_stop(cfg.node.data_dir)
         recovered = self.index.recover(cfg.node.max_job_attempts)
-        reconciled = reconcile(self.index, cfg)
-        log.info("node_recovered", **recovered, **reconciled)
+        reconciled = reconcile(self.index, cfg, walk=not clean)
+        log.info("node_recovered", after_clean_stop=clean, **recovered, **reconciled)
         self.scheduler.add_job(self.sweep, "interval", seconds=cfg.node.sweep_interval,
                                id="series-completion", max_instances=1, coalesce=True)
         outbox.schedule(self.scheduler, cfg, self.index)  # return path: sends and purge
@@ -175,12 +199,16 @@ class Node:
         deadline = time.monotonic() + grace
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.1)
+        drained = not self.ae.active_associations
         self.ae.shutdown()
         self._stop.set()
         for thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
+        drained = drained and not any(thread.is_alive() for thread in self._workers)
         self.scheduler.shutdown(wait=True)
         self.sweep()  # series that went quiet while stopping are persisted as complete
         self.index.close()
+        if drained:  # else an aborted transfer or job may have left files: walk next start
+            mark_clean_stop(self.config.node.data_dir)
         os.close(self._lock)
-        log.info("node_stopped")
+        log.info("node_stopped", clean=drained)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sqlite3
 from pathlib import Path
@@ -143,3 +144,28 @@ def test_start_removes_temporary_files_a_crash_left_in_spool_archive_and_incomin
     [recovered] = node.events("node_recovered")
     assert (recovered["temp_removed"], recovered["files_adopted"]) == (3, 0)
     assert len(list((tmp_path / "var").rglob("*.dcm"))) == 2
+
+
+def test_after_a_clean_stop_start_up_skips_the_spool_walk_and_after_a_crash_it_does_not(
+        tmp_path):
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", port, tmp_path / "var")
+    mark = tmp_path / "var" / "clean-stop"
+    files = write_series(tmp_path / "in", slices=2, size=16)
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    storescu(port, files)
+    assert node.stop() == 0
+    assert node.events("node_stopped")[-1]["clean"] is True and mark.is_file()
+    # what only a crash leaves; a clean stop vouches there is none, so it stays unseen
+    leftover = next((tmp_path / "var" / "spool").rglob("*.dcm")).parent / ".tmp-x.dcm.abc"
+    leftover.write_bytes(b"half")
+    node.start()
+    assert not mark.exists()  # taken before anything else: a crash now is seen as one
+    assert node.stop(signal.SIGKILL) == -signal.SIGKILL
+    node.start()
+    uid = str(dcmread(files[0]).SeriesInstanceUID)
+    assert status(config)[uid]["instances"] == 2
+    assert node.stop() == 0
+    walks = [(e["after_clean_stop"], e["temp_removed"]) for e in node.events("node_recovered")]
+    assert walks == [(False, 0), (True, 0), (False, 1)]
+    assert not leftover.exists() and mark.is_file()
