@@ -30,11 +30,12 @@ import numpy as np
 from tqdm import tqdm
 
 from trainers.data import body_mask
+from trainers.evaluate import mean_metrics
 from trainers.metrics import data_range, image_metrics, metric_units
+from trainers.ship_models import SLICES, TEST_SUBJECTS  # the shipped models' held-out series
 from trainers.simulation import DOMAINS, CTDomain, Domain, MRDomain, acquire_volume
 
-TEST_SUBJECTS = (100, 101, 102)  # the held-out subjects of the shipped models' reports
-CT_STORED_OFFSET = 1024.0        # the simulator stores HU + 1024
+CT_STORED_OFFSET = 1024.0  # the simulator stores HU + 1024
 
 
 def variants(source: Domain, target: Domain) -> dict[str, tuple[Domain, int]]:
@@ -69,7 +70,7 @@ def _domain(name: str) -> Domain:
 
 
 def ceilings(source: str, target: str, size: int | None = None,
-             subjects: Sequence[int] = TEST_SUBJECTS, slices: int = 16,
+             subjects: Sequence[int] = TEST_SUBJECTS, slices: int = SLICES,
              progress: bool | None = None) -> dict[str, dict[str, float]]:
     """Row -> mean PSNR (dB), SSIM, RMSE and NCC over ``subjects`` against the target."""
     src, tgt = _domain(source), _domain(target)
@@ -91,8 +92,7 @@ def ceilings(source: str, target: str, size: int | None = None,
                                              data_range(wanted, mask)))
             bar.update()
     bar.close()
-    return {row: {k: float(np.mean([s[k] for s in values])) for k in values[0]}
-            for row, values in scores.items()}
+    return {row: mean_metrics(values) for row, values in scores.items()}
 
 
 def table(result: dict[str, dict[str, float]]) -> str:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", required=True, help="target scanner domain")
     p.add_argument("--size", type=int, default=None, help="matrix (default CT 512, MR 256)")
     p.add_argument("--subjects", type=int, nargs="+", default=list(TEST_SUBJECTS))
-    p.add_argument("--slices", type=int, default=16)
+    p.add_argument("--slices", type=int, default=SLICES)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

@@ -68,7 +68,8 @@ def histogram_match(volume: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return sitk.GetArrayFromImage(out)
 
 
-def _mean_pairs(values: list[dict[str, float]]) -> dict[str, float]:
+def mean_metrics(values: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over series (a list of ``image_metrics`` results)."""
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
@@ -184,7 +185,7 @@ def evaluate_series(model_dir: Path, sources: Sequence[Series], targets: Sequenc
                 z = len(s) // 2
                 for k, v in images.items():
                     views[k].append(v[z])
-        means = {k: _mean_pairs(v) for k, v in per.items()}
+        means = {k: mean_metrics(v) for k, v in per.items()}
         for key in PAIRED_KEYS:
             result[key] = {"before": means["before"][key], "after": means["after"][key]}
             baseline[key] = {"before": means["before"][key], "after": means["baseline"][key]}
