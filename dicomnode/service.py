@@ -202,8 +202,8 @@ class Node:
         drained = not self.ae.active_associations
         self.ae.shutdown()
         self._stop.set()
-        for thread in self._workers:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for thread in self._workers:  # an idle one sees the stop within its 0.5 s nap
+            thread.join(max(1.0, deadline - time.monotonic()))
         drained = drained and not any(thread.is_alive() for thread in self._workers)
         self.scheduler.shutdown(wait=True)
         self.sweep()  # series that went quiet while stopping are persisted as complete

@@ -8,6 +8,8 @@ import sqlite3
 from pathlib import Path
 
 from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from dicomnode import outbox
 from dicomnode.config import load_config
@@ -169,3 +171,21 @@ def test_after_a_clean_stop_start_up_skips_the_spool_walk_and_after_a_crash_it_d
     walks = [(e["after_clean_stop"], e["temp_removed"]) for e in node.events("node_recovered")]
     assert walks == [(False, 0), (True, 0), (False, 1)]
     assert not leftover.exists() and mark.is_file()
+
+
+def test_a_stop_that_cuts_an_association_short_leaves_no_clean_stop_mark(tmp_path):
+    from dicomnode.service import Node  # in this process, to stop it with a short grace
+
+    port = free_port()
+    node = Node(load_config(write_config(tmp_path / "node.toml", port, tmp_path / "var")))
+    node.start()
+    scu = AE(ae_title="STILLHERE")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", port, ae_title="HARMONISE")
+    try:
+        assert assoc.is_established
+        node.stop(grace=0.5)  # the peer never releases: the node aborts it
+    finally:
+        assoc.abort()
+        scu.shutdown()
+    assert not (tmp_path / "var" / "clean-stop").exists()
