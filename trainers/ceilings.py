@@ -34,8 +34,7 @@ from trainers.evaluate import mean_metrics
 from trainers.metrics import data_range, image_metrics, metric_units
 from trainers.ship_models import SLICES, TEST_SUBJECTS  # the shipped models' held-out series
 from trainers.simulation import DOMAINS, CTDomain, Domain, MRDomain, acquire_volume
-
-CT_STORED_OFFSET = 1024.0  # the simulator stores HU + 1024
+from trainers.simulation.dicom_writer import CT_RESCALE_INTERCEPT
 
 
 def variants(source: Domain, target: Domain) -> dict[str, tuple[Domain, int]]:
@@ -60,7 +59,7 @@ def variants(source: Domain, target: Domain) -> dict[str, tuple[Domain, int]]:
 def _values(stored: np.ndarray, modality: str) -> np.ndarray:
     """Stored integers -> real values (HU for CT), as a loaded series holds them."""
     values = stored.astype(np.float32)
-    return values - CT_STORED_OFFSET if modality == "CT" else values
+    return values + CT_RESCALE_INTERCEPT if modality == "CT" else values
 
 
 def _domain(name: str) -> Domain:

@@ -25,6 +25,7 @@ SOP_CLASS = {("CT", False): "1.2.840.10008.5.1.4.1.1.2",
              ("MR", True): "1.2.840.10008.5.1.4.1.1.4.1"}
 ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 BITS_STORED = 12
+CT_RESCALE_INTERCEPT = -1024.0  # CT pixels are stored as HU + 1024
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def _ct_acquisition(ds: Dataset, d: CTDomain, fov: float) -> None:
     ds.FilterType = "BODY"
     ds.GeneratorPower = int(round(d.kvp * d.mas / 0.5 / 1000))
     ds.FocalSpots = [1.2]
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024.0, 1.0, "HU"
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = CT_RESCALE_INTERCEPT, 1.0, "HU"
 
 
 def _echo_train_length(d: MRDomain) -> int:
@@ -222,7 +223,7 @@ def _ct_shared(d: CTDomain, fov: float, pixel: float) -> dict[str, Sequence]:
         "CTXRayDetailsSequence": Sequence([_item(
             KVP=d.kvp, FocalSpots=[1.2], FilterType="BODY", FilterMaterial="ALUMINUM")]),
         "PixelValueTransformationSequence": Sequence([_item(
-            RescaleIntercept=-1024.0, RescaleSlope=1.0, RescaleType="HU")]),
+            RescaleIntercept=CT_RESCALE_INTERCEPT, RescaleSlope=1.0, RescaleType="HU")]),
         "CTImageFrameTypeSequence": Sequence([_item(
             FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"], PixelPresentation="MONOCHROME",
             VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE")]),

@@ -21,7 +21,12 @@ from pydicom.uid import generate_uid
 from tqdm import tqdm
 
 from trainers.simulation import ct_physics, mr_physics
-from trainers.simulation.dicom_writer import SeriesContext, write_enhanced, write_single_frames
+from trainers.simulation.dicom_writer import (
+    CT_RESCALE_INTERCEPT,
+    SeriesContext,
+    write_enhanced,
+    write_single_frames,
+)
 from trainers.simulation.domains import DOMAINS, CTDomain, Domain, MRDomain
 from trainers.simulation.phantoms import ChestPhantom, Grid, HeadPhantom, Phantom, VolumePhantom
 
@@ -226,7 +231,7 @@ def _simulate_ct(ph: Phantom, geo: Geometry, dom: CTDomain, gen: torch.Generator
         hu = _ct_truth(ph, geo, dom.slice_thickness, start, start + anatomy_chunk)
         for k in range(0, len(hu), physics_chunk):
             img = ct_physics.acquire(hu[k:k + physics_chunk], geo.pixel, dom, gen)
-            out[start + k:start + k + len(img)] = (img + 1024.0).round().clamp(
+            out[start + k:start + k + len(img)] = (img - CT_RESCALE_INTERCEPT).round().clamp(
                 0, 2**12 - 1).numpy()
             bar.update(len(img))
     bar.close()
