@@ -33,7 +33,7 @@ from trainers.data import body_mask
 from trainers.evaluate import mean_metrics
 from trainers.metrics import data_range, image_metrics, metric_units
 from trainers.ship_models import SLICES, TEST_SUBJECTS  # the shipped models' held-out series
-from trainers.simulation import DOMAINS, CTDomain, Domain, MRDomain, acquire_volume
+from trainers.simulation import CTDomain, Domain, MRDomain, acquire_volume, find_domain
 from trainers.simulation.dicom_writer import CT_RESCALE_INTERCEPT
 
 
@@ -62,17 +62,11 @@ def _values(stored: np.ndarray, modality: str) -> np.ndarray:
     return values + CT_RESCALE_INTERCEPT if modality == "CT" else values
 
 
-def _domain(name: str) -> Domain:
-    if name not in DOMAINS:
-        raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}")
-    return DOMAINS[name]
-
-
 def ceilings(source: str, target: str, size: int | None = None,
              subjects: Sequence[int] = TEST_SUBJECTS, slices: int = SLICES,
              progress: bool | None = None) -> dict[str, dict[str, float]]:
     """Row -> mean PSNR (dB), SSIM, RMSE and NCC over ``subjects`` against the target."""
-    src, tgt = _domain(source), _domain(target)
+    src, tgt = find_domain(source), find_domain(target)
     if not subjects:
         raise ValueError("need at least one subject")
     rows, modality = variants(src, tgt), tgt.modality

@@ -18,6 +18,7 @@ Python API::
 
     DOMAINS                        # name -> CTDomain | MRDomain (parameters, .tags = headers)
     key_tags(DOMAINS["ge-lung"])   # the routing-relevant tags, as `simulate --list` shows
+    find_domain("ge-lung")         # DOMAINS["ge-lung"]; an unknown name: ValueError listing them
 
     simulate_series(modality, domain, out_dir, subject=0, slices=32, size=None, seed=0, *,
                     noise_seed=0, phantom="chest", volume=None, enhanced=False,
@@ -44,7 +45,7 @@ Python API::
 values (HU for CT); ``save_preview`` draws the same slice across domains with differences.
 """
 
-from trainers.simulation.domains import DOMAINS, CTDomain, Domain, MRDomain, key_tags
+from trainers.simulation.domains import DOMAINS, CTDomain, Domain, MRDomain, find_domain, key_tags
 from trainers.simulation.series import (
     Geometry,
     acquire_volume,
@@ -54,5 +55,5 @@ from trainers.simulation.series import (
     simulate_series,
 )
 
-__all__ = ["DOMAINS", "CTDomain", "Domain", "Geometry", "MRDomain", "acquire_volume", "geometry",
-           "ground_truth", "key_tags", "make_phantom", "simulate_series"]
+__all__ = ["DOMAINS", "CTDomain", "Domain", "Geometry", "MRDomain", "acquire_volume", "find_domain",
+           "geometry", "ground_truth", "key_tags", "make_phantom", "simulate_series"]

@@ -118,6 +118,13 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
 )}
 
 
+def find_domain(name: str) -> Domain:
+    """The domain called ``name``; an unknown name fails with the list of known ones."""
+    if name not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}")
+    return DOMAINS[name]
+
+
 def key_tags(domain: Domain) -> dict[str, Any]:
     """The tags routing rules usually match on, for ``dicomnode simulate --list``."""
     keys = ("Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "KVP",

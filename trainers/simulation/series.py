@@ -27,7 +27,7 @@ from trainers.simulation.dicom_writer import (
     write_enhanced,
     write_single_frames,
 )
-from trainers.simulation.domains import DOMAINS, CTDomain, Domain, MRDomain
+from trainers.simulation.domains import DOMAINS, CTDomain, Domain, MRDomain, find_domain
 from trainers.simulation.phantoms import ChestPhantom, Grid, HeadPhantom, Phantom, VolumePhantom
 
 log = structlog.get_logger(component="simulate")
@@ -83,9 +83,7 @@ def _check(modality: str, domain: str | None, size: int, slices: int) -> Domain 
         raise ValueError(f"slices must be from 1 to 2000, not {slices}")
     if domain is None:
         return None
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
-    found = DOMAINS[domain]
+    found = find_domain(domain)
     if found.modality != modality:
         raise ValueError(f"domain {domain!r} is {found.modality}, not {modality}")
     return found
