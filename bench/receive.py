@@ -16,7 +16,13 @@ two together, which bounds the ratio any such node could reach. (One that wrote 
 to disk as it arrived could hide the copy into the page cache, a fifth of the durable
 store here, but not the flushes.)
 
+``--steps`` adds one such pynetdicom SCP per step of the node's receive (the data set written
+to a file as it arrives, its header parsed, its digest taken, the file flushed into place;
+``bench/noop_scp.py --upto``), so the differences between neighbours price each step and
+the last one's difference to the node is its indexing and logging.
+
     python3 bench/receive.py [--count 500] [--size 512] [--rounds 3] [--per-association]
+                             [--steps]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.noop_scp import STEPS  # noqa: E402
 from dicomnode.index import Index  # noqa: E402
 from dicomnode.receive import parse_header  # noqa: E402
 from dicomnode.storage import instance_path, store_bytes  # noqa: E402
@@ -90,6 +97,9 @@ def main() -> None:
     ap.add_argument("--per-association", action="store_true",
                     help="one association per instance (a storescu run each), as many"
                          " modalities send: adds association set-up to every image")
+    ap.add_argument("--steps", action="store_true",
+                    help="also price each step of the node's receive with a pynetdicom SCP"
+                         " stopping after it (bench/noop_scp.py --upto)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
@@ -102,24 +112,28 @@ def main() -> None:
     ignore = subprocess.Popen([dcmtk("storescp"), "--ignore", str(ignore_port)],
                               env=dcmtk_env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    noop_port = free_port()
-    noop = subprocess.Popen([sys.executable, str(Path(__file__).with_name("noop_scp.py")),
-                             str(noop_port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    steps = STEPS if args.steps else STEPS[:1]
+    noop_ports = {step: free_port() for step in steps}
+    noops = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("noop_scp.py")),
+                               str(port), "--upto", step, "--dir", str(work / f"noop-{step}")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+             for step, port in noop_ports.items()]
     config = write_config(work / "node.toml", node_port, work / "var", series_timeout=3600)
     node = NodeProcess(config, work / "node.log")
-    rates: dict[str, list[float]] = {"storescp": [], "dicomnode": [], "pynetdicom": [],
-                                     "receive-only": [], "durable store": []}
+    noop_names = {step: "pynetdicom" if step == "nothing" else f"+{step}" for step in steps}
+    contenders = [("storescp", scp_port, "ANY-SCP"), ("dicomnode", node_port, "HARMONISE"),
+                  *((noop_names[step], port, "NOOP") for step, port in noop_ports.items()),
+                  ("receive-only", ignore_port, "ANY-SCP")]
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+    rates["durable store"] = []
     try:
         node.start()  # inside: the peers above are stopped whatever happens
-        for port, what in ((scp_port, "storescp"), (noop_port, "no-op pynetdicom SCP"),
-                           (ignore_port, "storescp --ignore")):
+        for port, what in ((scp_port, "storescp"), (ignore_port, "storescp --ignore"),
+                           *((p, f"pynetdicom SCP --upto {s}") for s, p in noop_ports.items())):
             wait_for(lambda p=port: subprocess.run(
                 [dcmtk("echoscu"), "-aec", "NOOP", "127.0.0.1", str(p)], env=dcmtk_env(),
                 capture_output=True).returncode == 0, 10, what=what)
-        contenders = [("storescp", scp_port, "ANY-SCP"), ("dicomnode", node_port, "HARMONISE"),
-                      ("pynetdicom", noop_port, "NOOP"), ("receive-only", ignore_port, "ANY-SCP")]
         for r in range(args.rounds):
             k = r % len(contenders)
             for name, port, called in contenders[k:] + contenders[:k]:
@@ -139,7 +153,7 @@ def main() -> None:
     finally:
         if node.proc is not None:
             node.stop()
-        for server in (scp, noop, ignore):
+        for server in (scp, ignore, *noops):
             server.terminate()
             server.wait(10)
     stored = len(list((work / "var" / "spool").rglob("*.dcm")))
@@ -153,6 +167,16 @@ def main() -> None:
     print(f"ratio no-op pynetdicom/storescp: {median['pynetdicom'] / median['storescp']:.2f}"
           " (the most a pynetdicom node could reach)")
     print(f"ratio node/no-op pynetdicom: {median['dicomnode'] / median['pynetdicom']:.2f}")
+    if args.steps:
+        print("per image, each step of the node's receive (differences of neighbours):")
+        previous = None
+        for name in [noop_names[step] for step in steps] + ["dicomnode"]:
+            ms = 1e3 / median[name]
+            step = "pynetdicom, in memory" if previous is None else (
+                name if name != "dicomnode" else "+index and log (the node)")
+            print(f"  {step:<26}: {ms:6.2f} ms"
+                  + ("" if previous is None else f" ({ms - previous:+.2f} ms)"))
+            previous = ms
     bound = 1.0 / (1.0 / median["receive-only"] + 1.0 / median["durable store"])
     print(f"bound: storescp's receive alone plus the node's durable store alone give"
           f" {bound:.1f} images/s = {bound / median['storescp']:.2f} of storescp (the most any"
