@@ -34,7 +34,7 @@ from pynetdicom import sop_class as sc
 from dicomnode.config import NodeSettings
 from dicomnode.receive import parse_header
 from dicomnode.scp import handle_conn_open, receive_into
-from dicomnode.storage import move_into_place
+from dicomnode.storage import instance_path, move_into_place
 
 STEPS = ("nothing", "file", "parse", "digest", "flush")
 
@@ -53,7 +53,8 @@ def store_handler(upto: str, spool: Path):
                 fh.seek(0)
                 hashlib.file_digest(fh, "sha256")
         if steps >= STEPS.index("flush"):
-            move_into_place(source, spool / record.series_uid / f"{record.sop_instance_uid}.dcm")
+            move_into_place(source, instance_path(spool, record.study_uid, record.series_uid,
+                                                  record.sop_instance_uid))
         return 0x0000
 
     return handle

@@ -169,12 +169,11 @@ def main() -> None:
     print(f"ratio node/no-op pynetdicom: {median['dicomnode'] / median['pynetdicom']:.2f}")
     if args.steps:
         print("per image, each step of the node's receive (differences of neighbours):")
+        labels = {"pynetdicom": "pynetdicom, in memory", "dicomnode": "+index and log (the node)"}
         previous = None
-        for name in [noop_names[step] for step in steps] + ["dicomnode"]:
+        for name in [*noop_names.values(), "dicomnode"]:
             ms = 1e3 / median[name]
-            step = "pynetdicom, in memory" if previous is None else (
-                name if name != "dicomnode" else "+index and log (the node)")
-            print(f"  {step:<26}: {ms:6.2f} ms"
+            print(f"  {labels.get(name, name):<26}: {ms:6.2f} ms"
                   + ("" if previous is None else f" ({ms - previous:+.2f} ms)"))
             previous = ms
     bound = 1.0 / (1.0 / median["receive-only"] + 1.0 / median["durable store"])
