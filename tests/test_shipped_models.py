@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 
 from dicomnode.config import load_config
 from pipelines.harmonise import ModelCache, harmonise_series
 from pipelines.inference import InferenceSettings
 from pipelines.model_folder import load_model_folder
+from pipelines.routing import route_series
 from pipelines.series import load_series
 from trainers.data import body_mask
 from trainers.metrics import metric_units, rmse
@@ -92,3 +94,20 @@ def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route,
     # this fails: update the README and make it an ordinary case.
     known_short = (route, report) == ("ct-ge-to-siemens", "evaluation-clinical")
     assert closer is not known_short
+
+
+@pytest.mark.parametrize("changes", [
+    {"ScanningSequence": "GR", "SequenceVariant": "SP"},                    # SPGR, BRAVO
+    {"ScanningSequence": ["SE", "IR"], "RepetitionTime": 2200, "InversionTime": 860},  # FLAIR
+    {"RepetitionTime": 2500, "EchoTime": 20},                               # proton density
+])
+def test_shipped_mr_routes_take_only_the_t1_spin_echo_their_models_learnt(changes, tmp_path):
+    files = simulate_series("MR", "ge-1.5t-t1w", tmp_path, subject=SUBJECT, slices=2,
+                            size=128, progress=False)
+    headers = [dcmread(f, stop_before_pixels=True) for f in files]
+    assert route_series(headers, CONFIG.routes).route.name == "mr-t1w-ge15-to-siemens3-coarse"
+    for header in headers:
+        for keyword, value in changes.items():
+            setattr(header, keyword, value)
+    decision = route_series(headers, CONFIG.routes)
+    assert decision.route is None, decision.explain()
