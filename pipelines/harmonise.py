@@ -24,6 +24,7 @@ from torch import nn
 from pipelines import software_version
 from pipelines.derived import Provenance, write_derived_series
 from pipelines.errors import ModelError
+from pipelines.grain import Grain, add_grain
 from pipelines.inference import (
     Execution,
     InferenceSettings,
@@ -138,11 +139,12 @@ def translate_volume(generator: nn.Module, array: np.ndarray, norm: Normalisatio
                      settings: InferenceSettings, *, spacing: Sequence[float] | None = None,
                      model_spacing: Sequence[float] | None = None,
                      padding: np.ndarray | None = None, name: str = "generator",
-                     key: str | None = None, cache: Path | None = None
-                     ) -> tuple[np.ndarray, Translation]:
+                     key: str | None = None, cache: Path | None = None,
+                     grain: Grain | None = None) -> tuple[np.ndarray, Translation]:
     """Real values in, real values out, on the same grid: normalise, resample to the
     model's ``model_spacing`` when it has one (``spacing`` is the series', mm, row then
-    column), run, resample back, denormalise, keep the source where the model has no say
+    column), run, resample back, denormalise, add the model's ``grain`` (MR magnitudes,
+    :mod:`pipelines.grain`), keep the source where the model has no say
     (:func:`~pipelines.intensity.keep_source`). The one path the node and the trainers'
     reports share. ``key`` and ``cache`` go to :func:`~pipelines.inference.choose_execution`.
     """
@@ -153,7 +155,10 @@ def translate_volume(generator: nn.Module, array: np.ndarray, norm: Normalisatio
     execution = choose_execution(generator, work, dims, settings, key=key, cache=cache)
     result = resize_slices(run_generator(generator, work, dims, settings, name=name,
                                          execution=execution), array.shape[1:])
-    output = keep_source(array, denormalise(result, anchors), anchors, norm, padding)
+    output = denormalise(result, anchors)
+    if grain is not None:
+        output = add_grain(output, grain)
+    output = keep_source(array, output, anchors, norm, padding)
     return output, Translation(anchors, execution, shape)
 
 
@@ -217,7 +222,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     output, translation = translate_volume(
         model.generator, volume.array, info.normalisation, info.dims, settings,
         spacing=volume.spacing[1:], model_spacing=info.pixel_spacing, padding=volume.padding,
-        name=f"model '{info.name}'", key=info.weights_sha256, cache=execution_cache)
+        name=f"model '{info.name}'", key=info.weights_sha256, cache=execution_cache,
+        grain=info.grain)
     anchors, execution = translation.anchors, translation.execution
     inferred = time.perf_counter()
     provenance = Provenance(
@@ -225,6 +231,7 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
         software_version=software_version(), route=route_label, when=when or datetime.now(UTC),
         parameters={"architecture": info.architecture, "params": info.params,
                     "normalisation": info.normalisation.to_spec(), "anchors": list(anchors),
+                    **({"grain": info.grain.to_spec()} if info.grain else {}),
                     "inference": {"device": resolve_device(settings.device).type,
                                   "precision": execution.precision,
                                   "tile": execution.tile,

@@ -23,6 +23,7 @@ from torch import nn
 from pipelines import software_version as _software_version
 from pipelines.errors import ModelError
 from pipelines.files import atomic_write
+from pipelines.grain import Grain
 from pipelines.intensity import Normalisation
 from pipelines.networks import build_generator, spatial_dims
 
@@ -52,6 +53,7 @@ class ModelInfo:
     created: str = ""
     software_version: str = ""
     pixel_spacing: tuple[float, float] | None = None  # mm (row, column) it works at
+    grain: Grain | None = None  # target-scanner noise added to the output (MR)
 
     @property
     def dims(self) -> int:
@@ -94,13 +96,15 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
                       training: Mapping[str, Any] | None = None,
                       validation: Mapping[str, Any] | None = None,
                       software_version: str | None = None,
-                      pixel_spacing: tuple[float, float] | None = None) -> Path:
+                      pixel_spacing: tuple[float, float] | None = None,
+                      grain: Grain | None = None) -> Path:
     """Write ``directory/model.json`` and ``directory/weights.pt``; returns the folder.
 
     The generator must be rebuildable as ``build_generator(architecture, params)``, which is
     checked by loading its state_dict into a fresh instance before anything is written.
     ``pixel_spacing`` (mm, row then column) is the in-plane spacing the generator works at,
-    where it is not every series' own (:mod:`pipelines.spacing`).
+    where it is not every series' own (:mod:`pipelines.spacing`); ``grain`` the target
+    scanner's noise the node adds to the output (:mod:`pipelines.grain`).
     """
     folder = Path(directory)
     if not name or "/" in name or name.startswith("."):
@@ -126,6 +130,7 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
         "target": dict(target),
         "normalisation": norm.to_spec(),
         **({"pixel_spacing": list(spacing)} if spacing else {}),
+        **({"grain": grain.to_spec()} if grain else {}),
         "training": dict(training or {}),
         "validation": dict(validation or {}),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -171,6 +176,10 @@ def read_model_info(directory: str | os.PathLike[str]) -> ModelInfo:
             if meta.get("pixel_spacing") is not None else None
     except ValueError as exc:
         raise ModelError(f"{where}: {exc}") from None
+    try:
+        grain = Grain.from_spec(meta["grain"]) if meta.get("grain") is not None else None
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{where}: {exc}") from None
     return ModelInfo(path=folder, name=str(meta["name"]), version=str(meta["version"]),
                      architecture=str(meta["architecture"]), params=meta["params"],
                      source=meta["source"], target=meta["target"], normalisation=norm,
@@ -178,7 +187,7 @@ def read_model_info(directory: str | os.PathLike[str]) -> ModelInfo:
                      training=meta.get("training", {}), validation=meta.get("validation", {}),
                      created=str(meta.get("created", "")),
                      software_version=str(meta.get("software_version", "")),
-                     pixel_spacing=spacing)
+                     pixel_spacing=spacing, grain=grain)
 
 
 def _spacing(value: Any, what: str) -> tuple[float, float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines.grain import Grain
 from pipelines.model_folder import save_model_folder
 from pipelines.networks import (
     GENERATORS,
@@ -46,7 +47,8 @@ def register() -> None:
 
 def make_model(models_dir: Path, name: str = "smooth", *, modality: str = "CT", dims: int = 2,
                layers: int = 1, version: str = "1.0", mix: float = 0.5,
-               pixel_spacing: tuple[float, float] | None = None) -> Path:
+               pixel_spacing: tuple[float, float] | None = None,
+               grain: Grain | None = None) -> Path:
     """Write a model folder holding a :class:`Smoother` (``mix`` 0: the identity)."""
     register()
     params = {"dims": dims, "layers": layers, "mix": mix}
@@ -57,7 +59,7 @@ def make_model(models_dir: Path, name: str = "smooth", *, modality: str = "CT", 
         target={"name": f"{modality.lower()}-smooth", "Modality": modality},
         normalisation=CT_NORM if modality == "CT" else MR_NORM,
         training={"epochs": 0}, validation={"psnr": {"before": 30.0, "after": 31.0}},
-        pixel_spacing=pixel_spacing)
+        pixel_spacing=pixel_spacing, grain=grain)
 
 
 def make_plain_model(models_dir: Path, name: str, *, blocks: int = 3) -> Path:
