@@ -1,4 +1,4 @@
-"""``dicomnode train paired|unpaired|site`` end to end on tiny simulated series."""
+"""``dicomnode train paired|unpaired|synthetic|site`` end to end on tiny simulated series."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pydicom import dcmread
 
 import trainers.evaluate as evaluate_module
 from dicomnode.cli import main
+from pipelines.derived import PRIVATE_CREATOR, PRIVATE_GROUP
 from pipelines.harmonise import ModelCache, harmonise_series
 from pipelines.model_folder import load_model_folder, read_model_info
 from tests.dicom_factory import raw_data, siemens_non_image, write_series
@@ -178,3 +179,78 @@ ConvolutionKernel = "B3*"
     assert isinstance(comparison["new_is_better"], bool)
     rc = main(["train", "site", "--route", "nope", "--config", str(config), *TINY])
     assert rc == 2
+
+
+@pytest.fixture(scope="module")
+def mr(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GE 1.5 T and Siemens 3 T T1w series of different subjects: unpaired."""
+    root = tmp_path_factory.mktemp("mr")
+    simulate(root / "ge", "MR", "ge-1.5t-t1w", range(3))
+    simulate(root / "siemens", "MR", "siemens-3t-t1w", range(10, 13))
+    return root
+
+
+def test_train_synthetic_fits_ge_and_gives_back_siemens_grain(
+        mr: Path, tmp_path: Path, fast_evaluate: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = tmp_path / "models"
+    rc = main(["train", "synthetic", "--source", str(mr / "ge"), "--target",
+               str(mr / "siemens"), "--name", "s", "--models-dir", str(models),
+               "--workdir", str(tmp_path / "run"), "--param", "features=4", "--param",
+               "levels=2", "--fit-steps", "5", "--draws", "2", *TINY])
+    assert rc == 0
+    info = read_model_info(models / "s")
+    assert info.training["mode"] == "synthetic" and info.training["pairs"] == 6
+    assert info.source["Manufacturer"] == "GE MEDICAL SYSTEMS"      # the real source's tags
+    assert info.target["Manufacturer"] == "SIEMENS"
+    assert info.training["acquisition"]["edge"] == 0.75             # GE's PercentSampling
+    assert info.grain is not None and info.grain.edge == 1.0
+    assert info.grain.fraction in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5) and info.grain.sigma > 0
+    # the node adds the grain, the same on every run of the same series
+    ge = sorted((mr / "ge" / "ge-1.5t-t1w-0").glob("*.dcm"))
+    pixels = []
+    for run in ("a", "b"):
+        outcome = harmonise_series(ge, routes=[], models_dir=models, out_dir=tmp_path / run,
+                                   model_name="s", cache=ModelCache(1))
+        assert outcome.status == "harmonised"
+        pixels.append([dcmread(p).PixelData for p in sorted(outcome.outputs)])
+    assert pixels[0] == pixels[1]
+    block = dcmread(outcome.outputs[0]).private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    assert json.loads(block[0x14].value)["grain"] == info.grain.to_spec()  # provenance
+
+    # train site keeps the deployed model's mode when the spool holds no pairs
+    spool = tmp_path / "var" / "spool"
+    shutil.copytree(mr / "ge", spool / "study-ge")
+    shutil.copytree(mr / "siemens", spool / "study-siemens")
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+[node]
+data_dir = "{tmp_path / 'var'}"
+models_dir = "{models}"
+[[routes]]
+name = "mr"
+model = "s"
+[routes.match]
+Manufacturer = "GE*"
+[routes.target]
+Manufacturer = "SIEMENS"
+""")
+    rc = main(["train", "site", "--route", "mr", "--config", str(config), "--workdir",
+               str(tmp_path / "r1"), "--fit-steps", "3", "--draws", "1", *TINY])
+    assert rc == 0 and "training synthetic unet as s-v1.1" in capsys.readouterr().out
+    new = read_model_info(models / "s-v1.1")
+    assert new.training["mode"] == "synthetic" and new.grain is not None
+
+
+def test_train_synthetic_takes_a_fixed_grain_and_refuses_ct(mr: Path, ct: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    models = tmp_path / "models"
+    common = ["--name", "f", "--models-dir", str(models), "--param", "features=4",
+              "--param", "levels=2", "--fit-steps", "3", "--draws", "1", *TINY]
+    assert main(["train", "synthetic", "--source", str(mr / "ge"), "--target",
+                 str(mr / "siemens"), "--grain", "0.25", *common]) == 0
+    assert read_model_info(models / "f").grain.fraction == 0.25
+    rc = main(["train", "synthetic", "--source", str(ct / "sharp"), "--target",
+               str(ct / "smooth"), "--force", *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "source and target must be MR" in err[-1]

@@ -88,6 +88,20 @@ class PairedOptions(CommonOptions):
 
 
 @dataclass
+class SyntheticOptions(PairedOptions):
+    """Pairs synthesised from unpaired series: the source scanner's acquisition, fitted on
+    both scanners' series, run on the target series (:mod:`trainers.acquisition`)."""
+
+    architecture: str = _opt("unet", "generator architecture (pipelines.networks registry)")
+    draws: int = _opt(4, "synthetic source series per target series (noise draws)")
+    fit_steps: int = _opt(400, "optimiser steps of the acquisition fit")
+    grain: float = _opt(-1.0, "fraction of the target scanner's noise the node adds to the"
+                        " output (MR); -1 = the least that makes the real source series'"
+                        " output pass for the target scanner (a scanner classifier at"
+                        " <= 0.6), 0 = none")
+
+
+@dataclass
 class UnpairedOptions(CommonOptions):
     """CycleGAN: two generators, two PatchGAN discriminators."""
 
@@ -110,15 +124,16 @@ class UnpairedOptions(CommonOptions):
 
 
 @dataclass
-class SiteOptions(UnpairedOptions, PairedOptions):
+class SiteOptions(UnpairedOptions, SyntheticOptions):
     """Per-site retraining from the node's own data, for one route (paired or unpaired)."""
 
     architecture: str = _opt("", "generator architecture (default: the deployed model's,"
                              " else plain for paired and unet for unpaired)")
     route: str = _opt("", "route name in the node config")
     config: Path | None = _opt(None, "node config (default: $DICOMNODE_CONFIG or conf/node.toml)")
-    pairing: str = _opt("auto", "auto (paired when series share a frame of reference) | paired"
-                     " | unpaired", choices=("auto", "paired", "unpaired"))
+    pairing: str = _opt("auto", "auto (paired when series share a frame of reference, else"
+                     " the deployed model's mode: synthetic or unpaired) | paired | unpaired"
+                     " | synthetic", choices=("auto", "paired", "unpaired", "synthetic"))
 
 
 def _base_type(annotation: Any) -> Any:

@@ -22,6 +22,7 @@ from trainers import report
 from trainers.data import Series, load_series_dir, pair_series, split_holdout
 from trainers.evaluate import evaluate_series
 from trainers.options import SiteOptions
+from trainers.synthetic import train_synthetic_series
 from trainers.train import TrainingError, TrainOutcome, train_paired_series, train_unpaired_series
 
 Log = Callable[[str], None]
@@ -115,10 +116,13 @@ def train_site(options: SiteOptions, routes: Sequence[Route], spool: Path, model
     pick = (lambda items, idx: [items[i] for i in idx])  # noqa: E731
     mode = options.pairing
     if mode == "auto":
+        deployed_mode = deployed.training.get("mode") if deployed else None
         mode = "paired" if len(pair_series(pick(sources, s_train), pick(targets, t_train),
-                                           options.tolerance)) >= 2 else "unpaired"
+                                           options.tolerance)) >= 2 \
+            else "synthetic" if deployed_mode == "synthetic" else "unpaired"
     log(f"training {mode} {options.architecture} as {folder.name} (version {version})")
-    train = train_paired_series if mode == "paired" else train_unpaired_series
+    train = {"paired": train_paired_series, "unpaired": train_unpaired_series,
+             "synthetic": train_synthetic_series}[mode]
     outcome = train(options, pick(sources, s_train), pick(targets, t_train), folder, log)
     held_s, held_t = pick(sources, s_test), pick(targets, t_test)
     comparison = _compare(folder, deployed_dir if deployed else None, held_s, held_t, log)

@@ -57,7 +57,7 @@ class TrainOutcome:
     heldout: dict[str, Any]
 
 
-def _check_output(options: CommonOptions) -> Path:
+def check_output(options: CommonOptions) -> Path:
     if not options.name or "/" in options.name or options.name.startswith("."):
         raise TrainingError(f"--name must be a plain folder name, got {options.name!r}")
     folder = options.models_dir / options.name
@@ -69,7 +69,7 @@ def _check_output(options: CommonOptions) -> Path:
     return folder
 
 
-def _load(path: Path, label: str, log: Log) -> list[Series]:
+def load_domain(path: Path, label: str, log: Log) -> list[Series]:
     series = load_series_dir(path, log)
     if not series:
         raise TrainingError(f"{label} {path}: no loadable DICOM series")
@@ -79,7 +79,7 @@ def _load(path: Path, label: str, log: Log) -> list[Series]:
     return series
 
 
-def _domain(name: str, series: Sequence[Series]) -> dict[str, Any]:
+def describe_domain(name: str, series: Sequence[Series]) -> dict[str, Any]:
     tags = series[0].describe()
     default = " ".join(str(tags[k]) for k in ("Manufacturer", "ConvolutionKernel",
                                                 "MagneticFieldStrength") if k in tags)
@@ -115,8 +115,8 @@ def _save(options: CommonOptions, folder: Path, result: FitResult, modality: str
                 "source_series": len(sources), "target_series": len(targets), **extra}
     save_model_folder(folder, generator, name=options.name, version=options.version,
                       architecture=options.architecture, params=params,
-                      source=_domain(options.source_domain, sources),
-                      target=_domain(options.target_domain, targets),
+                      source=describe_domain(options.source_domain, sources),
+                      target=describe_domain(options.target_domain, targets),
                       normalisation=normalisation_for(modality).to_spec(), training=training,
                       validation={"best": result.best, "step": result.best_step},
                       pixel_spacing=(options.pixel_spacing,) * 2 if options.pixel_spacing
@@ -141,9 +141,9 @@ def _write_report(folder: Path, result: FitResult, modality: str,
 
 def train_paired(options: PairedOptions, log: Log = print) -> TrainOutcome:
     """Paired training on series matched by FrameOfReferenceUID and slice position."""
-    folder = _check_output(options)
-    sources = _load(options.source, "--source", log)
-    targets = _load(options.target, "--target", log)
+    folder = check_output(options)
+    sources = load_domain(options.source, "--source", log)
+    targets = load_domain(options.target, "--target", log)
     return train_paired_series(options, sources, targets, folder, log)
 
 
@@ -204,9 +204,9 @@ def train_paired_series(options: PairedOptions, sources: Sequence[Series],
 
 def train_unpaired(options: UnpairedOptions, log: Log = print) -> TrainOutcome:
     """CycleGAN training on two unpaired sets of series."""
-    folder = _check_output(options)
-    sources = _load(options.source, "--source", log)
-    targets = _load(options.target, "--target", log)
+    folder = check_output(options)
+    sources = load_domain(options.source, "--source", log)
+    targets = load_domain(options.target, "--target", log)
     modality = sources[0].modality
     if targets[0].modality != modality:
         raise TrainingError(f"source is {modality} but target is {targets[0].modality}")

@@ -1,4 +1,4 @@
-"""``dicomnode train paired|unpaired|site``: train a generator, write a model folder + report."""
+"""``dicomnode train paired|unpaired|synthetic|site``: train a generator, write a model folder."""
 
 from __future__ import annotations
 
@@ -8,13 +8,24 @@ from dicomnode.config import load_config
 from dicomnode.errors import UserError
 from dicomnode.log import configure
 from pipelines.errors import PipelineError
-from trainers.options import PairedOptions, SiteOptions, UnpairedOptions, add_arguments, from_args
+from trainers.options import (
+    PairedOptions,
+    SiteOptions,
+    SyntheticOptions,
+    UnpairedOptions,
+    add_arguments,
+    from_args,
+)
 
 MODES = {
     "paired": (PairedOptions, "paired residual CNN / U-Net: the same raw data in two kernels,"
                " series matched by FrameOfReferenceUID and slice position"),
     "unpaired": (UnpairedOptions, "CycleGAN (LSGAN or WGAN-GP, cycle, identity, optional SSIM,"
                  " CBAM and Gram texture loss) on two unpaired sets of series"),
+    "synthetic": (SyntheticOptions, "MR: fit the source scanner's acquisition (contrast curve,"
+                  " k-space window, receiver noise) on two unpaired sets of series, synthesise"
+                  " source series from the target ones, train the paired recipe on them and"
+                  " give back the target scanner's grain"),
     "site": (SiteOptions, "retrain a route's model from the node's own spool: the route's"
              " match selects source series, its target table the reference series; writes a"
              " new version next to the deployed one and compares them on held-out series"),
@@ -22,7 +33,7 @@ MODES = {
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a generator (paired, unpaired, or per site)",
+    p = sub.add_parser("train", help="train a generator (paired, unpaired, synthetic, or per site)",
                        description="Train a harmonisation generator and write"
                        " models_dir/NAME (model.json, weights, report/).")
     modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
@@ -39,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trainers.site import train_site
+    from trainers.synthetic import train_synthetic
     from trainers.train import TrainingError, train_paired, train_unpaired
 
     configure("warning")  # progress goes to stderr; stdout stays machine-readable
@@ -53,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
             outcome = train_paired(options)
         elif args.mode == "unpaired":
             outcome = train_unpaired(options)
+        elif args.mode == "synthetic":
+            outcome = train_synthetic(options)
         else:
             assert config is not None
             outcome = train_site(options, routes=config.routes,
