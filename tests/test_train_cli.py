@@ -37,6 +37,25 @@ def ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def site_config(tmp_path: Path, models: Path, route: str, model: str, match: str,
+                target: str) -> Path:
+    """A node config whose spool is ``tmp_path/var/spool``, with one route to ``model``."""
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+[node]
+data_dir = "{tmp_path / 'var'}"
+models_dir = "{models}"
+[[routes]]
+name = "{route}"
+model = "{model}"
+[routes.match]
+{match}
+[routes.target]
+{target}
+""")
+    return config
+
+
 @pytest.fixture()
 def fast_evaluate(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(evaluate_module, "CLASSIFIER_STEPS", 5)
@@ -150,21 +169,8 @@ def test_train_site_writes_a_new_version_and_compares(ct: Path, tmp_path: Path,
           "--name", "kernel", "--models-dir", str(models), "--workdir", str(tmp_path / "r0"),
           "--param", "features=4", "--param", "blocks=3", "--pixel-spacing", "7", *TINY])
     deployed = (models / "kernel" / "weights.pt").read_bytes()
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-data_dir = "{tmp_path / 'var'}"
-models_dir = "{models}"
-[[routes]]
-name = "sharp"
-model = "kernel"
-[routes.match]
-Modality = "CT"
-ConvolutionKernel = "B7*"
-[routes.target]
-Modality = "CT"
-ConvolutionKernel = "B3*"
-""")
+    config = site_config(tmp_path, models, "sharp", "kernel", 'Modality = "CT"\n'
+                         'ConvolutionKernel = "B7*"', 'Modality = "CT"\nConvolutionKernel = "B3*"')
     rc = main(["train", "site", "--route", "sharp", "--config", str(config),
                "--workdir", str(tmp_path / "r1"), *TINY])
     assert rc == 0
@@ -222,19 +228,8 @@ def test_train_synthetic_fits_ge_and_gives_back_siemens_grain(
     spool = tmp_path / "var" / "spool"
     shutil.copytree(mr / "ge", spool / "study-ge")
     shutil.copytree(mr / "siemens", spool / "study-siemens")
-    config = tmp_path / "node.toml"
-    config.write_text(f"""
-[node]
-data_dir = "{tmp_path / 'var'}"
-models_dir = "{models}"
-[[routes]]
-name = "mr"
-model = "s"
-[routes.match]
-Manufacturer = "GE*"
-[routes.target]
-Manufacturer = "SIEMENS"
-""")
+    config = site_config(tmp_path, models, "mr", "s", 'Manufacturer = "GE*"',
+                         'Manufacturer = "SIEMENS"')
     rc = main(["train", "site", "--route", "mr", "--config", str(config), "--workdir",
                str(tmp_path / "r1"), "--fit-steps", "3", "--draws", "1", *TINY])
     assert rc == 0 and "training synthetic unet as s-v1.1" in capsys.readouterr().out

@@ -35,9 +35,7 @@ from trainers.train import (
     Log,
     TrainingError,
     TrainOutcome,
-    check_output,
     describe_domain,
-    load_domain,
     train_paired_series,
 )
 
@@ -106,18 +104,10 @@ def choose_grain(folder: Path, sources: Sequence[Series], targets: Sequence[Seri
     return Grain(sigma, edge, 0.0, chosen)
 
 
-def train_synthetic(options: SyntheticOptions, log: Log = print) -> TrainOutcome:
-    """Fit, synthesise, train paired, choose the grain; write the model folder."""
-    folder = check_output(options)
-    sources = load_domain(options.source, "--source", log)
-    targets = load_domain(options.target, "--target", log)
-    return train_synthetic_series(options, sources, targets, folder, log)
-
-
 def train_synthetic_series(options: SyntheticOptions, sources: Sequence[Series],
                            targets: Sequence[Series], folder: Path,
                            log: Log = print) -> TrainOutcome:
-    """Synthetic training on already loaded series (``train site`` selects them itself)."""
+    """Fit, synthesise, train paired, choose the grain; write the model folder."""
     modality = sources[0].modality
     if modality != "MR" or targets[0].modality != "MR":
         raise TrainingError("synthetic training models an MR acquisition (magnitude,"

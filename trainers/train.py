@@ -139,12 +139,17 @@ def _write_report(folder: Path, result: FitResult, modality: str,
     report.write_json(out / "metrics.json", metrics)
 
 
-def train_paired(options: PairedOptions, log: Log = print) -> TrainOutcome:
-    """Paired training on series matched by FrameOfReferenceUID and slice position."""
+def train_folders(options: CommonOptions, train_series: Callable[..., TrainOutcome],
+                  log: Log = print) -> TrainOutcome:
+    """Check the output folder, load ``--source`` and ``--target``, run one mode's
+    ``train_*_series`` (``train site`` selects its series itself)."""
     folder = check_output(options)
     sources = load_domain(options.source, "--source", log)
     targets = load_domain(options.target, "--target", log)
-    return train_paired_series(options, sources, targets, folder, log)
+    if targets[0].modality != sources[0].modality:
+        raise TrainingError(f"source is {sources[0].modality} but target is"
+                            f" {targets[0].modality}")
+    return train_series(options, sources, targets, folder, log)
 
 
 def train_paired_series(options: PairedOptions, sources: Sequence[Series],
@@ -200,17 +205,6 @@ def train_paired_series(options: PairedOptions, sources: Sequence[Series],
                    "best_step": result.best_step, "steps": result.steps,
                    "seconds": result.seconds, "data_range": "target max - min inside the mask"})
     return TrainOutcome(folder, result.best, result, heldout)
-
-
-def train_unpaired(options: UnpairedOptions, log: Log = print) -> TrainOutcome:
-    """CycleGAN training on two unpaired sets of series."""
-    folder = check_output(options)
-    sources = load_domain(options.source, "--source", log)
-    targets = load_domain(options.target, "--target", log)
-    modality = sources[0].modality
-    if targets[0].modality != modality:
-        raise TrainingError(f"source is {modality} but target is {targets[0].modality}")
-    return train_unpaired_series(options, sources, targets, folder, log)
 
 
 def train_unpaired_series(options: UnpairedOptions, sources: Sequence[Series],

@@ -50,8 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trainers.site import train_site
-    from trainers.synthetic import train_synthetic
-    from trainers.train import TrainingError, train_paired, train_unpaired
+    from trainers.synthetic import train_synthetic_series
+    from trainers.train import (
+        TrainingError,
+        train_folders,
+        train_paired_series,
+        train_unpaired_series,
+    )
 
     configure("warning")  # progress goes to stderr; stdout stays machine-readable
     cls = MODES[args.mode][0]
@@ -61,16 +66,14 @@ def run(args: argparse.Namespace) -> int:
         args.models_dir = args.models_dir or config.node.models_dir
     options = from_args(cls, args)
     try:
-        if args.mode == "paired":
-            outcome = train_paired(options)
-        elif args.mode == "unpaired":
-            outcome = train_unpaired(options)
-        elif args.mode == "synthetic":
-            outcome = train_synthetic(options)
-        else:
+        if args.mode == "site":
             assert config is not None
             outcome = train_site(options, routes=config.routes,
                                  spool=config.spool_dir, models_dir=args.models_dir)
+        else:
+            outcome = train_folders(options, {"paired": train_paired_series,
+                                              "unpaired": train_unpaired_series,
+                                              "synthetic": train_synthetic_series}[args.mode])
     except (TrainingError, PipelineError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
     print(outcome.folder)
