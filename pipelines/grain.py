@@ -29,12 +29,16 @@ def kspace_window(size: int, edge: float, apodisation: float) -> np.ndarray:
     return np.where(f <= edge, 0.5 - 0.5 * np.cos(np.pi * taper), 0.0)
 
 
+def kspace_window_2d(rows: int, cols: int, edge: float, apodisation: float) -> np.ndarray:
+    """The separable 2D window (rows, cols) over ``np.fft.fft2``'s frequencies."""
+    return kspace_window(rows, edge, apodisation)[:, None] * \
+        kspace_window(cols, edge, apodisation)[None, :]
+
+
 def receiver_noise(shape: tuple[int, ...], sigma: float, edge: float, apodisation: float,
                    rng: np.random.Generator) -> np.ndarray:
     """Complex noise (..., H, W) through the 2D window, ``sigma`` per channel after it."""
-    rows, cols = shape[-2:]
-    window = kspace_window(rows, edge, apodisation)[:, None] * \
-        kspace_window(cols, edge, apodisation)[None, :]
+    window = kspace_window_2d(*shape[-2:], edge, apodisation)
     white = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
     noise = np.fft.ifft2(np.fft.fft2(white) * window)
     return noise * (sigma / math.sqrt(float(np.mean(window ** 2))))

@@ -141,13 +141,23 @@ def translate_volume(generator: nn.Module, array: np.ndarray, norm: Normalisatio
                      padding: np.ndarray | None = None, name: str = "generator",
                      key: str | None = None, cache: Path | None = None,
                      grain: Grain | None = None) -> tuple[np.ndarray, Translation]:
-    """Real values in, real values out, on the same grid: normalise, resample to the
-    model's ``model_spacing`` when it has one (``spacing`` is the series', mm, row then
-    column), run, resample back, denormalise, add the model's ``grain`` (MR magnitudes,
-    :mod:`pipelines.grain`), keep the source where the model has no say
-    (:func:`~pipelines.intensity.keep_source`). The one path the node and the trainers'
-    reports share. ``key`` and ``cache`` go to :func:`~pipelines.inference.choose_execution`.
-    """
+    """Real values in, real values out, on the same grid: :func:`generate_volume`, then
+    :func:`finish_volume`. The one path the node and the trainers' reports share."""
+    output, translation = generate_volume(generator, array, norm, dims, settings,
+                                          spacing=spacing, model_spacing=model_spacing,
+                                          name=name, key=key, cache=cache)
+    return finish_volume(array, output, translation, norm, padding, grain), translation
+
+
+def generate_volume(generator: nn.Module, array: np.ndarray, norm: Normalisation, dims: int,
+                    settings: InferenceSettings, *, spacing: Sequence[float] | None = None,
+                    model_spacing: Sequence[float] | None = None, name: str = "generator",
+                    key: str | None = None, cache: Path | None = None
+                    ) -> tuple[np.ndarray, Translation]:
+    """The generator's output in real values on the series' grid: normalise, resample to
+    the model's ``model_spacing`` when it has one (``spacing`` is the series', mm, row then
+    column), run, resample back, denormalise. ``key`` and ``cache`` go to
+    :func:`~pipelines.inference.choose_execution`."""
     normalised, anchors = normalise(array, norm)
     shape = working_shape(array.shape[1:], spacing, model_spacing) if spacing is not None \
         else (array.shape[1], array.shape[2])
@@ -155,11 +165,17 @@ def translate_volume(generator: nn.Module, array: np.ndarray, norm: Normalisatio
     execution = choose_execution(generator, work, dims, settings, key=key, cache=cache)
     result = resize_slices(run_generator(generator, work, dims, settings, name=name,
                                          execution=execution), array.shape[1:])
-    output = denormalise(result, anchors)
+    return denormalise(result, anchors), Translation(anchors, execution, shape)
+
+
+def finish_volume(array: np.ndarray, output: np.ndarray, translation: Translation,
+                  norm: Normalisation, padding: np.ndarray | None = None,
+                  grain: Grain | None = None) -> np.ndarray:
+    """Add the model's ``grain`` (MR magnitudes, :mod:`pipelines.grain`), then keep the
+    source where the model has no say (:func:`~pipelines.intensity.keep_source`)."""
     if grain is not None:
         output = add_grain(output, grain)
-    output = keep_source(array, output, anchors, norm, padding)
-    return output, Translation(anchors, execution, shape)
+    return keep_source(array, output, translation.anchors, norm, padding)
 
 
 def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_dir: Path,

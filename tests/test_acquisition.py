@@ -80,22 +80,21 @@ def test_receiver_noise_has_the_asked_spread_and_band() -> None:
     beyond = np.abs(np.fft.fftfreq(SIZE)) * 2 > 0.5
     assert power[:, beyond, :].max() < 1e-12 * power.max()  # nothing past the edge
     window = kspace_window(SIZE, 0.5, 0.2)
-    assert window[0] == 1.0 and window[beyond].max() == 0.0 and 0 < window.min() + 1
+    assert window[0] == 1.0 and window[beyond].max() == 0.0
+    assert ((window > 0) & (window < 1)).any()                # the taper inside the band
 
 
 def test_grain_is_reproducible_rician_and_of_the_asked_level() -> None:
-    rng = np.random.default_rng(4)
     flat = np.full((4, SIZE, SIZE), 100.0, np.float32)
     flat[:, :8] = 0.0                                  # air
     grain = Grain(sigma=0.05, edge=1.0, apodisation=0.0, fraction=0.4)
     out = add_grain(flat, grain)
     assert np.array_equal(out, add_grain(flat.copy(), grain))     # seeded by the input
-    assert not np.array_equal(out, add_grain(flat + 1, grain)[:, :, :] - 1)
+    assert not np.array_equal(out, add_grain(flat + 1, grain) - 1)
     assert out.dtype == flat.dtype and (out >= 0).all()
     assert (out[:, 8:] - 100).std() == pytest.approx(100 * 0.05 * 0.4, rel=0.1)
     assert out[:, :8].mean() > 0                       # Rician: the air gets a floor
     assert add_grain(flat, Grain(0.05, 1.0, 0.0, 0.0)) is flat
-    del rng
 
 
 def test_grain_specs_are_validated_in_model_json(tmp_path) -> None:

@@ -245,6 +245,9 @@ def test_train_synthetic_takes_a_fixed_grain_and_refuses_ct(mr: Path, ct: Path, 
     assert main(["train", "synthetic", "--source", str(mr / "ge"), "--target",
                  str(mr / "siemens"), "--grain", "0.25", *common]) == 0
     assert read_model_info(models / "f").grain.fraction == 0.25
+    rc = main(["train", "synthetic", "--source", str(mr / "ge"), "--target",
+               str(mr / "siemens"), "--grain", "1.5", "--force", *common])
+    assert rc == 2 and "--grain is a fraction" in capsys.readouterr().err
     rc = main(["train", "synthetic", "--source", str(ct / "sharp"), "--target",
                str(ct / "smooth"), "--force", *common])
     err = capsys.readouterr().err.strip().splitlines()

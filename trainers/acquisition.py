@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from pipelines.grain import kspace_window, receiver_noise
+from pipelines.grain import kspace_window_2d, receiver_noise
 
 Log = Callable[[str], None]
 KNOTS = 33             # contrast curve: values at 33 inputs from -0.2 to 1.3 (x p99.5)
@@ -60,8 +60,7 @@ class Acquisition:
         rel, scale = relative(volume)
         signal = np.interp(rel, self.knots, self.values)
         noise = receiver_noise(rel.shape, self.sigma, self.edge, self.apodisation, rng)
-        window = (kspace_window(rel.shape[-2], self.edge, self.apodisation)[:, None]
-                  * kspace_window(rel.shape[-1], self.edge, self.apodisation)[None, :])
+        window = kspace_window_2d(*rel.shape[-2:], self.edge, self.apodisation)
         image = np.fft.ifft2(np.fft.fft2(signal) * window) + noise
         return (np.abs(image) * scale).astype(np.float32)
 

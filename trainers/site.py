@@ -21,9 +21,9 @@ from pipelines.series import SeriesError, find_series, harmonisable_images, read
 from trainers import report
 from trainers.data import Series, load_series_dir, pair_series, split_holdout
 from trainers.evaluate import evaluate_series
+from trainers.modes import TRAIN_SERIES
 from trainers.options import SiteOptions
-from trainers.synthetic import train_synthetic_series
-from trainers.train import TrainingError, TrainOutcome, train_paired_series, train_unpaired_series
+from trainers.train import TrainingError, TrainOutcome
 
 Log = Callable[[str], None]
 
@@ -121,9 +121,8 @@ def train_site(options: SiteOptions, routes: Sequence[Route], spool: Path, model
                                            options.tolerance)) >= 2 \
             else "synthetic" if deployed_mode == "synthetic" else "unpaired"
     log(f"training {mode} {options.architecture} as {folder.name} (version {version})")
-    train = {"paired": train_paired_series, "unpaired": train_unpaired_series,
-             "synthetic": train_synthetic_series}[mode]
-    outcome = train(options, pick(sources, s_train), pick(targets, t_train), folder, log)
+    outcome = TRAIN_SERIES[mode](options, pick(sources, s_train), pick(targets, t_train),
+                                 folder, log)
     held_s, held_t = pick(sources, s_test), pick(targets, t_test)
     comparison = _compare(folder, deployed_dir if deployed else None, held_s, held_t, log)
     report.write_json(folder / "report" / "site-comparison.json", comparison)

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from pipelines.grain import Grain
-from pipelines.harmonise import translate_volume
+from pipelines.harmonise import finish_volume, generate_volume
 from pipelines.inference import InferenceSettings
-from pipelines.model_folder import load_model_folder, read_model_info, save_model_folder
+from pipelines.model_folder import LoadedModel, load_model_folder, save_model_folder
 from pipelines.series import element_text
 from trainers.acquisition import Acquisition, background_noise, fit_acquisition
 from trainers.data import Series
@@ -86,22 +86,24 @@ def synthesise_series(acquisition: Acquisition, targets: Sequence[Series], draws
     return out
 
 
-def choose_grain(folder: Path, sources: Sequence[Series], targets: Sequence[Series],
-                 sigma: float, edge: float, seed: int, log: Log) -> Grain:
-    """The least grain of ``FRACTIONS`` whose output passes for the target scanner."""
-    model = load_model_folder(folder)
+def choose_grain(model: LoadedModel, sources: Sequence[Series], targets: Sequence[Series],
+                 noise: Grain, seed: int, log: Log) -> Grain:
+    """The least fraction of ``noise`` (of ``FRACTIONS``) whose output passes for the target
+    scanner. The generator runs once per series; each fraction finishes its output as the
+    node does."""
     info, settings = model.info, InferenceSettings(device="cpu", batch_size=4, bf16=False)
-    candidates = {}
-    for fraction in FRACTIONS:
-        grain = Grain(sigma, edge, 0.0, fraction)
-        candidates[f"{fraction:g}"] = [translate_volume(
-            model.generator, s.volume.array, info.normalisation, info.dims, settings,
-            spacing=s.volume.spacing[1:], model_spacing=info.pixel_spacing, grain=grain)[0]
-            for s in sources]
+    generated = [generate_volume(model.generator, s.volume.array, info.normalisation, info.dims,
+                                 settings, spacing=s.volume.spacing[1:],
+                                 model_spacing=info.pixel_spacing) for s in sources]
+    candidates = {f"{fraction:g}": [
+        finish_volume(s.volume.array, output.copy(), translation, info.normalisation,
+                      grain=dataclasses.replace(noise, fraction=fraction))
+        for s, (output, translation) in zip(sources, generated, strict=True)]
+        for fraction in FRACTIONS}
     accuracy = domain_accuracy(sources, targets, candidates, sources[0].modality, seed, log)
     log("grain: classifier accuracy " + ", ".join(f"{f}: {a:.2f}" for f, a in accuracy.items()))
     chosen = next((f for f in FRACTIONS if accuracy[f"{f:g}"] <= PASS), FRACTIONS[-1])
-    return Grain(sigma, edge, 0.0, chosen)
+    return dataclasses.replace(noise, fraction=chosen)
 
 
 def train_synthetic_series(options: SyntheticOptions, sources: Sequence[Series],
@@ -112,6 +114,9 @@ def train_synthetic_series(options: SyntheticOptions, sources: Sequence[Series],
     if modality != "MR" or targets[0].modality != "MR":
         raise TrainingError("synthetic training models an MR acquisition (magnitude,"
                             " k-space window, receiver noise); source and target must be MR")
+    if options.grain > 1:
+        raise TrainingError(f"--grain is a fraction of the target's noise (0 to 1, or -1 to"
+                            f" choose it), got {options.grain:g}")
     sources, targets = _one_grid(sources, targets, log)
     edge = kspace_edge(sources[0])
     log(f"fitting the source acquisition (k-space edge {edge:g} from PercentSampling)"
@@ -121,12 +126,14 @@ def train_synthetic_series(options: SyntheticOptions, sources: Sequence[Series],
                                   edge, steps=options.fit_steps, seed=options.seed, log=log)
     synthetic = synthesise_series(acquisition, targets, options.draws, options.seed)
     outcome = train_paired_series(options, synthetic, targets, folder, log)
-    target_edge = kspace_edge(targets[0])
-    sigma = background_noise([t.volume.array for t in targets], [t.mask for t in targets])
-    grain = (choose_grain(folder, sources, targets, sigma, target_edge, options.seed, log)
-             if options.grain < 0 else Grain(sigma, target_edge, 0.0, options.grain))
-    log(f"grain: {grain.fraction:g} of the target's receiver noise (sigma {sigma:.4f})")
-    info, model = read_model_info(folder), load_model_folder(folder)
+    # the target's receiver noise; the taper of its window is not measured (none)
+    noise = Grain(background_noise([t.volume.array for t in targets], [t.mask for t in targets]),
+                  kspace_edge(targets[0]), 0.0, 1.0)
+    model = load_model_folder(folder)
+    grain = (choose_grain(model, sources, targets, noise, options.seed, log)
+             if options.grain < 0 else dataclasses.replace(noise, fraction=options.grain))
+    log(f"grain: {grain.fraction:g} of the target's receiver noise (sigma {grain.sigma:.4f})")
+    info = model.info
     training = {**info.training, "mode": "synthetic", "acquisition": acquisition.to_spec(),
                 "synthetic_from": len(targets), "real_source_series": len(sources)}
     save_model_folder(folder, model.generator, name=info.name, version=info.version,

@@ -49,14 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainers.modes import TRAIN_SERIES
     from trainers.site import train_site
-    from trainers.synthetic import train_synthetic_series
-    from trainers.train import (
-        TrainingError,
-        train_folders,
-        train_paired_series,
-        train_unpaired_series,
-    )
+    from trainers.train import TrainingError, train_folders
 
     configure("warning")  # progress goes to stderr; stdout stays machine-readable
     cls = MODES[args.mode][0]
@@ -71,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
             outcome = train_site(options, routes=config.routes,
                                  spool=config.spool_dir, models_dir=args.models_dir)
         else:
-            outcome = train_folders(options, {"paired": train_paired_series,
-                                              "unpaired": train_unpaired_series,
-                                              "synthetic": train_synthetic_series}[args.mode])
+            outcome = train_folders(options, TRAIN_SERIES[args.mode])
     except (TrainingError, PipelineError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
     print(outcome.folder)
