@@ -5,8 +5,8 @@ much of the gap to storescp is pynetdicom's own per-image cost (its DUL and DIMS
 Python) and how much is the node's durable store. Same PDU size and reactor nap as the node.
 
 ``--upto`` stops after one of the node's steps, each with the node's own code
-(:func:`dicomnode.scp.receive_into`, :func:`dicomnode.receive.parse_header`,
-:func:`dicomnode.storage.move_into_place`), so consecutive steps side by side price each one:
+(:func:`dicomnode.net.compat.receive_into`, :func:`dicomnode.store.ingest.parse_header`,
+:func:`dicomnode.store.files.move_into_place`), so consecutive steps side by side price each one:
 
 * ``nothing`` (default): the data set is collected in memory and dropped: the floor;
 * ``file``: pynetdicom writes it to a file as its fragments arrive, as the node has it do;
@@ -32,9 +32,10 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
 from dicomnode.config import NodeSettings
-from dicomnode.receive import parse_header
-from dicomnode.scp import handle_conn_open, receive_into
-from dicomnode.storage import instance_path, move_into_place
+from dicomnode.net.compat import receive_into
+from dicomnode.scp.association import handle_conn_open
+from dicomnode.store.files import ensure_dir, instance_path, move_into_place
+from dicomnode.store.ingest import parse_header
 
 STEPS = ("nothing", "file", "parse", "digest", "flush")
 
@@ -69,6 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="noop-scp-"))
     if args.upto != "nothing":
+        ensure_dir(work / "incoming")
         receive_into(work / "incoming")
     ae = AE(ae_title="NOOP")
     ae.maximum_pdu_size = NodeSettings.max_pdu_size  # the node's default, as bench runs it

@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.noop_scp import STEPS  # noqa: E402
-from dicomnode.index import Index  # noqa: E402
-from dicomnode.receive import parse_header  # noqa: E402
-from dicomnode.storage import instance_path, store_bytes  # noqa: E402
+from dicomnode.store.files import instance_path, store_bytes  # noqa: E402
+from dicomnode.store.index import Index  # noqa: E402
+from dicomnode.store.ingest import parse_header  # noqa: E402
 from tests.dicom_factory import write_series  # noqa: E402
 from tests.nodeutil import (  # noqa: E402
     NodeProcess,

@@ -12,16 +12,8 @@ identify them.
 from __future__ import annotations
 
 import functools
-import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any
-
-from pynetdicom.transport import ThreadedAssociationServer
-
-from dicomnode.log import get_logger
-
-log = get_logger("tls")
 
 
 class TlsError(ValueError):
@@ -49,17 +41,18 @@ def _load_identity(context: ssl.SSLContext, tls: TlsSettings) -> None:
         context.load_cert_chain(tls.certificate, tls.private_key)
     except (OSError, ssl.SSLError) as exc:
         raise TlsError(f"certificate {tls.certificate} / private_key {tls.private_key}:"
-                       f" {_why(exc)}") from None
+                       f" {why(exc)}") from None
 
 
 def _load_ca(context: ssl.SSLContext, tls: TlsSettings) -> None:
     try:
         context.load_verify_locations(cafile=tls.ca)
     except (OSError, ssl.SSLError) as exc:
-        raise TlsError(f"ca {tls.ca}: {_why(exc)}") from None
+        raise TlsError(f"ca {tls.ca}: {why(exc)}") from None
 
 
-def _why(exc: Exception) -> str:
+def why(exc: Exception) -> str:
+    """An SSL or OS error's reason, without the library's decoration."""
     return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
 
 
@@ -86,33 +79,3 @@ def client_context(tls: TlsSettings) -> ssl.SSLContext:
         _load_ca(context, tls)
     _load_identity(context, tls)
     return context
-
-
-class TlsAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved into each association's
-    own thread and bounded by ``handshake_timeout``.
-
-    pynetdicom handshakes in the accept loop without a timeout, so one peer that connects
-    and never says hello would stop the node accepting anyone. A failed handshake (no
-    certificate, an untrusted one, plain DICOM on the TLS port) is logged and dropped.
-    """
-
-    def __init__(self, *args: Any, handshake_timeout: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.handshake_timeout = handshake_timeout
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        return self.socket.accept()  # type: ignore[union-attr]
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        assert self.ssl_context is not None
-        request.settimeout(self.handshake_timeout)
-        try:
-            wrapped = self.ssl_context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            log.warning("tls_handshake_failed", host=str(client_address[0]),
-                        reason=_why(exc))
-            request.close()
-            return
-        wrapped.settimeout(None)
-        super().finish_request(wrapped, client_address)

@@ -21,6 +21,26 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, uid_to_service_class
 
 DCMTK_DIR = Path("/usr/bin")
+# Every server process a test starts (node, Orthanc, Redis): conftest kills the survivors
+# after each test, so a failed assertion never leaves one listening into the next test.
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def spawn(args: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(args)``, remembered in :data:`STARTED`."""
+    proc = subprocess.Popen(list(args), **kwargs)
+    STARTED.append(proc)
+    return proc
+
+
+def kill_started(since: int = 0) -> None:
+    """Kill (SIGKILL) every process :func:`spawn` started (the ``since``-th and later) that
+    is still running."""
+    while len(STARTED) > since:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def dcmtk(tool: str) -> str:
@@ -77,11 +97,12 @@ class NodeProcess:
     def __init__(self, config: Path, log: Path) -> None:
         self.config, self.log = config, log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.port: int | None = None  # set by whoever knows it (the start_node fixture)
 
     def start(self) -> NodeProcess:
         before = len(self.events("node_listening")) if self.log.exists() else 0
         self._log = self.log.open("ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(self.config)],
             stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(lambda: self.proc.poll() is not None or

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.nodeutil import free_port, wait_for
+from tests.nodeutil import free_port, spawn, wait_for
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 
@@ -88,8 +88,8 @@ class Orthanc:
         config = self.write_config()
         self._log = self.log.open("ab")
         # --verbose logs one "Incoming Store request" line per C-STORE: counts receptions
-        self.proc = subprocess.Popen([str(ORTHANC), "--verbose", str(config)], stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=self.folder)
+        self.proc = spawn([str(ORTHANC), "--verbose", str(config)], stdout=self._log,
+                          stderr=subprocess.STDOUT, cwd=self.folder)
         wait_for(lambda: self.proc.poll() is not None or self._alive(), 30,
                  what="Orthanc to start")
         assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
@@ -168,9 +168,9 @@ def seed_series(config_path: Path, files: list[Path], *, kind: str = "derived",
     returns the series UID.
     """
     from dicomnode.config import load_config
-    from dicomnode.index import Index
-    from dicomnode.outbox import enqueue_series
-    from dicomnode.receive import parse_header, receive_instance
+    from dicomnode.dispatch.outbox import enqueue_series
+    from dicomnode.store.index import Index
+    from dicomnode.store.ingest import parse_header, receive_instance
 
     cfg = load_config(config_path)
     index = Index(cfg.index_path)

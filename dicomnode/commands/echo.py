@@ -13,11 +13,12 @@ import time
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from dicomnode.client import associate, refusal
 from dicomnode.commands import add_config_option
 from dicomnode.config import Config, Peer, load_config
 from dicomnode.errors import UserError
 from dicomnode.log import configure
+from dicomnode.net.peer import Unreachable, peer_association
+from dicomnode.net.status import SUCCESS, response_status
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,18 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def echo(config: Config, peer: Peer) -> str | None:
     """None when ``peer`` answers C-ECHO with Success, else why not."""
     try:
-        assoc = associate(config, peer, contexts=[build_context(Verification)])
+        with peer_association(config, peer, [build_context(Verification)]) as assoc:
+            code = response_status(assoc.send_c_echo())
+    except Unreachable as exc:
+        return str(exc)
     except (OSError, ValueError) as exc:
         return f"cannot connect: {exc}"
-    if not assoc.is_established:
-        return refusal(peer, assoc)
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    code = int(status.Status) if "Status" in status else None
-    if code != 0x0000:
+    if code != SUCCESS:
         return "no C-ECHO response" if code is None else f"C-ECHO status 0x{code:04X}"
     return None
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from dicomnode import outbox
 from dicomnode.commands import add_config_option
 from dicomnode.config import load_config
+from dicomnode.dispatch import outbox
 from dicomnode.errors import UserError
-from dicomnode.index import Index
 from dicomnode.log import configure
+from dicomnode.store import sends
+from dicomnode.store.index import Index
+from dicomnode.store.sends import SendState
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,9 +40,7 @@ def _derived_of(index: Index, uid: str) -> list[str]:
         raise UserError(f"series {uid} is not in the index")
     if row["kind"] == "derived":
         return [uid]
-    derived = [r["series_uid"] for r in index.db.execute(
-        "SELECT series_uid FROM series WHERE kind = 'derived' AND source_series_uid = ?",
-        (uid,))]
+    derived = index.derived_series(uid)
     if not derived:
         raise UserError(f"series {uid} is an original without a harmonised copy")
     return derived
@@ -58,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
     index = Index(config.index_path)
     total = 0
     if args.failed:
-        total = outbox.resend(index, destination=to, states=(outbox.FAILED,))
+        total = outbox.resend(index, destination=to, states=(SendState.FAILED,))
     else:
         for uid in _derived_of(index, args.series.strip()):
-            known = outbox.summary(index).get(uid, {})
+            known = sends.summary(index).get(uid, {})
             if to is not None and to not in known:
                 total += outbox.enqueue_series(index, uid, [to])
             elif not known:

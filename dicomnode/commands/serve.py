@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dicomnode.service import Node  # loads torch: only when serving
+    from dicomnode.node import Node  # loads torch: only when serving
     config = load_config(args.config)
     logs.configure(config.node.log_level)
     stop = threading.Event()

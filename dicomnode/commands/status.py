@@ -6,11 +6,12 @@ import argparse
 import json
 from collections import Counter
 
-from dicomnode import commitment, outbox
 from dicomnode.commands import add_config_option
 from dicomnode.config import load_config
+from dicomnode.dispatch.rollup import send_error
 from dicomnode.errors import UserError
-from dicomnode.index import Index
+from dicomnode.store import commitments, sends
+from dicomnode.store.index import Index
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,22 +29,23 @@ def run(args: argparse.Namespace) -> int:
                         " config yet")
     index = Index(config.index_path)
     rows = index.all_series()
-    sends, send_errors = outbox.summary(index), outbox.last_errors(index)
+    sent, send_errors = sends.summary(index), sends.last_errors(index)
     series = [{"series_uid": r["series_uid"], "state": r["state"], "instances": r["instances"],
                "route": r["route"], "error": r["error"], "kind": r["kind"],
                "modality": r["modality"], "source_series_uid": r["source_series_uid"],
-               "sends": sends.get(r["series_uid"], {}),
-               "send_error": send_errors.get(r["series_uid"])} for r in rows]
-    commitments = commitment.summary(index)
+               "sends": sent.get(r["series_uid"], {}),
+               "send_error": send_error(*send_errors[r["series_uid"]])
+               if r["series_uid"] in send_errors else None} for r in rows]
+    requests = commitments.summary(index)
     if args.json:
-        print(json.dumps({"series": series, "commitments": commitments}, indent=2))
+        print(json.dumps({"series": series, "commitments": requests}, indent=2))
         return 0
     counts = Counter(s["state"] for s in series)
     print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())) or "no series")
-    if commitments["states"]:
-        error = commitments["last_error"]
+    if requests["states"]:
+        error = requests["last_error"]
         print("storage commitment requests: " + ", ".join(
-            f"{n} {state}" for state, n in sorted(commitments["states"].items()))
+            f"{n} {state}" for state, n in sorted(requests["states"].items()))
             + (f"  error={error}" if error else ""))
     for s in series:
         extra = f"  route={s['route']}" if s["route"] else ""

@@ -1,0 +1,60 @@
+"""Association events on the listening side: who may associate, and what is logged."""
+
+from __future__ import annotations
+
+from pynetdicom import evt
+
+from dicomnode.log import get_logger
+from dicomnode.net import compat
+from dicomnode.net.ae import nodelay
+from dicomnode.net.policy import peer_allowed
+from dicomnode.net.status import (
+    CALLED_AE_NOT_RECOGNISED,
+    CALLING_AE_NOT_RECOGNISED,
+    REJECTED_PERMANENT,
+    SERVICE_USER,
+)
+from dicomnode.net.syntax import prefer_syntaxes
+from dicomnode.scp.context import ScpContext
+
+log = get_logger("scp")
+
+
+def handle_conn_open(event: evt.Event, ctx: ScpContext) -> None:
+    """Disable Nagle (a C-STORE response is tiny and must not wait for a delayed ACK) and
+    shorten the reactor's idle nap."""
+    compat.shorten_idle_sleep(event.assoc.dul)
+    nodelay(event)
+
+
+def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
+    """Reject associations meant for another AE title or from unknown peers: A-ASSOCIATE-RJ,
+    rejected-permanent, service user, reason called / calling AE title not recognised."""
+    assoc = event.assoc
+    request = compat.association_request(assoc)
+    calling = request.calling_ae_title.strip()
+    called = request.called_ae_title.strip()
+    host = assoc.requestor.address
+    node = ctx.config.node
+    if node.require_called_aet and called != node.ae_title:
+        reason = f"called AE title '{called}' is not ours ('{node.ae_title}')"
+        code = CALLED_AE_NOT_RECOGNISED
+    else:
+        reason, code = peer_allowed(ctx.config, calling, host), CALLING_AE_NOT_RECOGNISED
+    if reason is None:
+        prefer_syntaxes(request.presentation_context_definition_list)
+        return
+    log.warning("association_rejected", calling_ae=calling, called_ae=called, host=host,
+                reason=reason)
+    compat.reject(assoc, REJECTED_PERMANENT, SERVICE_USER, code)
+
+
+def handle_accepted(event: evt.Event, ctx: ScpContext) -> None:
+    r = event.assoc.requestor
+    log.info("association_accepted", calling_ae=r.ae_title.strip(), host=r.address,
+             port=r.port, max_pdu=r.maximum_length)
+
+
+def handle_closed(event: evt.Event, ctx: ScpContext, how: str) -> None:
+    r = event.assoc.requestor
+    log.info(f"association_{how}", calling_ae=r.ae_title.strip(), host=r.address)

@@ -1,0 +1,400 @@
+"""The node's index: instances, series state and the persistent job queue, in SQLite.
+
+All SQL on the index lives in this folder: here (schema, instances, series, jobs),
+``sends`` (the outbox table), ``commitments``, ``lookup`` (query/retrieve) and ``archive``.
+
+SQLite in WAL mode with ``synchronous=FULL``: a committed transaction survives a power
+cut, readers never block the writer, and every state change that matters (instance
+indexed, series completed + job queued, job claimed / finished) is one transaction.
+Each thread gets its own connection.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dicomnode.errors import UserError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_uid      TEXT PRIMARY KEY,
+    study_uid       TEXT NOT NULL,
+    kind            TEXT NOT NULL DEFAULT 'original',  -- original | derived
+    state           TEXT NOT NULL,
+    instances       INTEGER NOT NULL DEFAULT 0,
+    modality        TEXT,
+    first_received  REAL NOT NULL,
+    last_received   REAL NOT NULL,
+    completed_at    REAL,
+    route           TEXT,
+    model           TEXT,
+    source_series_uid TEXT,
+    error           TEXT,
+    updated_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_uid       TEXT NOT NULL REFERENCES series(series_uid),
+    sop_class_uid    TEXT NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    path             TEXT NOT NULL,      -- relative to data_dir
+    size             INTEGER NOT NULL,
+    sha256           TEXT NOT NULL,
+    instance_number  INTEGER,
+    received_at      REAL NOT NULL,
+    attrs            TEXT NOT NULL       -- JSON: keywords for query/retrieve
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid  TEXT NOT NULL,
+    kind        TEXT NOT NULL,           -- harmonise
+    state       TEXT NOT NULL,           -- queued | running | done | failed | cancelled
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    created     REAL NOT NULL,
+    updated     REAL NOT NULL,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+
+-- Outbox (dicomnode.store.sends): one row per (instance, destination) to deliver by C-STORE.
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    destination      TEXT NOT NULL,      -- peer AE title
+    sha256           TEXT NOT NULL,      -- content that was queued (a change re-queues)
+    state            TEXT NOT NULL,      -- pending | sending | sent | failed
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    created          REAL NOT NULL,      -- first queued: max_age_hours counts from here
+    next_attempt     REAL NOT NULL,
+    updated          REAL NOT NULL,
+    sent_at          REAL,
+    status           INTEGER,            -- last DIMSE status from the peer
+    transfer_syntax  TEXT,               -- what it went out as
+    error            TEXT,
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt);
+CREATE INDEX IF NOT EXISTS outbox_series ON outbox(series_uid, destination);
+
+-- Storage commitment requests (dicomnode.store.commitments), until reported to the requester.
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid  TEXT PRIMARY KEY,
+    requester        TEXT NOT NULL,      -- calling AE title: its [[peers]] entry gets the report
+    refs             TEXT NOT NULL,      -- JSON [[class UID, instance UID], ...]; [] once reported
+    state            TEXT NOT NULL,      -- pending | reported | failed
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    created          REAL NOT NULL,      -- max_age_hours counts from here
+    next_attempt     REAL NOT NULL,
+    updated          REAL NOT NULL,
+    committed        INTEGER,            -- instances reported committed, and failed
+    failed           INTEGER,
+    error            TEXT
+);
+CREATE INDEX IF NOT EXISTS commitments_due ON commitments(state, next_attempt);
+"""
+
+
+class SeriesState(StrEnum):
+    """A series' state, in the order a series normally moves through them (derived series
+    start ``archived``)."""
+
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    HARMONISED = "harmonised"
+    UNMATCHED = "unmatched"
+    IGNORED = "ignored"
+    SENT = "sent"
+    ARCHIVED = "archived"
+    FAILED = "failed"
+
+
+class JobState(StrEnum):
+    """A harmonisation job's state: queued -> running -> done | failed; a queued job of a
+    series re-opened by a new instance is cancelled."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED_JOBS = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the index keeps of one stored instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax: str
+    modality: str | None
+    instance_number: int | None
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    series_uid: str
+    kind: str
+    attempts: int
+    created: float          # when it was queued: the processing time its output records,
+                            # so a re-run after a crash writes the same bytes
+
+
+class Index:
+    """Thread-safe access to the node's SQLite index."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db.executescript(SCHEMA)
+        except OSError as exc:
+            raise UserError(f"cannot use {path.parent}: {exc.strerror or exc}") from None
+        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+            self.close()
+            raise UserError(f"{path} is not a usable index database: {exc}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                             check_same_thread=True)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken eagerly so concurrent writers queue, not deadlock."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # --- instances -------------------------------------------------------------------
+
+    def instance(self, sop_instance_uid: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM instances WHERE sop_instance_uid = ?",
+                               (sop_instance_uid,)).fetchone()
+
+    def add_instance(self, rec: InstanceRecord, rel_path: str, size: int, sha256: str,
+                     kind: str = "original", now: float | None = None) -> bool:
+        """Index a stored instance (insert or replace); returns True if the series re-opened.
+
+        A new or replaced instance of a series that had already completed re-opens it:
+        it will complete again after the quiet period and be processed once more. A job
+        still queued for it is cancelled in the same transaction, so the partial series
+        is never processed.
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            old = db.execute("SELECT series_uid FROM instances WHERE sop_instance_uid = ?",
+                             (rec.sop_instance_uid,)).fetchone()
+            series = db.execute("SELECT state FROM series WHERE series_uid = ?",
+                                (rec.series_uid,)).fetchone()
+            state = SeriesState.RECEIVING if kind == "original" else SeriesState.ARCHIVED
+            if series is None:
+                db.execute(
+                    "INSERT INTO series (series_uid, study_uid, kind, state, modality,"
+                    " first_received, last_received, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (rec.series_uid, rec.study_uid, kind, state, rec.modality, now, now, now))
+            else:
+                db.execute("UPDATE series SET state = ?, last_received = ?, updated_at = ?,"
+                           " error = CASE WHEN ? = 'receiving' THEN NULL ELSE error END"
+                           " WHERE series_uid = ?",
+                           (state, now, now, state, rec.series_uid))
+                db.execute("UPDATE jobs SET state = ?, updated = ?, error = ?"
+                           " WHERE series_uid = ? AND state = ?",
+                           (JobState.CANCELLED, now, "series re-opened by a new instance",
+                            rec.series_uid, JobState.QUEUED))
+            db.execute(
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, sop_class_uid,"
+                " transfer_syntax, path, size, sha256, instance_number, received_at, attrs)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (rec.sop_instance_uid, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax,
+                 rel_path, size, sha256, rec.instance_number, now,
+                 json.dumps(rec.attrs, default=str)))
+            for uid in {rec.series_uid, old["series_uid"] if old else rec.series_uid}:
+                db.execute("UPDATE series SET instances = (SELECT COUNT(*) FROM instances"
+                           " WHERE series_uid = ?) WHERE series_uid = ?", (uid, uid))
+        return series is not None and series["state"] not in (SeriesState.RECEIVING,
+                                                               SeriesState.ARCHIVED)
+
+    def series_files(self, series_uid: str) -> list[str]:
+        """Relative paths of a series' instances, in instance-number order."""
+        rows = self.db.execute("SELECT path FROM instances WHERE series_uid = ?"
+                               " ORDER BY instance_number, sop_instance_uid", (series_uid,))
+        return [r["path"] for r in rows]
+
+    def known_paths(self) -> set[str]:
+        return {r["path"] for r in self.db.execute("SELECT path FROM instances")}
+
+    # --- series ----------------------------------------------------------------------
+
+    def series(self, series_uid: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM series WHERE series_uid = ?",
+                               (series_uid,)).fetchone()
+
+    def all_series(self, kind: str | None = None) -> list[sqlite3.Row]:
+        sql, args = "SELECT * FROM series", ()
+        if kind:
+            sql, args = sql + " WHERE kind = ?", (kind,)
+        return self.db.execute(sql + " ORDER BY first_received", args).fetchall()
+
+    def derived_series(self, source_series_uid: str) -> list[str]:
+        """The UIDs of the series derived from ``source_series_uid``."""
+        return [r["series_uid"] for r in self.db.execute(
+            "SELECT series_uid FROM series WHERE kind = 'derived' AND source_series_uid = ?",
+            (source_series_uid,))]
+
+    def complete_quiet_series(self, quiet_for: float, now: float | None = None) -> list[
+            tuple[str, int]]:
+        """Series silent for ``quiet_for`` seconds become complete and get a queued job."""
+        now = time.time() if now is None else now
+        done = []
+        cutoff = now - quiet_for
+        candidates = self.db.execute("SELECT series_uid FROM series WHERE state = ?"
+                                     " AND last_received <= ?",
+                                     (SeriesState.RECEIVING, cutoff)).fetchall()
+        for row in candidates:
+            with self.transaction() as db:
+                changed = db.execute(
+                    "UPDATE series SET state = ?, completed_at = ?, updated_at = ?"
+                    " WHERE series_uid = ? AND state = ? AND last_received <= ?",
+                    (SeriesState.QUEUED, now, now, row["series_uid"], SeriesState.RECEIVING,
+                     cutoff)).rowcount
+                if not changed:
+                    continue
+                db.execute("INSERT INTO jobs (series_uid, kind, state, created, updated)"
+                           " SELECT ?, 'harmonise', ?, ?, ? WHERE NOT EXISTS"
+                           " (SELECT 1 FROM jobs WHERE series_uid = ? AND state = ?)",
+                           (row["series_uid"], JobState.QUEUED, now, now, row["series_uid"],
+                            JobState.QUEUED))
+                count = db.execute("SELECT instances FROM series WHERE series_uid = ?",
+                                   (row["series_uid"],)).fetchone()["instances"]
+            done.append((row["series_uid"], count))
+        return done
+
+    def set_series_state(self, series_uid: str, state: str, *, only_if: Sequence[str] = (),
+                         **fields: Any) -> bool:
+        """Move a series to ``state`` (optionally only from one of ``only_if``)."""
+        if state not in tuple(SeriesState):
+            raise ValueError(f"unknown series state {state!r}")
+        allowed = {"route", "model", "error", "source_series_uid"}
+        if set(fields) - allowed:
+            raise ValueError(f"cannot set {sorted(set(fields) - allowed)} on a series")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        sql = f"UPDATE series SET state = ?, updated_at = ?{', ' + sets if sets else ''}" \
+              " WHERE series_uid = ?"
+        args: list[Any] = [state, time.time(), *fields.values(), series_uid]
+        if only_if:
+            sql += f" AND state IN ({', '.join('?' * len(only_if))})"
+            args += list(only_if)
+        with self.transaction() as db:
+            return db.execute(sql, args).rowcount > 0
+
+    # --- jobs ------------------------------------------------------------------------
+
+    def claim_job(self) -> Job | None:
+        """Take the oldest queued job of a series that is complete (queued), or None.
+
+        The series moves to processing in the same transaction: a series that is
+        receiving again is never processed half-received.
+        """
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("UPDATE jobs SET state = ?, attempts = attempts + 1,"
+                             " updated = ? WHERE id = (SELECT j.id FROM jobs j JOIN series s"
+                             " ON s.series_uid = j.series_uid WHERE j.state = ?"
+                             " AND s.state = ? ORDER BY j.id LIMIT 1) RETURNING *",
+                             (JobState.RUNNING, now, JobState.QUEUED,
+                              SeriesState.QUEUED)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ?",
+                       (SeriesState.PROCESSING, now, row["series_uid"]))
+        return Job(row["id"], row["series_uid"], row["kind"], row["attempts"], row["created"])
+
+    def finish_job(self, job: Job, ok: bool, error: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?",
+                       (JobState.DONE if ok else JobState.FAILED, error, time.time(), job.id))
+
+    def jobs(self, state: str | None = None) -> list[sqlite3.Row]:
+        sql, args = "SELECT * FROM jobs", ()
+        if state:
+            sql, args = sql + " WHERE state = ?", (state,)
+        return self.db.execute(sql + " ORDER BY id", args).fetchall()
+
+    # --- restart ---------------------------------------------------------------------
+
+    def recover(self, max_attempts: int, now: float | None = None) -> dict[str, Any]:
+        """Make the persisted state consistent after a crash or stop.
+
+        Jobs that were running are queued again (their output is deterministic, so a
+        rerun replaces rather than duplicates), unless they have now been interrupted
+        ``max_attempts`` times: a job that kills the process (out of memory) would
+        otherwise crash the node again on every restart. Those fail, with their series.
+        Series still receiving restart their quiet-period clock: the node could not
+        receive while it was down.
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            given_up = db.execute(
+                "UPDATE jobs SET state = ?, updated = ?,"
+                " error = 'interrupted ' || attempts || ' times'"
+                " WHERE state = ? AND attempts >= ? RETURNING series_uid, error",
+                (JobState.FAILED, now, JobState.RUNNING, max_attempts)).fetchall()
+            for row in given_up:
+                db.execute("UPDATE series SET state = ?, error = ?, updated_at = ?"
+                           " WHERE series_uid = ? AND state = ?",
+                           (SeriesState.FAILED, row["error"], now, row["series_uid"],
+                            SeriesState.PROCESSING))
+            jobs = db.execute("UPDATE jobs SET state = ?, updated = ? WHERE state = ?",
+                              (JobState.QUEUED, now, JobState.RUNNING)).rowcount
+            series = db.execute("UPDATE series SET state = ?, updated_at = ? WHERE state = ?",
+                                (SeriesState.QUEUED, now, SeriesState.PROCESSING)).rowcount
+            receiving = db.execute("UPDATE series SET last_received = MAX(last_received, ?)"
+                                   " WHERE state = ?", (now, SeriesState.RECEIVING)).rowcount
+        return {"jobs_requeued": jobs, "series_requeued": series, "series_receiving": receiving,
+                "jobs_given_up": [r["series_uid"] for r in given_up]}

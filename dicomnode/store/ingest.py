@@ -1,0 +1,297 @@
+"""Receiving one instance: parse its header, store its bytes durably, index it.
+
+Kept apart from the network handler so it can be called (and tested) with plain
+bytes; the handler only translates outcomes into DIMSE status codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
+from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
+
+from dicomnode.net.status import CANNOT_UNDERSTAND, DATASET_MISMATCH
+from dicomnode.store.files import check_free_space, instance_path, move_into_place, store_bytes
+from dicomnode.store.index import Index, InstanceRecord
+from dicomnode.store.query import INDEXED_KEYS
+from pipelines.series import DEFER_SIZE
+
+_INDEXED_TAGS = tuple((kw, tag_for_keyword(kw)) for kw in INDEXED_KEYS)
+# Without these an instance cannot be filed (each is also one of INDEXED_KEYS).
+REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)")
+
+PIXEL_DATA = 0x7FE00010
+PIXEL_DATA_TAGS = frozenset((0x7FE00008, 0x7FE00009, PIXEL_DATA))  # float, double, integer
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+_UID_LOCKS = tuple(threading.Lock() for _ in range(64))
+
+
+class RejectedInstance(ValueError):
+    """The instance cannot be accepted; the message says why, for the log and the peer.
+
+    The message is always our own wording (UIDs and keywords at most), never the text of
+    a parser exception: those quote raw element bytes, which can be a patient's name.
+    ``error`` is the type of the exception that made it unreadable, ``tag`` the element.
+    """
+
+    def __init__(self, reason: str, *, status: int = CANNOT_UNDERSTAND,
+                 error: str | None = None, tag: str | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.error, self.tag = status, error, tag
+
+
+@dataclass(frozen=True)
+class ReceiveOutcome:
+    record: InstanceRecord
+    path: Path
+    size: int
+    action: str  # stored | replaced | duplicate | kept-first
+    reopened: bool = False
+
+
+def _text(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, int | float):
+        return value
+    return str(value)
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _tag_in(exc: BaseException) -> str | None:
+    """The first ``(gggg,eeee)`` tag an exception message names: safe to log on its own."""
+    found = _TAG.search(str(exc))
+    return f"({found[1]},{found[2]})".upper() if found else None
+
+
+def _indexed(ds: Dataset) -> dict[str, str | int | float]:
+    """The INDEXED_KEYS the instance has, as text or numbers; a :class:`RejectedInstance`
+    naming the tag of one that cannot be read.
+
+    pydicom converts element values lazily, so a malformed value (wrong length, unknown
+    VR, undecodable text) only raises here, with any exception type. Only elements present
+    are converted (looked up by tag: a header holds a fraction of the keys).
+    """
+    attrs = {}
+    for keyword, tag in _INDEXED_TAGS:
+        if tag not in ds:
+            continue
+        try:
+            value = ds[tag].value
+        except Exception as exc:
+            raise RejectedInstance(f"cannot read {keyword}", error=type(exc).__name__,
+                                   tag=_tag_text(tag)) from None
+        if value not in (None, ""):
+            attrs[keyword] = _text(value)
+    return attrs
+
+
+class _PixelDataProbe:
+    """``stop_when`` callback that ends a header read at the pixel data, noting the declared
+    length of (7FE0,0010) and where its value starts in the stream."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.length: int | None = None  # None: no integer pixel data
+        self.offset = 0
+
+    def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
+        if tag not in PIXEL_DATA_TAGS:
+            return False
+        if tag == PIXEL_DATA:
+            self.length, self.offset = length, self.stream.tell()  # the stream is at the value
+        return True
+
+    def available(self, ds: Dataset, size: int) -> int | None:
+        """Value bytes the pixel data has: fewer than declared when the data ends first
+        (a deflated data set is read from its own inflated stream: its declared length)."""
+        if self.length is None or self.length == UNDEFINED_LENGTH:
+            return self.length
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and UID(str(meta.get("TransferSyntaxUID", ""))).is_deflated:
+            return self.length
+        return min(self.length, size - self.offset)
+
+
+# What the expected length of native pixel data is computed from
+PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")
+
+
+def _readable_int(ds: Dataset, keyword: str) -> bool:
+    """Whether ``keyword`` is absent (optional ones default) or reads as one integer."""
+    if keyword not in ds:
+        return keyword == "NumberOfFrames"
+    try:
+        int(ds[keyword].value)
+    except Exception:
+        return False
+    return True
+
+
+def _check_pixel_data(ds: Dataset, transfer_syntax: str, length: int | None) -> None:
+    """Reject pixel data that cannot be decoded as its header describes it, before it can
+    replace a good stored copy: native data shorter than Rows x Columns x samples x bits x
+    frames, or encapsulated data that is not encapsulated (a defined length)."""
+    if length is None:
+        return
+    if UID(transfer_syntax).is_encapsulated:
+        if length != UNDEFINED_LENGTH:
+            raise RejectedInstance(f"PixelData has a defined length ({length} bytes) but"
+                                   f" transfer syntax {transfer_syntax} needs encapsulated"
+                                   " fragments")
+        return
+    if length == UNDEFINED_LENGTH:
+        raise RejectedInstance(f"PixelData has an undefined length in the native transfer"
+                               f" syntax {transfer_syntax}")
+    try:
+        expected = int(get_expected_length(ds, unit="bytes"))
+    except Exception as exc:
+        bad = next((kw for kw in PIXEL_DESCRIPTION if not _readable_int(ds, kw)), None)
+        raise RejectedInstance(
+            f"PixelData with an unreadable {bad}" if bad else "PixelData without a readable"
+            f" Image Pixel description ({', '.join(PIXEL_DESCRIPTION)})",
+            error=type(exc).__name__, tag=_tag_text(tag_for_keyword(bad)) if bad else None,
+        ) from None
+    if length < expected:
+        raise RejectedInstance(f"PixelData has {length} bytes; Rows, Columns, SamplesPerPixel,"
+                               f" BitsAllocated and NumberOfFrames need {expected}")
+
+
+def parse_header(source: bytes | BinaryIO, transfer_syntax: str | None = None,
+                 affected_sop_class: str | None = None,
+                 affected_sop_instance: str | None = None) -> InstanceRecord:
+    """Read the identifying attributes of an encoded instance (bytes, or a file open for
+    reading at its start), checking they agree.
+
+    ``transfer_syntax`` is the negotiated one for network input; files carry their own.
+    Whatever is wrong with the bytes, the outcome is a record or a RejectedInstance;
+    the pixel data is not read, only its length checked against the header, and neither is
+    any other element over ``DEFER_SIZE`` (a raw data object's private payload).
+    """
+    if isinstance(source, bytes):
+        stream, size = BytesIO(source), len(source)
+    else:
+        stream, size = source, os.fstat(source.fileno()).st_size
+    probe = _PixelDataProbe(stream)
+    try:
+        ds: Dataset = read_partial(stream, stop_when=probe, defer_size=DEFER_SIZE)
+        if transfer_syntax is None:
+            transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
+    except Exception as exc:
+        raise RejectedInstance("cannot parse dataset", error=type(exc).__name__,
+                               tag=_tag_in(exc)) from None
+    if not transfer_syntax:
+        raise RejectedInstance("no transfer syntax in the file meta information")
+    attrs = _indexed(ds)
+    missing = [k for k in REQUIRED if not str(attrs.get(k, "")).strip()]
+    if missing:
+        raise RejectedInstance(f"missing required attribute(s): {', '.join(missing)}")
+    sop_class, sop_uid = str(attrs["SOPClassUID"]), str(attrs["SOPInstanceUID"])
+    if affected_sop_class and sop_class != affected_sop_class:
+        raise RejectedInstance(f"SOPClassUID {sop_class} does not match the request's"
+                               f" {affected_sop_class}", status=DATASET_MISMATCH)
+    if affected_sop_instance and sop_uid != affected_sop_instance:
+        raise RejectedInstance(f"SOPInstanceUID {sop_uid} does not match the request's"
+                               f" {affected_sop_instance}", status=DATASET_MISMATCH)
+    _check_pixel_data(ds, transfer_syntax, probe.available(ds, size))
+    try:
+        number = int(attrs["InstanceNumber"]) if "InstanceNumber" in attrs else None
+    except (TypeError, ValueError):
+        number = None
+    return InstanceRecord(
+        sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+        series_uid=str(attrs["SeriesInstanceUID"]), study_uid=str(attrs["StudyInstanceUID"]),
+        transfer_syntax=transfer_syntax, modality=attrs.get("Modality"),
+        instance_number=number, attrs=attrs)
+
+
+def _uid_lock(sop_instance_uid: str) -> threading.Lock:
+    """Stores of one SOP Instance UID run one at a time: two associations may send it at
+    once, and each must read, write, index and clean up against a settled index row."""
+    return _UID_LOCKS[hash(sop_instance_uid) % len(_UID_LOCKS)]
+
+
+def receive_instance(data: bytes, record: InstanceRecord, *, index: Index, data_dir: Path,
+                     root: Path, reserve_bytes: int, duplicate_policy: str,
+                     kind: str = "original") -> ReceiveOutcome:
+    """Store and index one parsed instance under ``root``; returns only once both are
+    durable (see :func:`_file`)."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    return _file(record, sha256, len(data), lambda path: store_bytes(path, data, sha256),
+                 index=index, data_dir=data_dir, root=root, reserve_bytes=reserve_bytes,
+                 needed=len(data), duplicate_policy=duplicate_policy, kind=kind)
+
+
+def receive_file(source: Path, *, index: Index, data_dir: Path, root: Path,
+                 reserve_bytes: int, duplicate_policy: str, transfer_syntax: str,
+                 affected_sop_class: str, affected_sop_instance: str) -> ReceiveOutcome:
+    """Parse, store and index a data set received into the file ``source`` (a Part 10
+    file on ``root``'s file system, as pynetdicom writes it), which is moved into place.
+
+    Only the header is read into memory, so an instance of any size costs the same memory.
+    ``source`` is already on the disk, so the free-space check asks for nothing more.
+    """
+    with source.open("rb") as fh:
+        record = parse_header(fh, transfer_syntax, affected_sop_class, affected_sop_instance)
+        fh.seek(0)
+        sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
+        size = fh.tell()
+    return _file(record, sha256, size, lambda path: move_into_place(source, path),
+                 index=index, data_dir=data_dir, root=root, reserve_bytes=reserve_bytes,
+                 needed=0, duplicate_policy=duplicate_policy, kind="original")
+
+
+def _file(record: InstanceRecord, sha256: str, size: int, place: Callable[[Path], object], *,
+          index: Index, data_dir: Path, root: Path, reserve_bytes: int, needed: int,
+          duplicate_policy: str, kind: str) -> ReceiveOutcome:
+    """File and index an instance whose bytes ``place(path)`` makes durable at ``path``
+    (``needed`` more bytes of disk, checked against the reserve; a duplicate needs none).
+
+    The index always describes a whole file on disk: a replacement is written under a
+    name the indexed copy does not have, indexed, and only then is the old copy removed.
+    A crash in between leaves an unindexed file whose UID is indexed, which start-up
+    reconciliation removes (see :func:`dicomnode.store.recovery.reconcile`).
+    """
+    uid = record.sop_instance_uid
+    try:
+        path = instance_path(root, record.study_uid, record.series_uid, uid)
+    except ValueError as exc:
+        raise RejectedInstance(str(exc)) from None
+    with _uid_lock(uid):
+        existing = index.instance(uid)
+        old = existing["path"] if existing is not None else None
+        if existing is not None:
+            if existing["sha256"] == sha256:
+                return ReceiveOutcome(record, data_dir / old, size, "duplicate")
+            if duplicate_policy == "keep-first":
+                return ReceiveOutcome(record, data_dir / old, size, "kept-first")
+            if old == str(path.relative_to(data_dir)):
+                path = path.with_name(f"{uid}-{sha256[:16]}.dcm")
+        check_free_space(root, needed, reserve_bytes)
+        place(path)
+        rel = str(path.relative_to(data_dir))
+        reopened = index.add_instance(record, rel, size, sha256, kind=kind)
+        if old is not None and old != rel:
+            (data_dir / old).unlink(missing_ok=True)  # replaced: no stale second copy
+    return ReceiveOutcome(record, path, size,
+                          "replaced" if existing is not None else "stored", reopened)
