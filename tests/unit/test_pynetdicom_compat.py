@@ -1,0 +1,124 @@
+"""The pynetdicom internals ``dicomnode.net.compat`` relies on are still there and still do
+what the node needs: a pynetdicom release that changes them fails here, not in production."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import tomllib
+
+import pynetdicom
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from dicomnode.net import compat
+from tests import ROOT
+from tests.nodeutil import free_port
+
+
+def test_the_installed_pynetdicom_is_in_the_tested_range_which_pyproject_pins():
+    pinned = next(Requirement(r) for r in tomllib.loads(
+        (ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if r.startswith("pynetdicom"))
+    assert pinned.specifier == SpecifierSet(compat.TESTED_VERSIONS)
+    assert pynetdicom.__version__ in pinned.specifier
+
+
+def test_the_reactor_naps_for_the_attribute_the_node_shortens():
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider.run_reactor)
+    seen = []
+
+    def opened(event: evt.Event) -> None:
+        compat.shorten_idle_sleep(event.assoc.dul)
+        seen.append(event.assoc.dul._run_loop_delay)
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", port := free_port()), block=False,
+                              evt_handlers=[(evt.EVT_CONN_OPEN, opened)])
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port)
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert seen == [compat.DUL_IDLE_SLEEP]
+
+
+def test_chunked_c_store_data_sets_are_written_into_the_folder_named(tmp_path, monkeypatch):
+    # restored after the test: the receive folder is process-wide in pynetdicom
+    monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    compat.receive_into(tmp_path)
+    paths = []
+
+    def store(event: evt.Event) -> int:
+        paths.append(event.dataset_path)
+        return 0x0000
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = scp.start_server(("127.0.0.1", port := free_port()), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, store)])
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", port)
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+    finally:
+        server.shutdown()
+    [path] = paths
+    assert path.parent == tmp_path and path.name.startswith(compat.INCOMING_PREFIX)
+
+
+def test_a_registered_server_is_stopped_by_ae_shutdown():
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(Verification)
+    server = ae.make_server(("127.0.0.1", free_port()))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    compat.register_server(ae, server)
+    assert server in ae._servers
+    ae.shutdown()
+    assert server not in ae._servers
+    with pytest.raises(OSError):
+        server.socket.getsockname()
+
+
+def test_a_request_is_judged_by_its_primitive_and_rejected_with_the_reason_given():
+    seen = []
+
+    def requested(event: evt.Event) -> None:
+        request = compat.association_request(event.assoc)
+        contexts = request.presentation_context_definition_list
+        seen.append((request.calling_ae_title.strip(), request.called_ae_title.strip(),
+                     [str(cx.abstract_syntax) for cx in contexts],
+                     compat.tcp_socket(event.assoc) is not None))
+        compat.reject(event.assoc, 0x01, 0x01, 0x03)
+
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", port := free_port()), block=False,
+                              evt_handlers=[(evt.EVT_REQUESTED, requested)])
+    try:
+        scu = AE(ae_title="CALLER")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="SCP")
+    finally:
+        server.shutdown()
+    assert seen == [("CALLER", "SCP", [Verification], True)]
+    assert assoc.is_rejected and not assoc.is_established
+    rejection = assoc.acceptor.primitive
+    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 3)
