@@ -1,5 +1,5 @@
-"""The derived series (CONTRACT "Derived series"): harmonised pixels in a new series that a
-PACS accepts as is and an auditor can trace to its source instances and model.
+"""The derived series (docs/interface.md, "Derived series"): harmonised pixels in a new
+series that a PACS accepts as is and an auditor can trace to its source instances and model.
 
 Each derived instance is a copy of its source instance's header (patient, study, frame of
 reference, geometry, acquisition) with: new deterministic UIDs, DERIVED/SECONDARY image

@@ -1,4 +1,4 @@
-"""``dicomnode evaluate``: the CONTRACT metrics of a model folder on held-out series.
+"""``dicomnode evaluate``: the metrics of docs/interface.md for a model folder on held-out series.
 
 The harmonised images are produced by the node's own runtime
 (:func:`pipelines.harmonise.harmonise_series` writing a derived DICOM series, read back
@@ -131,7 +131,7 @@ def domain_accuracy(sources: Sequence[Series], targets: Sequence[Series],
 def evaluate_series(model_dir: Path, sources: Sequence[Series], targets: Sequence[Series],
                     report_dir: Path | None = None, seed: int = 0,
                     log: Log = print) -> dict[str, Any]:
-    """Every CONTRACT metric for the model in ``model_dir`` on these series."""
+    """Every metric of docs/interface.md for the model in ``model_dir`` on these series."""
     info = read_model_info(model_dir)
     if not sources or not targets:
         raise EvaluationError("need at least one source and one target series")

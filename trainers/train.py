@@ -2,7 +2,7 @@
 
 Loading, pairing and splitting live in :mod:`trainers.data`, the optimisation in
 :mod:`trainers.loop` with a mode's step (:mod:`trainers.paired`, :mod:`trainers.unpaired`);
-this module wires them together and writes ``models_dir/NAME`` (CONTRACT model folder)
+this module wires them together and writes ``models_dir/NAME`` (docs/model-folder.md)
 with ``report/`` inside it.
 """
 

@@ -1,4 +1,5 @@
-"""``dicomnode evaluate``: CONTRACT metrics of a model on source/target series, JSON on stdout."""
+"""``dicomnode evaluate``: metrics (docs/interface.md) of a model on source/target series, JSON
+on stdout."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Derived series from enhanced (multi-frame) sources: same SOP Class, frames, functional groups,
-per-frame source references, CONTRACT tags, deterministic UIDs, validators."""
+per-frame source references, the tags docs/interface.md names, deterministic UIDs, validators."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The derived series: validators, geometry, every CONTRACT tag, determinism, pixel fidelity."""
+"""The derived series: validators, geometry, every tag docs/interface.md names, determinism,
+pixel fidelity."""
 
 from __future__ import annotations
 

@@ -86,11 +86,12 @@ def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route,
     mask = body_mask(load_series(target).array, modality)
     assert np.isfinite(after).all()
     closer = rmse(after, truth, mask) < rmse(before, truth, mask)
-    # Known and reported (README; the model's report/evaluation-clinical): at 512x512 the
-    # vendor model gives GE's images Siemens' noise texture, and so Siemens' noise power,
-    # which another Siemens acquisition does not share pixel for pixel (held out: PSNR
-    # 39.8 -> 39.2 dB, while the classifier goes from 0.97 to 0.55). Should that change,
-    # this fails: update the README and make it an ordinary case.
+    # Known and reported (docs/models/ct-vendor-ge-to-siemens.md; the model's
+    # report/evaluation-clinical): at 512x512 the vendor model gives GE's images Siemens'
+    # noise texture, and so Siemens' noise power, which another Siemens acquisition does
+    # not share pixel for pixel (held out: PSNR 39.8 -> 39.2 dB, while the classifier goes
+    # from 0.97 to 0.55). Should that change, this fails: update that page and make it an
+    # ordinary case.
     known_short = (route, report) == ("ct-ge-to-siemens", "evaluation-clinical")
     assert closer is not known_short
 
