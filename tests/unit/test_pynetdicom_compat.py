@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import threading
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pynetdicom
 import pytest
@@ -13,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, Association, _config, dimse_messages, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import CTImageStorage, Verification
 
@@ -30,6 +32,26 @@ def test_the_installed_pynetdicom_is_in_the_tested_range_which_pyproject_pins():
     assert pynetdicom.__version__ in pinned.specifier
 
 
+@contextmanager
+def scp(handlers: list, sop_class: str = Verification,
+        syntax: str = ExplicitVRLittleEndian) -> Iterator[int]:
+    """A pynetdicom SCP for ``sop_class`` on a free loopback port, for the block."""
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(sop_class, syntax)
+    server = ae.start_server(("127.0.0.1", port := free_port()), block=False,
+                             evt_handlers=handlers)
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+def associate(port: int, sop_class: str = Verification, **kwargs) -> Association:
+    ae = AE(ae_title="CALLER")
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    return ae.associate("127.0.0.1", port, ae_title="SCP", **kwargs)
+
+
 def test_the_reactor_naps_for_the_attribute_the_node_shortens():
     assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider.run_reactor)
     seen = []
@@ -38,18 +60,10 @@ def test_the_reactor_naps_for_the_attribute_the_node_shortens():
         compat.shorten_idle_sleep(event.assoc.dul)
         seen.append(event.assoc.dul._run_loop_delay)
 
-    scp = AE(ae_title="SCP")
-    scp.add_supported_context(Verification)
-    server = scp.start_server(("127.0.0.1", port := free_port()), block=False,
-                              evt_handlers=[(evt.EVT_CONN_OPEN, opened)])
-    try:
-        scu = AE(ae_title="SCU")
-        scu.add_requested_context(Verification)
-        assoc = scu.associate("127.0.0.1", port)
+    with scp([(evt.EVT_CONN_OPEN, opened)]) as port:
+        assoc = associate(port)
         assert assoc.is_established and assoc.send_c_echo().Status == 0
         assoc.release()
-    finally:
-        server.shutdown()
     assert seen == [compat.DUL_IDLE_SLEEP]
 
 
@@ -64,22 +78,14 @@ def test_chunked_c_store_data_sets_are_written_into_the_folder_named(tmp_path, m
         paths.append(event.dataset_path)
         return 0x0000
 
-    scp = AE(ae_title="SCP")
-    scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
-    server = scp.start_server(("127.0.0.1", port := free_port()), block=False,
-                              evt_handlers=[(evt.EVT_C_STORE, store)])
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    try:
-        scu = AE(ae_title="SCU")
-        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = scu.associate("127.0.0.1", port)
+    with scp([(evt.EVT_C_STORE, store)], CTImageStorage) as port:
+        assoc = associate(port, CTImageStorage)
         assert assoc.send_c_store(ds).Status == 0
         assoc.release()
-    finally:
-        server.shutdown()
     [path] = paths
     assert path.parent == tmp_path and path.name.startswith(compat.INCOMING_PREFIX)
 
@@ -108,16 +114,8 @@ def test_a_request_is_judged_by_its_primitive_and_rejected_with_the_reason_given
                      compat.tcp_socket(event.assoc) is not None))
         compat.reject(event.assoc, 0x01, 0x01, 0x03)
 
-    scp = AE(ae_title="SCP")
-    scp.add_supported_context(Verification)
-    server = scp.start_server(("127.0.0.1", port := free_port()), block=False,
-                              evt_handlers=[(evt.EVT_REQUESTED, requested)])
-    try:
-        scu = AE(ae_title="CALLER")
-        scu.add_requested_context(Verification)
-        assoc = scu.associate("127.0.0.1", port, ae_title="SCP")
-    finally:
-        server.shutdown()
+    with scp([(evt.EVT_REQUESTED, requested)]) as port:
+        assoc = associate(port)
     assert seen == [("CALLER", "SCP", [Verification], True)]
     assert assoc.is_rejected and not assoc.is_established
     rejection = assoc.acceptor.primitive
