@@ -35,7 +35,13 @@ from pipelines.inference import (
 from pipelines.intensity import Normalisation, denormalise, keep_source, normalise
 from pipelines.model_folder import LoadedModel, load_model_folder, read_model_info
 from pipelines.routing import Route, RoutingDecision, never_routed, route_series
-from pipelines.series import SeriesError, harmonisable_images, load_series, read_headers
+from pipelines.series import (
+    SeriesError,
+    harmonisable_images,
+    load_series,
+    read_headers,
+    readable_files,
+)
 from pipelines.spacing import resize_slices, working_shape
 from pipelines.sr import write_algorithm_sr
 
@@ -200,6 +206,9 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     ``ValueError`` for an unknown ``route_name``.
     """
     started = time.perf_counter()  # "load": headers, routing, model and pixels
+    files, broken = readable_files(files)
+    if not files:
+        return SeriesOutcome("rejected", "", "; ".join(broken) or "no files")
     try:
         headers = read_headers(files)
     except SeriesError as exc:
@@ -263,9 +272,10 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
                execution=str(execution),
                **{f"{k}_s": round(v, 3) for k, v in seconds.items()})
     reason = f"harmonised {len(paths)} images with {info.name} {info.version}"
-    if volume.warnings:
-        reason += f" ({'; '.join(volume.warnings)})"
+    warnings = (*volume.warnings, *(f"left out {line}" for line in broken))
+    if warnings:
+        reason += f" ({'; '.join(warnings)})"
     return SeriesOutcome("harmonised", uid, reason, route_label, ref, derived_uid,
-                         tuple(paths), volume.warnings, seconds, report, execution.precision,
+                         tuple(paths), warnings, seconds, report, execution.precision,
                          execution.tile)
 

@@ -39,6 +39,7 @@ from pydicom.uid import (
 )
 
 from pipelines.errors import PipelineError
+from pipelines.structure import StructureError, walk_file
 
 log = structlog.get_logger(component="series")
 
@@ -244,6 +245,21 @@ def find_series(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
         if uid:
             groups.setdefault(uid, []).append(path)
     return dict(sorted(groups.items()))
+
+
+def readable_files(files: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
+    """The files whose bytes parse completely in their transfer syntax, and a line for each
+    that does not: the rule the node receives instances by (:mod:`pipelines.structure`),
+    so a folder harmonised offline leaves out exactly what the node would have refused."""
+    good, broken = [], []
+    for path in map(Path, files):
+        try:
+            walk_file(path)
+        except (StructureError, OSError) as exc:
+            broken.append(f"{path.name}: {exc}")
+            continue
+        good.append(path)
+    return good, broken
 
 
 def read_headers(files: Iterable[str | os.PathLike[str]]) -> list[Dataset]:

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     rows = index.all_series()
     sent, send_errors = sends.summary(index), sends.last_errors(index)
     series = [{"series_uid": r["series_uid"], "state": r["state"], "instances": r["instances"],
-               "route": r["route"], "error": r["error"], "kind": r["kind"],
+               "route": r["route"], "error": r["error"], "note": r["note"], "kind": r["kind"],
                "modality": r["modality"], "source_series_uid": r["source_series_uid"],
                "sends": sent.get(r["series_uid"], {}),
                "send_error": send_error(*send_errors[r["series_uid"]])
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
                                                 sorted(counts.items()))
         error = s["error"] or s["send_error"]
         extra += f"  error={error}" if error else ""
+        extra += f"  note={s['note']}" if s["note"] else ""
         print(f"{s['state']:<11} {s['instances']:>5}  {s['modality'] or '-':<3} {s['kind']:<8}"
               f" {s['series_uid']}{extra}")
     return 0

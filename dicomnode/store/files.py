@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.uid import UID
-
 from pipelines.files import TMP_PREFIX, atomic_write, commit, fsync_dir
+
+_SAFE_NAME = re.compile(r"[0-9A-Za-z._-]{1,128}")
 
 
 class StorageFull(OSError):
@@ -74,19 +75,21 @@ def check_free_space(path: Path, needed: int, reserve_bytes: int) -> None:
                           f" {reserve_bytes // 2**20} MiB")
 
 
-def uid_component(uid: str, what: str) -> str:
-    """A UID checked for use as a path component (no traversal, no odd characters)."""
+def path_component(uid: str) -> str:
+    """A file or folder name for a UID as received: itself where it is made of letters,
+    digits, dots, dashes and underscores (every conformant UID, and the common
+    non-conformant ones such as a leading zero), else a digest of it, so no value can
+    traverse out of the spool or collide with another."""
     value = str(uid).strip().rstrip("\x00")
-    if not UID(value).is_valid:
-        raise ValueError(f"{what} {value!r} is not a valid UID")
-    return value
+    if _SAFE_NAME.fullmatch(value) and not value.startswith("."):
+        return value
+    return "u" + hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
 def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
     """Where an instance lives: ``root/<study>/<series>/<sop>.dcm``."""
-    return (root / uid_component(study_uid, "StudyInstanceUID")
-            / uid_component(series_uid, "SeriesInstanceUID")
-            / f"{uid_component(sop_uid, 'SOPInstanceUID')}.dcm")
+    return (root / path_component(study_uid) / path_component(series_uid)
+            / f"{path_component(sop_uid)}.dcm")
 
 
 def leftover_temp_files(root: Path) -> list[Path]:

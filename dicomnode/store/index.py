@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS series (
     model           TEXT,
     source_series_uid TEXT,
     error           TEXT,
-    updated_at      REAL NOT NULL
+    updated_at      REAL NOT NULL,
+    note            TEXT                 -- what was received as is but is not conformant
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
 CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
@@ -107,6 +108,8 @@ CREATE TABLE IF NOT EXISTS commitments (
 );
 CREATE INDEX IF NOT EXISTS commitments_due ON commitments(state, next_attempt);
 """
+# Columns added since the first release: an older index gains them when opened.
+ADDED_COLUMNS = (("series", "note", "TEXT"),)
 
 
 class SeriesState(StrEnum):
@@ -150,6 +153,7 @@ class InstanceRecord:
     modality: str | None
     instance_number: int | None
     attrs: dict[str, Any]
+    notes: tuple[str, ...] = ()  # conformance problems it was stored with regardless
 
 
 @dataclass(frozen=True)
@@ -171,11 +175,18 @@ class Index:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db.executescript(SCHEMA)
+            self._add_columns()
         except OSError as exc:
             raise UserError(f"cannot use {path.parent}: {exc.strerror or exc}") from None
         except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
             self.close()
             raise UserError(f"{path} is not a usable index database: {exc}") from None
+
+    def _add_columns(self) -> None:
+        for table, column, kind in ADDED_COLUMNS:
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
@@ -233,16 +244,19 @@ class Index:
             series = db.execute("SELECT state FROM series WHERE series_uid = ?",
                                 (rec.series_uid,)).fetchone()
             state = SeriesState.RECEIVING if kind == "original" else SeriesState.ARCHIVED
+            note = "; ".join(rec.notes) or None
             if series is None:
                 db.execute(
                     "INSERT INTO series (series_uid, study_uid, kind, state, modality,"
-                    " first_received, last_received, updated_at) VALUES (?,?,?,?,?,?,?,?)",
-                    (rec.series_uid, rec.study_uid, kind, state, rec.modality, now, now, now))
+                    " first_received, last_received, updated_at, note)"
+                    " VALUES (?,?,?,?,?,?,?,?,?)",
+                    (rec.series_uid, rec.study_uid, kind, state, rec.modality, now, now, now,
+                     note))
             else:
                 db.execute("UPDATE series SET state = ?, last_received = ?, updated_at = ?,"
-                           " error = CASE WHEN ? = 'receiving' THEN NULL ELSE error END"
-                           " WHERE series_uid = ?",
-                           (state, now, now, state, rec.series_uid))
+                           " error = CASE WHEN ? = 'receiving' THEN NULL ELSE error END,"
+                           " note = COALESCE(?, note) WHERE series_uid = ?",
+                           (state, now, now, state, note, rec.series_uid))
                 db.execute("UPDATE jobs SET state = ?, updated = ?, error = ?"
                            " WHERE series_uid = ? AND state = ?",
                            (JobState.CANCELLED, now, "series re-opened by a new instance",
@@ -314,6 +328,31 @@ class Index:
                                    (row["series_uid"],)).fetchone()["instances"]
             done.append((row["series_uid"], count))
         return done
+
+    def reprocess(self, series_uid: str, now: float | None = None) -> str | None:
+        """Queue a new harmonisation job for an original series that is not being received
+        or processed; None when queued, else why not. The job is a new one (attempts from
+        zero); its output has the same UIDs as any earlier run's."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            row = db.execute("SELECT kind, state, instances FROM series WHERE series_uid = ?",
+                             (series_uid,)).fetchone()
+            if row is None:
+                return "is not in the index"
+            if row["kind"] != "original":
+                return "is a harmonised series: reprocess the original it came from"
+            if row["state"] in (SeriesState.RECEIVING, SeriesState.QUEUED,
+                                SeriesState.PROCESSING):
+                return f"is {row['state']} already"
+            if not row["instances"]:
+                return "has no instances left (purged)"
+            db.execute("UPDATE series SET state = ?, completed_at = ?, updated_at = ?,"
+                       " error = NULL WHERE series_uid = ?",
+                       (SeriesState.QUEUED, now, now, series_uid))
+            db.execute("INSERT INTO jobs (series_uid, kind, state, created, updated)"
+                       " VALUES (?, 'harmonise', ?, ?, ?)",
+                       (series_uid, JobState.QUEUED, now, now))
+        return None
 
     def set_series_state(self, series_uid: str, state: str, *, only_if: Sequence[str] = (),
                          **fields: Any) -> bool:

@@ -1,42 +1,56 @@
-"""Receiving one instance: parse its header, store its bytes durably, index it.
+"""Receiving one instance: check and parse its header, store its bytes durably, index it.
 
-Kept apart from the network handler so it can be called (and tested) with plain
-bytes; the handler only translates outcomes into DIMSE status codes.
+Kept apart from the network handler so it can be called (and tested) with plain bytes or
+a file; the handler only translates outcomes into DIMSE status codes.
+
+What is taken is decided by one rule, the same as for files read offline
+(:mod:`pipelines.structure`): an instance whose bytes parse completely in their transfer
+syntax is stored and indexed as received, whatever its conformance; one whose structure
+is broken is refused (0xC000) before anything is written, so it never replaces a good
+stored copy. Non-conformant UIDs (a component with a leading zero, say) are stored as
+they are and noted (:func:`uid_problem`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
 from pydicom.pixels.utils import get_expected_length
-from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from dicomnode.net.status import CANNOT_UNDERSTAND, DATASET_MISMATCH
 from dicomnode.store.files import check_free_space, instance_path, move_into_place, store_bytes
 from dicomnode.store.index import Index, InstanceRecord
 from dicomnode.store.query import INDEXED_KEYS
-from pipelines.series import DEFER_SIZE
+from pipelines.structure import (
+    UNDEFINED,
+    Layout,
+    StructureError,
+    header_dataset,
+    tag_text,
+    walk,
+    walk_file,
+)
 
 _INDEXED_TAGS = tuple((kw, tag_for_keyword(kw)) for kw in INDEXED_KEYS)
 # Without these an instance cannot be filed (each is also one of INDEXED_KEYS).
 REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)")
-
-PIXEL_DATA = 0x7FE00010
-PIXEL_DATA_TAGS = frozenset((0x7FE00008, 0x7FE00009, PIXEL_DATA))  # float, double, integer
-UNDEFINED_LENGTH = 0xFFFFFFFF
+# What the expected length of native pixel data is computed from
+PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")
+# The elements a header parse decodes: the index's keys, the character set their text is
+# in, and what the pixel data's length is checked against
+HEADER_TAGS = frozenset([tag for _, tag in _INDEXED_TAGS] + [tag_for_keyword(k) for k in (
+    "SpecificCharacterSet", "PhotometricInterpretation", *PIXEL_DESCRIPTION)])
+UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
+_CONFORMANT_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 _UID_LOCKS = tuple(threading.Lock() for _ in range(64))
 
@@ -44,8 +58,8 @@ _UID_LOCKS = tuple(threading.Lock() for _ in range(64))
 class RejectedInstance(ValueError):
     """The instance cannot be accepted; the message says why, for the log and the peer.
 
-    The message is always our own wording (UIDs and keywords at most), never the text of
-    a parser exception: those quote raw element bytes, which can be a patient's name.
+    The message is always our own wording (UIDs, tags and lengths at most), never the text
+    of a parser exception: those quote raw element bytes, which can be a patient's name.
     ``error`` is the type of the exception that made it unreadable, ``tag`` the element.
     """
 
@@ -74,23 +88,12 @@ def _text(value: Any) -> Any:
     return str(value)
 
 
-def _tag_text(tag: int) -> str:
-    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
-
-
-def _tag_in(exc: BaseException) -> str | None:
-    """The first ``(gggg,eeee)`` tag an exception message names: safe to log on its own."""
-    found = _TAG.search(str(exc))
-    return f"({found[1]},{found[2]})".upper() if found else None
-
-
 def _indexed(ds: Dataset) -> dict[str, str | int | float]:
     """The INDEXED_KEYS the instance has, as text or numbers; a :class:`RejectedInstance`
     naming the tag of one that cannot be read.
 
     pydicom converts element values lazily, so a malformed value (wrong length, unknown
-    VR, undecodable text) only raises here, with any exception type. Only elements present
-    are converted (looked up by tag: a header holds a fraction of the keys).
+    VR, undecodable text) only raises here, with any exception type.
     """
     attrs = {}
     for keyword, tag in _INDEXED_TAGS:
@@ -100,41 +103,25 @@ def _indexed(ds: Dataset) -> dict[str, str | int | float]:
             value = ds[tag].value
         except Exception as exc:
             raise RejectedInstance(f"cannot read {keyword}", error=type(exc).__name__,
-                                   tag=_tag_text(tag)) from None
+                                   tag=tag_text(tag)) from None
         if value not in (None, ""):
             attrs[keyword] = _text(value)
     return attrs
 
 
-class _PixelDataProbe:
-    """``stop_when`` callback that ends a header read at the pixel data, noting the declared
-    length of (7FE0,0010) and where its value starts in the stream."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.length: int | None = None  # None: no integer pixel data
-        self.offset = 0
-
-    def __call__(self, tag: BaseTag, vr: str | None, length: int) -> bool:
-        if tag not in PIXEL_DATA_TAGS:
-            return False
-        if tag == PIXEL_DATA:
-            self.length, self.offset = length, self.stream.tell()  # the stream is at the value
-        return True
-
-    def available(self, ds: Dataset, size: int) -> int | None:
-        """Value bytes the pixel data has: fewer than declared when the data ends first
-        (a deflated data set is read from its own inflated stream: its declared length)."""
-        if self.length is None or self.length == UNDEFINED_LENGTH:
-            return self.length
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and UID(str(meta.get("TransferSyntaxUID", ""))).is_deflated:
-            return self.length
-        return min(self.length, size - self.offset)
-
-
-# What the expected length of native pixel data is computed from
-PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")
+def uid_problem(keyword: str, uid: str) -> str | None:
+    """Why ``uid`` is not a conformant UID (PS3.5 9.1), or None. Such UIDs are common in
+    archives and are stored as received; the reason is logged and noted on the series."""
+    if len(uid) > 64:
+        return f"{keyword} {uid} is longer than 64 characters"
+    if _CONFORMANT_UID.fullmatch(uid):
+        return None
+    if re.fullmatch(r"[0-9.]+", uid):
+        parts = uid.split(".")
+        if any(p == "" for p in parts):
+            return f"{keyword} {uid} has an empty component"
+        return f"{keyword} {uid} has a component with a leading zero"
+    return f"{keyword} {uid} has characters other than digits and dots"
 
 
 def _readable_int(ds: Dataset, keyword: str) -> bool:
@@ -155,12 +142,12 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str, length: int | None) -> 
     if length is None:
         return
     if UID(transfer_syntax).is_encapsulated:
-        if length != UNDEFINED_LENGTH:
+        if length != UNDEFINED:
             raise RejectedInstance(f"PixelData has a defined length ({length} bytes) but"
                                    f" transfer syntax {transfer_syntax} needs encapsulated"
                                    " fragments")
         return
-    if length == UNDEFINED_LENGTH:
+    if length == UNDEFINED:
         raise RejectedInstance(f"PixelData has an undefined length in the native transfer"
                                f" syntax {transfer_syntax}")
     try:
@@ -170,38 +157,37 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str, length: int | None) -> 
         raise RejectedInstance(
             f"PixelData with an unreadable {bad}" if bad else "PixelData without a readable"
             f" Image Pixel description ({', '.join(PIXEL_DESCRIPTION)})",
-            error=type(exc).__name__, tag=_tag_text(tag_for_keyword(bad)) if bad else None,
+            error=type(exc).__name__, tag=tag_text(tag_for_keyword(bad)) if bad else None,
         ) from None
     if length < expected:
         raise RejectedInstance(f"PixelData has {length} bytes; Rows, Columns, SamplesPerPixel,"
                                f" BitsAllocated and NumberOfFrames need {expected}")
 
 
-def parse_header(source: bytes | BinaryIO, transfer_syntax: str | None = None,
+def layout_of(source: Any, transfer_syntax: str | None = None) -> Layout:
+    """The walked structure of an encoded instance (bytes, or a Path read through a
+    mapping); a :class:`RejectedInstance` when it is broken."""
+    try:
+        if isinstance(source, Path):
+            return walk_file(source, transfer_syntax, HEADER_TAGS)
+        return walk(source, transfer_syntax, HEADER_TAGS)
+    except StructureError as exc:
+        raise RejectedInstance(str(exc), error="StructureError", tag=exc.tag) from None
+
+
+def parse_header(source: Any, transfer_syntax: str | None = None,
                  affected_sop_class: str | None = None,
                  affected_sop_instance: str | None = None) -> InstanceRecord:
-    """Read the identifying attributes of an encoded instance (bytes, or a file open for
-    reading at its start), checking they agree.
+    """Check an encoded instance (bytes, or a Part 10 file's Path) and read the attributes
+    the index keeps, checking the UIDs agree with the request's.
 
     ``transfer_syntax`` is the negotiated one for network input; files carry their own.
-    Whatever is wrong with the bytes, the outcome is a record or a RejectedInstance;
-    the pixel data is not read, only its length checked against the header, and neither is
-    any other element over ``DEFER_SIZE`` (a raw data object's private payload).
+    Whatever is wrong with the bytes, the outcome is a record or a RejectedInstance; no
+    value is read but the index's keys, and the pixel data's length is checked against
+    the header without decoding it.
     """
-    if isinstance(source, bytes):
-        stream, size = BytesIO(source), len(source)
-    else:
-        stream, size = source, os.fstat(source.fileno()).st_size
-    probe = _PixelDataProbe(stream)
-    try:
-        ds: Dataset = read_partial(stream, stop_when=probe, defer_size=DEFER_SIZE)
-        if transfer_syntax is None:
-            transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
-    except Exception as exc:
-        raise RejectedInstance("cannot parse dataset", error=type(exc).__name__,
-                               tag=_tag_in(exc)) from None
-    if not transfer_syntax:
-        raise RejectedInstance("no transfer syntax in the file meta information")
+    layout = layout_of(source, transfer_syntax)
+    ds = header_dataset(layout)
     attrs = _indexed(ds)
     missing = [k for k in REQUIRED if not str(attrs.get(k, "")).strip()]
     if missing:
@@ -213,16 +199,18 @@ def parse_header(source: bytes | BinaryIO, transfer_syntax: str | None = None,
     if affected_sop_instance and sop_uid != affected_sop_instance:
         raise RejectedInstance(f"SOPInstanceUID {sop_uid} does not match the request's"
                                f" {affected_sop_instance}", status=DATASET_MISMATCH)
-    _check_pixel_data(ds, transfer_syntax, probe.available(ds, size))
+    pixels = layout.pixel_data
+    _check_pixel_data(ds, layout.transfer_syntax, pixels.length if pixels else None)
     try:
         number = int(attrs["InstanceNumber"]) if "InstanceNumber" in attrs else None
     except (TypeError, ValueError):
         number = None
+    notes = tuple(problem for kw in UIDS if (problem := uid_problem(kw, str(attrs[kw]))))
     return InstanceRecord(
         sop_instance_uid=sop_uid, sop_class_uid=sop_class,
         series_uid=str(attrs["SeriesInstanceUID"]), study_uid=str(attrs["StudyInstanceUID"]),
-        transfer_syntax=transfer_syntax, modality=attrs.get("Modality"),
-        instance_number=number, attrs=attrs)
+        transfer_syntax=layout.transfer_syntax, modality=attrs.get("Modality"),
+        instance_number=number, attrs=attrs, notes=notes)
 
 
 def _uid_lock(sop_instance_uid: str) -> threading.Lock:
@@ -251,9 +239,8 @@ def receive_file(source: Path, *, index: Index, data_dir: Path, root: Path,
     Only the header is read into memory, so an instance of any size costs the same memory.
     ``source`` is already on the disk, so the free-space check asks for nothing more.
     """
+    record = parse_header(source, transfer_syntax, affected_sop_class, affected_sop_instance)
     with source.open("rb") as fh:
-        record = parse_header(fh, transfer_syntax, affected_sop_class, affected_sop_instance)
-        fh.seek(0)
         sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
         size = fh.tell()
     return _file(record, sha256, size, lambda path: move_into_place(source, path),
@@ -273,10 +260,7 @@ def _file(record: InstanceRecord, sha256: str, size: int, place: Callable[[Path]
     reconciliation removes (see :func:`dicomnode.store.recovery.reconcile`).
     """
     uid = record.sop_instance_uid
-    try:
-        path = instance_path(root, record.study_uid, record.series_uid, uid)
-    except ValueError as exc:
-        raise RejectedInstance(str(exc)) from None
+    path = instance_path(root, record.study_uid, record.series_uid, uid)
     with _uid_lock(uid):
         existing = index.instance(uid)
         old = existing["path"] if existing is not None else None
@@ -286,7 +270,7 @@ def _file(record: InstanceRecord, sha256: str, size: int, place: Callable[[Path]
             if duplicate_policy == "keep-first":
                 return ReceiveOutcome(record, data_dir / old, size, "kept-first")
             if old == str(path.relative_to(data_dir)):
-                path = path.with_name(f"{uid}-{sha256[:16]}.dcm")
+                path = path.with_name(f"{path.stem}-{sha256[:16]}.dcm")
         check_free_space(root, needed, reserve_bytes)
         place(path)
         rel = str(path.relative_to(data_dir))

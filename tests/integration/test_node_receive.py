@@ -149,7 +149,7 @@ def test_corrupted_data_sets_get_c000_rest_stored_no_patient_data_logged(node, t
         # Rows with an odd length whose bytes are the patient's name (BytesLengthException)
         _patched(files[1], tmp_path / "rows.dcm", rows, b"\x28\x00\x10\x00US\x0d\x00"
                  + name + b"\x00"),
-        # an unknown VR on StudyInstanceUID (NotImplementedError when the value is read)
+        # an unknown VR on StudyInstanceUID: not explicit VR bytes, refused by the walk
         _patched(files[2], tmp_path / "vr.dcm", b"\x20\x00\x0d\x00UI", b"\x20\x00\x0d\x00\x55\xb4"),
     ]
     # an InstanceNumber that is not a number: accepted (it is not needed to file the
@@ -168,7 +168,7 @@ def test_corrupted_data_sets_get_c000_rest_stored_no_patient_data_logged(node, t
     rejected = node.events("instance_rejected")
     assert [(e["error_type"], e["tag"], e["status"]) for e in rejected] == [
         ("BytesLengthException", "(0028,0010)", "0xC000"),
-        ("NotImplementedError", "(0020,000D)", "0xC000")]
+        ("StructureError", "(0020,000D)", "0xC000")]  # no VR: not explicit VR bytes
     uid = str(dcmread(files[0]).SeriesInstanceUID)
     series = wait_for(lambda: status(node.config).get(uid), 10, what="series indexed")
     assert series["instances"] == 4

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 import torch
-from pydicom import dcmread
+from pydicom import config, dcmread
 from torch import nn
 
 from dicomnode.cli import main
@@ -274,3 +274,22 @@ def test_load_time_includes_headers_and_routing(setup, monkeypatch):
         return route_series(datasets, routes)
     monkeypatch.setattr(harmonise_module, "route_series", slow)
     assert run(tmp_path, files).seconds["load"] >= 0.2
+
+
+def test_offline_files_are_taken_by_the_rule_the_node_receives_by(setup):
+    """What the node would refuse over the network (a truncated file) is left out offline,
+    and said; what it takes (UIDs with leading zeros) is harmonised."""
+    tmp_path, files = setup
+    cut = files[-1].read_bytes()
+    files[-1].write_bytes(cut[:len(cut) - 100])
+    outcome = run(tmp_path, files)
+    assert outcome.status == "harmonised" and len(outcome.outputs) == 2
+    assert f"left out {files[-1].name}: (7FE0,0010) declares" in outcome.reason
+    only_broken = run(tmp_path, files[-1:])
+    assert only_broken.status == "rejected" and "(7FE0,0010) declares" in only_broken.reason
+
+    def leading_zero(ds, i):
+        ds.SeriesInstanceUID = "1.2.840.113619.2.055.3.1"
+    with config.disable_value_validation():
+        odd = write_series(tmp_path / "odd", slices=2, size=16, edit=leading_zero)
+    assert run(tmp_path, odd).status == "harmonised"
