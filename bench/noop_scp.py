@@ -5,7 +5,7 @@ much of the gap to storescp is pynetdicom's own per-image cost (its DUL and DIMS
 Python) and how much is the node's durable store. Same PDU size and reactor nap as the node.
 
 ``--upto`` stops after one of the node's steps, each with the node's own code
-(:func:`dicomnode.net.compat.receive_into`, :func:`dicomnode.store.ingest.parse_header`,
+(:func:`dicomnode.net.compat.receive_with`, :func:`dicomnode.store.ingest.parse_header`,
 :func:`dicomnode.store.files.move_into_place`), so consecutive steps side by side price each one:
 
 * ``nothing`` (default): the data set is collected in memory and dropped: the floor;
@@ -32,9 +32,10 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
 from dicomnode.config import NodeSettings
-from dicomnode.net.compat import receive_into
+from dicomnode.net.compat import receive_with
 from dicomnode.scp.association import handle_conn_open
 from dicomnode.store.files import ensure_dir, instance_path, move_into_place
+from dicomnode.store.incoming import IncomingFiles
 from dicomnode.store.ingest import parse_header
 
 STEPS = ("nothing", "file", "parse", "digest", "flush")
@@ -48,10 +49,9 @@ def store_handler(upto: str, spool: Path):
         if steps < STEPS.index("parse"):
             return 0x0000
         source = Path(event.dataset_path)
-        with source.open("rb") as fh:
-            record = parse_header(fh, str(event.context.transfer_syntax))
-            if steps >= STEPS.index("digest"):
-                fh.seek(0)
+        record = parse_header(source, str(event.context.transfer_syntax))
+        if steps >= STEPS.index("digest"):
+            with source.open("rb") as fh:
                 hashlib.file_digest(fh, "sha256")
         if steps >= STEPS.index("flush"):
             move_into_place(source, instance_path(spool, record.study_uid, record.series_uid,
@@ -71,7 +71,7 @@ def main() -> None:
     work = args.dir or Path(tempfile.mkdtemp(prefix="noop-scp-"))
     if args.upto != "nothing":
         ensure_dir(work / "incoming")
-        receive_into(work / "incoming")
+        receive_with(IncomingFiles(work / "incoming", reserve_bytes=0).open)
     ae = AE(ae_title="NOOP")
     ae.maximum_pdu_size = NodeSettings.max_pdu_size  # the node's default, as bench runs it
     ae.add_supported_context(sc.CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

@@ -39,7 +39,9 @@ class NodeSettings:
     models_dir: Path = Path("models")
     accept_any_loopback: bool = True
     require_called_aet: bool = True  # reject associations addressed to another AE title
-    max_associations: int = 10
+    max_associations: int = 10  # counted from complete association requests
+    max_handshakes_per_host: int = 8  # unfinished handshakes (connections) from one host
+    max_handshakes: int = 64  # unfinished handshakes from all hosts
     max_pdu_size: int = 1_048_576  # 0 = unlimited; large PDUs = fewer messages per image
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -112,6 +114,8 @@ class Config:
 # Smallest allowed value of an integer key (others: >= 0; non-integer numbers: > 0).
 _MINIMUM = {
     ("node", "max_associations"): 1,
+    ("node", "max_handshakes_per_host"): 1,
+    ("node", "max_handshakes"): 1,
     ("node", "max_job_attempts"): 1,
     ("inference", "batch_size"): 1,
 }

@@ -5,7 +5,8 @@ Events carry UIDs, AE titles and counts; never PatientName or PatientID. The
 
 Everything goes through one stdlib handler with a structlog ``ProcessorFormatter``, so
 every line on stderr is one JSON object: our events, the libraries' stdlib loggers
-(pynetdicom, apscheduler, pydicom) and Python warnings alike. Exceptions are logged
+(pynetdicom, apscheduler, pydicom), Python warnings, exceptions that end a thread and
+those Python can only ignore (a finaliser's) alike. Exceptions are logged
 as their traceback frames and type, never their message: parser and codec messages
 quote element bytes, and with them a patient's name. Libraries never log below
 WARNING, whatever our level: pynetdicom's INFO/DEBUG output dumps identifiers and PDUs.
@@ -114,6 +115,7 @@ def configure(level: str = "info", stream: Any = None) -> None:
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     threading.excepthook = _thread_crashed
+    sys.unraisablehook = _unraisable
     # pydicom's read-time validation warns with the offending value quoted (a patient's
     # name in a malformed IS); instances are kept as received, so nothing is validated
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -127,6 +129,15 @@ def _thread_crashed(args: threading.ExceptHookArgs) -> None:
     structlog.get_logger(component="thread").error(
         "thread_crashed", thread=getattr(args.thread, "name", None),
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _unraisable(args: Any) -> None:
+    """An exception Python could not raise (a file's finaliser failing to flush on a full
+    disk, say): one JSON event instead of "Exception ignored in ..." on stderr."""
+    structlog.get_logger(component="python").error(
+        "exception_ignored", where=getattr(args.object, "__qualname__", None) or
+        type(args.object).__name__, exc_info=(args.exc_type, args.exc_value,
+                                              args.exc_traceback))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

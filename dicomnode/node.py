@@ -97,10 +97,10 @@ class Node:
         self.add_worker("harmonise", Worker(cfg, self.index).step)
         ctx = ScpContext(cfg, self.index)
         ensure_dir(cfg.incoming_dir)
-        compat.receive_into(cfg.incoming_dir)
+        compat.receive_with(ctx.incoming.open)
         try:
             self._server = start_server(self.ae, (cfg.node.host, cfg.node.port),
-                                        event_handlers(ctx), cfg.tls)
+                                        event_handlers(ctx), cfg.tls, cfg.node)
         except OSError as exc:  # taken since check_listen: only this start is affected
             raise _cannot_listen(cfg.node.host, cfg.node.port, exc) from None
         log.info("node_listening", ae_title=cfg.node.ae_title, host=cfg.node.host,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -94,17 +95,21 @@ disk_reserve_mb = 1
 class NodeProcess:
     """``dicomnode serve`` in a subprocess, logging JSON lines to a file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, file_size_limit: int | None = None) -> None:
         self.config, self.log = config, log
+        self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: its files cannot grow more
         self.proc: subprocess.Popen[bytes] | None = None
         self.port: int | None = None  # set by whoever knows it (the start_node fixture)
 
     def start(self) -> NodeProcess:
         before = len(self.events("node_listening")) if self.log.exists() else 0
         self._log = self.log.open("ab")
+        limit = self.file_size_limit
         self.proc = spawn(
             [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(self.config)],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=None if limit is None else
+            lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
         wait_for(lambda: self.proc.poll() is not None or
                  len(self.events("node_listening")) > before, 30, what="node to listen")
         assert self.proc.poll() is None, self.log.read_text()

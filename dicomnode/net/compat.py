@@ -7,8 +7,10 @@ pynetdicom offers no public option for these; each is a documented trade-off her
   C-STORE response waits for it, so the listening side shortens it;
 * where C-STORE data sets are written as they arrive (``STORE_RECV_CHUNKED_DATASET``
   writes them with ``dimse_messages.NamedTemporaryFile`` into the process's temporary
-  folder): the node points that one name at its own incoming folder, on the spool's file
-  system, so a received file is renamed into the spool rather than copied;
+  folder): the node points that one name at its own incoming files
+  (:mod:`dicomnode.store.incoming`), on the spool's file system, so a received file is
+  renamed into the spool rather than copied, and each is known by its association
+  (decoded in that association's DUL thread, whose ``assoc`` it is);
 * servers started with ``AE.make_server`` (the TLS acceptor) are registered in
   ``AE._servers`` as ``AE.start_server`` does, so ``AE.shutdown`` stops them too;
 * in an ``EVT_REQUESTED`` handler, the A-ASSOCIATE-RQ being judged is
@@ -20,10 +22,9 @@ pynetdicom offers no public option for these; each is a documented trade-off her
 
 from __future__ import annotations
 
-import functools
 import socket
-import tempfile
-from pathlib import Path
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import _config, dimse_messages
@@ -34,7 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 # The pynetdicom releases these internals were tested with (also pinned in pyproject.toml)
 TESTED_VERSIONS = ">=3.0.4,<3.1"
-INCOMING_PREFIX = "rx-"  # names of data sets being received (see receive_into)
+INCOMING_PREFIX = "rx-"  # names of data sets being received (see receive_with)
 
 # pynetdicom's DUL reactor sleeps this long whenever it finds no event (1 ms by default, its
 # documented latency/idle-CPU trade-off): a peer waiting for each C-STORE response waits for
@@ -47,13 +48,26 @@ def shorten_idle_sleep(dul: DULServiceProvider, seconds: float = DUL_IDLE_SLEEP)
     dul._run_loop_delay = seconds
 
 
-def receive_into(folder: Path) -> None:
-    """Have pynetdicom write each C-STORE data set to a file in ``folder`` as its fragments
-    arrive, instead of collecting it in memory (a 600 MB instance took 1.2 GB). Process-wide
-    for pynetdicom's DIMSE decoding only: Python's own temporary folder is left alone."""
+def receive_with(open_file: Callable[..., Any]) -> None:
+    """Have pynetdicom write each C-STORE data set as its fragments arrive, instead of
+    collecting it in memory (a 600 MB instance took 1.2 GB), into the file ``open_file``
+    returns (called with ``NamedTemporaryFile``'s arguments, in the receiving
+    association's reactor thread: :func:`receiving_association`). Process-wide for
+    pynetdicom's DIMSE decoding only: Python's own temporary files are left alone."""
     _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = functools.partial(
-        tempfile.NamedTemporaryFile, dir=str(folder), prefix=INCOMING_PREFIX)
+    dimse_messages.NamedTemporaryFile = open_file
+
+
+def receiving_association() -> Association | None:
+    """The association whose data set is being decoded: pynetdicom decodes P-DATA in the
+    association's DUL reactor thread, which knows its association."""
+    return getattr(threading.current_thread(), "assoc", None)
+
+
+def abort_from_reactor(assoc: Association) -> None:
+    """Abort ``assoc`` from inside its own reactor (a failed write while decoding): the
+    A-ABORT is queued for the reactor to send once the current step returns."""
+    assoc.abort(block=False)
 
 
 def accept_any_storage() -> None:

@@ -11,7 +11,10 @@ from dicomnode.net.policy import peer_allowed
 from dicomnode.net.status import (
     CALLED_AE_NOT_RECOGNISED,
     CALLING_AE_NOT_RECOGNISED,
+    LOCAL_LIMIT_EXCEEDED,
     REJECTED_PERMANENT,
+    REJECTED_TRANSIENT,
+    SERVICE_PROVIDER_PRESENTATION,
     SERVICE_USER,
 )
 from dicomnode.net.syntax import prefer_syntaxes
@@ -28,8 +31,9 @@ def handle_conn_open(event: evt.Event, ctx: ScpContext) -> None:
 
 
 def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
-    """Reject associations meant for another AE title or from unknown peers: A-ASSOCIATE-RJ,
-    rejected-permanent, service user, reason called / calling AE title not recognised."""
+    """Reject associations meant for another AE title or from unknown peers (A-ASSOCIATE-RJ,
+    rejected-permanent, service user, reason called / calling AE title not recognised),
+    and, with every slot held, the rest (rejected-transient, local limit exceeded)."""
     assoc = event.assoc
     request = compat.association_request(assoc)
     calling = request.calling_ae_title.strip()
@@ -42,11 +46,17 @@ def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
     else:
         reason, code = peer_allowed(ctx.config, calling, host), CALLING_AE_NOT_RECOGNISED
     if reason is None:
-        prefer_syntaxes(request.presentation_context_definition_list)
-        return
+        if ctx.slots.take(assoc):
+            prefer_syntaxes(request.presentation_context_definition_list)
+            return
+        reason = f"local limit exceeded ({ctx.slots.limit} associations)"
+        result, source, code = REJECTED_TRANSIENT, SERVICE_PROVIDER_PRESENTATION, \
+            LOCAL_LIMIT_EXCEEDED
+    else:
+        result, source = REJECTED_PERMANENT, SERVICE_USER
     log.warning("association_rejected", calling_ae=calling, called_ae=called, host=host,
                 reason=reason)
-    compat.reject(assoc, REJECTED_PERMANENT, SERVICE_USER, code)
+    compat.reject(assoc, result, source, code)
 
 
 def handle_accepted(event: evt.Event, ctx: ScpContext) -> None:
@@ -58,3 +68,10 @@ def handle_accepted(event: evt.Event, ctx: ScpContext) -> None:
 def handle_closed(event: evt.Event, ctx: ScpContext, how: str) -> None:
     r = event.assoc.requestor
     log.info(f"association_{how}", calling_ae=r.ae_title.strip(), host=r.address)
+    handle_conn_close(event, ctx)
+
+
+def handle_conn_close(event: evt.Event, ctx: ScpContext) -> None:
+    """However an association ends: its slot is free, its partial data sets gone."""
+    ctx.slots.give_back(event.assoc)
+    ctx.incoming.discard(event.assoc)

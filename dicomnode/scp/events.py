@@ -13,6 +13,7 @@ from dicomnode.net.ae import node_ae
 from dicomnode.scp.association import (
     handle_accepted,
     handle_closed,
+    handle_conn_close,
     handle_conn_open,
     handle_requested,
 )
@@ -31,6 +32,7 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
         (evt.EVT_ACCEPTED, handle_accepted, [ctx]),
         (evt.EVT_RELEASED, handle_closed, [ctx, "released"]),
         (evt.EVT_ABORTED, handle_closed, [ctx, "aborted"]),
+        (evt.EVT_CONN_CLOSE, handle_conn_close, [ctx]),
         (evt.EVT_C_ECHO, handle_echo, [ctx]),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_C_FIND, handle_find, [ctx]),
@@ -43,7 +45,9 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
 def build_ae(config: Config) -> AE:
     """An AE with our title, limits, timeouts and the non-storage contexts we accept."""
     ae = node_ae(config)
-    ae.maximum_associations = config.node.max_associations
+    # the node counts associations itself (scp.context.Slots); pynetdicom's own count also
+    # holds connections still handshaking, which the guard bounds by max_handshakes
+    ae.maximum_associations = config.node.max_associations + config.node.max_handshakes
     ae.maximum_pdu_size = config.node.max_pdu_size
     add_verification_context(ae)
     add_qr_contexts(ae)

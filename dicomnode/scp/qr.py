@@ -9,13 +9,14 @@ responses/sub-operations.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import build_context, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom import sop_class as sc
 
 from dicomnode.config import Peer
@@ -110,9 +111,35 @@ def failure(exc: Exception) -> Dataset:
     return status
 
 
-# pynetdicom sends a C-MOVE's failure status only once it holds an association with the
-# destination: these are proposed for that, so any storage SCP accepts one of them
-REFUSAL_CONTEXTS = (sc.Verification, sc.CTImageStorage, sc.MRImageStorage)
+class RefusalSink:
+    """Where a refused C-MOVE's sub-operations go: nowhere.
+
+    pynetdicom sends a C-MOVE's final status only once it holds an association with a
+    destination. A C-MOVE whose identifier must be refused (0xA900: a wildcard or empty
+    unique key) is answered so whatever its destination: down, unknown or fine. So its
+    sub-operation association is opened to this SCP of the node's own, on loopback, which
+    accepts it and is never sent anything.
+    """
+
+    CONTEXTS = (sc.Verification,)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._address: tuple[str, int] | None = None
+
+    def destination(self) -> tuple[str, int, dict[str, Any]]:
+        with self._lock:
+            if self._address is None:
+                ae = AE(ae_title="REFUSED")
+                ae.add_supported_context(sc.Verification)
+                server = ae.start_server(("127.0.0.1", 0), block=False)
+                assert server is not None  # block=False returns the running server
+                self._address = server.server_address[:2]
+        host, port = self._address
+        return host, port, {"contexts": [build_context(c) for c in self.CONTEXTS]}
+
+
+REFUSAL_SINK = RefusalSink()
 
 
 def _destination(peer: Peer, ctx: ScpContext, contexts: list[Any] | None,
@@ -125,20 +152,22 @@ def _destination(peer: Peer, ctx: ScpContext, contexts: list[Any] | None,
 
 
 def handle_move(event: evt.Event, ctx: ScpContext) -> Iterator[Any]:
+    """The identifier is judged first (a refused one is refused whatever the destination),
+    then the destination (unknown: 0xA801; down: 0xC514), then the instances are sent."""
     dest = str(event.move_destination or "").strip()
-    peer = ctx.config.peer(dest)
-    if peer is None or peer.port is None:
-        log.warning("move_destination_unknown", calling_ae=_calling(event), destination=dest)
-        yield None, None  # -> 0xA801 Move Destination Unknown
-        return
     try:
         query = parse_identifier(event.identifier, _model(event))
         rows = retrieve_rows(ctx.index, query)
     except Exception as exc:
         log.warning("move_refused", calling_ae=_calling(event), destination=dest, reason=str(exc))
-        yield _destination(peer, ctx, [build_context(c) for c in REFUSAL_CONTEXTS])
+        yield REFUSAL_SINK.destination()
         yield 1
         yield failure(exc), None
+        return
+    peer = ctx.config.peer(dest)
+    if peer is None or peer.port is None:
+        log.warning("move_destination_unknown", calling_ae=_calling(event), destination=dest)
+        yield None, None  # -> 0xA801 Move Destination Unknown
         return
     store: dict[str, Any] = {}
 

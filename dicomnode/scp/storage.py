@@ -30,6 +30,11 @@ def handle_store(event: evt.Event, ctx: ScpContext) -> int:
                     f" presentation context for {negotiated}",
                     status=f"0x{SOP_CLASS_NOT_SUPPORTED:04X}")
         return SOP_CLASS_NOT_SUPPORTED
+    refusal = ctx.incoming.refusal(event.dataset_path)
+    if refusal is not None:
+        log.error("instance_refused_disk_full",
+                  sop_instance_uid=str(request.AffectedSOPInstanceUID), reason=refusal)
+        return OUT_OF_RESOURCES
     try:
         outcome = receive_file(event.dataset_path, index=ctx.index, data_dir=ctx.data_dir,
                                root=ctx.config.spool_dir,
@@ -51,6 +56,9 @@ def handle_store(event: evt.Event, ctx: ScpContext) -> int:
                   error_type=type(exc).__name__, reason=str(exc))
         return OUT_OF_RESOURCES
     rec = outcome.record
+    if rec.notes:
+        log.warning("instance_nonconformant", sop_instance_uid=rec.sop_instance_uid,
+                    series_uid=rec.series_uid, notes=list(rec.notes))
     log.info("instance_stored", sop_instance_uid=rec.sop_instance_uid,
              series_uid=rec.series_uid, study_uid=rec.study_uid, bytes=outcome.size,
              transfer_syntax=ts, action=outcome.action, reopened_series=outcome.reopened)

@@ -221,6 +221,16 @@ def test_movescu_series_pending_counts_and_unknown_destination(qr, tmp_path):
     assert event["destination"] == "DOWN" and event["instances"] == 4
     assert "association with DOWN" in event["reason"]
 
+    # the identifier is judged before the destination: a refused one is refused (0xA900)
+    # whether its destination is down, unknown or up
+    for destination in ("DOWN", "NOWHERE"):
+        refused = subprocess.run([*base[:-2], "-k", "SeriesInstanceUID=*", "-aem", destination,
+                                  "127.0.0.1", str(qr.port)], capture_output=True, text=True,
+                                 timeout=60, env=dcmtk_env())
+        text = refused.stdout + refused.stderr
+        assert "0xa900" in text.lower(), text
+        assert "0xa801" not in text.lower() and "0xc514" not in text.lower(), text
+
 
 def test_getscu_study(qr, tmp_path):
     out = tmp_path / "got"

@@ -4,6 +4,7 @@ what the node needs: a pynetdicom release that changes them fails here, not in p
 from __future__ import annotations
 
 import inspect
+import tempfile
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -67,15 +68,22 @@ def test_the_reactor_naps_for_the_attribute_the_node_shortens():
     assert seen == [compat.DUL_IDLE_SLEEP]
 
 
-def test_chunked_c_store_data_sets_are_written_into_the_folder_named(tmp_path, monkeypatch):
+def test_chunked_c_store_data_sets_are_written_where_the_node_opens_them(tmp_path, monkeypatch):
     # restored after the test: the receive folder is process-wide in pynetdicom
     monkeypatch.setattr(dimse_messages, "NamedTemporaryFile", dimse_messages.NamedTemporaryFile)
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
-    compat.receive_into(tmp_path)
+    opened = []
+
+    def open_file(**kwargs):
+        opened.append(compat.receiving_association())
+        return tempfile.NamedTemporaryFile(dir=tmp_path, prefix=compat.INCOMING_PREFIX,
+                                           **kwargs)
+
+    compat.receive_with(open_file)
     paths = []
 
     def store(event: evt.Event) -> int:
-        paths.append(event.dataset_path)
+        paths.append((event.dataset_path, event.assoc))
         return 0x0000
 
     ds = Dataset()
@@ -86,8 +94,9 @@ def test_chunked_c_store_data_sets_are_written_into_the_folder_named(tmp_path, m
         assoc = associate(port, CTImageStorage)
         assert assoc.send_c_store(ds).Status == 0
         assoc.release()
-    [path] = paths
+    [(path, assoc)] = paths
     assert path.parent == tmp_path and path.name.startswith(compat.INCOMING_PREFIX)
+    assert opened == [assoc]  # the file was opened knowing its association
 
 
 def test_a_registered_server_is_stopped_by_ae_shutdown():
