@@ -20,6 +20,7 @@ COMMANDS = (
     "status",
     "echo",
     "resend",
+    "reprocess",
     "route",
     "harmonise",
     "models",

@@ -21,6 +21,7 @@ from tests.dicom_factory import raw_data, siemens_non_image, write_companions, w
 from tests.model_factory import make_plain_model
 from tests.nodeutil import (
     NodeProcess,
+    cli,
     free_port,
     get_series,
     getscu_study,
@@ -309,3 +310,40 @@ PatientID = "*"
         assert got_csa == sent_csa
     finally:
         node.stop()
+
+
+def test_reprocess_runs_failed_harmonisations_again_once_their_cause_is_gone(setup):
+    """A series whose model folder was broken fails; once the folder is fixed,
+    ``dicomnode reprocess --failed`` harmonises it; reprocessing a harmonised series writes
+    the same derived series (same UIDs) and sends nothing again."""
+    tmp_path, port, config = setup
+    broken = write_series(tmp_path / "broken", slices=3, size=32, kernel="B90f", seed=8)
+    uid = str(dcmread(broken[0]).SeriesInstanceUID)
+    node = NodeProcess(config, tmp_path / "node.log").start()
+    try:
+        storescu(port, broken)
+        wait_for(lambda: status(config).get(uid, {}).get("state") == "failed", 60,
+                 what="the series to fail on its broken model")
+        make_plain_model(tmp_path / "models", "ct-broken")  # the folder is fixed
+        out = cli("reprocess", "--failed", "--config", str(config))
+        assert out.stdout.strip() == "1 series queued for harmonisation"
+        wait_for(lambda: status(config)[uid]["state"] == "harmonised", 60,
+                 what="the reprocessed series to be harmonised")
+        [derived] = derived_rows(config)
+        again = cli("reprocess", "--series", uid, "--config", str(config))
+        assert again.stdout.strip() == "1 series queued for harmonisation"
+        wait_for(lambda: len([e for e in node.events("series_harmonised")
+                              if e["component"] == "worker"]) == 2, 60, what="the second run")
+        [rerun] = derived_rows(config)
+        assert rerun["series_uid"] == derived["series_uid"]
+        assert rerun["instances"] == derived["instances"]
+        refused = cli("reprocess", "--series", derived["series_uid"], "--config", str(config),
+                      check=False)
+        assert refused.returncode == 2
+        assert refused.stderr.strip().endswith("is a harmonised series: reprocess the original"
+                                               " it came from")
+        unknown = cli("reprocess", "--series", "1.2.3.4", "--config", str(config), check=False)
+        assert unknown.returncode == 2 and "is not in the index" in unknown.stderr
+        assert cli("reprocess", "--failed", "--config", str(config)).stdout.startswith("0 ")
+    finally:
+        assert node.stop() == 0
