@@ -2,7 +2,7 @@
 
 ``bench/receive.py`` runs it beside dcmtk's storescp and the node, so the report shows how
 much of the gap to storescp is pynetdicom's own per-image cost (its DUL and DIMSE layers in
-Python) and how much is the node's durable store. Same PDU size and reactor nap as the node.
+Python) and how much is the node's durable store. Same PDU size and reactor naps as the node.
 
 ``--upto`` stops after one of the node's steps, each with the node's own code
 (:func:`dicomnode.net.compat.receive_with`, :func:`dicomnode.store.ingest.parse_header`,
@@ -32,7 +32,7 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
 from dicomnode.config import NodeSettings
-from dicomnode.net.compat import receive_with
+from dicomnode.net.compat import receive_with, wake_handlers, wake_on_work
 from dicomnode.scp.association import handle_conn_open
 from dicomnode.store.files import ensure_dir, instance_path, move_into_place
 from dicomnode.store.incoming import IncomingFiles
@@ -72,12 +72,13 @@ def main() -> None:
     if args.upto != "nothing":
         ensure_dir(work / "incoming")
         receive_with(IncomingFiles(work / "incoming", reserve_bytes=0).open)
+    wake_on_work()  # the node's reactor naps
     ae = AE(ae_title="NOOP")
     ae.maximum_pdu_size = NodeSettings.max_pdu_size  # the node's default, as bench runs it
     ae.add_supported_context(sc.CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.add_supported_context(sc.Verification)
     handlers = [(evt.EVT_C_STORE, store_handler(args.upto, work / "spool")),
-                (evt.EVT_CONN_OPEN, handle_conn_open, [None])]
+                (evt.EVT_CONN_OPEN, handle_conn_open, [None]), *wake_handlers()]
     ae.start_server(("127.0.0.1", args.port), evt_handlers=handlers)
 
 

@@ -98,6 +98,7 @@ class Node:
         ctx = ScpContext(cfg, self.index)
         ensure_dir(cfg.incoming_dir)
         compat.receive_with(ctx.incoming.open)
+        compat.wake_on_work()
         try:
             self._server = start_server(self.ae, (cfg.node.host, cfg.node.port),
                                         event_handlers(ctx), cfg.tls, cfg.node)
@@ -141,6 +142,7 @@ class Node:
         drained = drained and not any(thread.is_alive() for thread in self._workers)
         self.scheduler.shutdown(wait=True)
         self.sweep()  # series that went quiet while stopping are persisted as complete
+        self.index.checkpoint()  # the receipts' commits too: the walk is skipped next start
         self.index.close()
         if drained:  # else an aborted transfer or job may have left files: walk next start
             mark_clean_stop(self.config.node.data_dir)

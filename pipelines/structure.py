@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import re
 import struct
 import zlib
 from collections.abc import Collection
@@ -95,7 +96,7 @@ def _dictionary_vr(tag: int) -> str | None:
 
 
 class _Walker:
-    def __init__(self, buf: Any, little: bool, want: Collection[int]) -> None:
+    def __init__(self, buf: Any, little: bool, want: Collection[int] | None) -> None:
         self.buf, self.want = buf, want
         order = "<" if little else ">"
         self.tag_len = struct.Struct(order + "HHL")  # tag + 4-byte length (implicit, items)
@@ -158,7 +159,7 @@ class _Walker:
                                          f" {limit - start} remain", tag)
                 if sequence:
                     self.sequence(start, pos, depth, implicit, tag)
-            if depth == 0 and tag in self.want:
+            if depth == 0 and (self.want is None or tag in self.want):
                 self.found[tag] = Element(tag, vr, length, start)
 
     def sequence(self, pos: int, end: int | None, depth: int, implicit: bool,
@@ -242,9 +243,10 @@ def _text(buf: Any, element: Element) -> str:
 
 
 def walk(buf: Any, transfer_syntax: str | None = None,
-         want: Collection[int] = ()) -> Layout:
+         want: Collection[int] | None = ()) -> Layout:
     """Check that ``buf`` holds a whole data set (with or without file meta information)
-    and find its top-level elements in ``want`` (pixel data is always found).
+    and find its top-level elements in ``want`` (pixel data is always found; None: every
+    top-level element).
 
     ``transfer_syntax`` is the one the data set is encoded in where it is known apart from
     the bytes (a C-STORE's negotiated one); otherwise the file meta's, and implicit VR
@@ -266,7 +268,7 @@ def walk(buf: Any, transfer_syntax: str | None = None,
         # a file whose meta names the wrong VR encoding: read it as pydicom does, by
         # whether its first element has a VR (a C-STORE's negotiated syntax is binding)
         implicit = not _has_vr(data, offset)
-    walker = _Walker(data, little, frozenset(want) | {PIXEL_DATA})
+    walker = _Walker(data, little, None if want is None else frozenset(want) | {PIXEL_DATA})
     walker.dataset(offset, len(data), 0, implicit)
     return Layout(str(uid), implicit, little, data, offset, meta, walker.found)
 
@@ -298,6 +300,109 @@ def _inflate(buf: Any, start: int) -> bytes:
         raise StructureError(f"the deflated data set inflates beyond {MAX_INFLATED >> 20}"
                              " MiB")
     return data
+
+
+# Reading values: the common cases decoded here, exactly as pydicom decodes them (checked by
+# tests/unit/test_structure.py against pydicom on real and generated files), the rest by
+# pydicom. A header parse decodes a few dozen values per instance, and pydicom's general
+# conversion costs most of it.
+_STRINGS = frozenset(("AS", "CS", "DA", "DT", "TM", "UI"))   # rstrip " \0", split on "\"
+_TEXTS = frozenset(("LO", "SH", "UC"))                       # split on "\", rstrip each
+_SINGLE_TEXTS = frozenset(("LT", "ST", "UT"))                 # one value, rstrip
+_INTEGERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l"}
+_PLAIN_ASCII = re.compile(rb"[\x20-\x7e\x00]*")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+class _Slow(Exception):
+    """This value is pydicom's to decode."""
+
+
+def _direct(vr: str, raw: bytes, little: bool) -> Any:
+    """The value of one element as the index keeps it (text, or a single number),
+    decoded from plain ASCII bytes; :class:`_Slow` for anything else."""
+    if vr in _INTEGERS:
+        code = _INTEGERS[vr]
+        if len(raw) != struct.calcsize("<" + code):
+            raise _Slow
+        return struct.unpack(("<" if little else ">") + code, raw)[0]
+    if not _PLAIN_ASCII.fullmatch(raw):
+        raise _Slow  # another character set's bytes, or escape sequences
+    text = raw.decode("ascii")
+    if vr in _STRINGS:
+        values = text.rstrip(" \x00").split("\\")
+    elif vr == "PN":
+        values = text.rstrip("\x00 ").split("\\")
+    elif vr in _TEXTS:
+        values = [v.rstrip("\x00 ") for v in text.split("\\")]
+    elif vr in _SINGLE_TEXTS:
+        return text.rstrip("\x00 ")
+    elif vr == "AE":
+        values = [v.strip() for v in text.split("\\")]
+    elif vr in ("IS", "DS"):
+        number = text.strip(" \x00")
+        if "\\" in number:
+            raise _Slow
+        if not number:
+            return None
+        if vr == "IS" and _INTEGER.fullmatch(number):
+            return int(number)
+        if vr == "DS" and _DECIMAL.fullmatch(number):
+            return float(number)
+        raise _Slow
+    else:
+        raise _Slow
+    return values[0] if len(values) == 1 else "\\".join(values)
+
+
+def index_value(value: Any) -> Any:
+    """A value pydicom read, as the index keeps it: text (multiple values joined with
+    ``\\``) or a number."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, int | float):
+        return value
+    return str(value)
+
+
+def header_values(layout: Layout) -> dict[int, Any]:
+    """The found elements' values (pixel data aside) as the index keeps them, decoded
+    directly from plain ASCII text and single numbers, by pydicom otherwise (character
+    sets, UN of unknown tags, multiple numbers). A value that cannot be read is the
+    exception reading it raised, for the caller to report by tag."""
+    out: dict[int, Any] = {}
+    slow = []
+    buf, little = layout.buffer, layout.little
+    for tag, e in layout.elements.items():
+        if tag == PIXEL_DATA:
+            continue
+        vr = e.vr if e.vr not in (None, "UN") else _dictionary_vr(tag) or e.vr or "UN"
+        if e.vr == "UN" and not little:
+            slow.append(tag)  # UN holds little endian values whatever the syntax
+            continue
+        try:
+            out[tag] = _direct(vr, bytes(buf[e.offset:e.offset + e.length]), little)
+        except _Slow:
+            slow.append(tag)
+    if slow:
+        ds = header_dataset(layout)
+        for tag in slow:
+            try:
+                out[tag] = index_value(ds[tag].value)
+            except Exception as exc:  # any converter's failure, by type
+                out[tag] = exc
+    return out
+
+
+def expected_pixel_bytes(rows: int, columns: int, samples: int, bits: int, frames: int,
+                         photometric: str) -> int:
+    """The length native pixel data needs (pydicom's ``get_expected_length``)."""
+    length = rows * columns * samples * (frames or 1)
+    length = length // 8 + (length % 8 > 0) if bits == 1 else length * (bits // 8)
+    return length // 3 * 2 if photometric == "YBR_FULL_422" else length
 
 
 def header_dataset(layout: Layout) -> Dataset:

@@ -32,8 +32,9 @@ class Orthanc:
 
     def __init__(self, folder: Path, aet: str = "ORTHANC",
                  modalities: dict[str, tuple[str, int]] | None = None,
-                 dicom_port: int | None = None, extra: dict[str, Any] | None = None) -> None:
-        self.folder, self.aet = folder, aet
+                 dicom_port: int | None = None, extra: dict[str, Any] | None = None,
+                 verbose: bool = True) -> None:
+        self.folder, self.aet, self.verbose = folder, aet, verbose
         self.modalities = dict(modalities or {})
         self.extra = dict(extra or {})  # configuration options over the defaults below
         self.dicom_port = dicom_port or free_port()
@@ -88,7 +89,9 @@ class Orthanc:
         config = self.write_config()
         self._log = self.log.open("ab")
         # --verbose logs one "Incoming Store request" line per C-STORE: counts receptions
-        self.proc = spawn([str(ORTHANC), "--verbose", str(config)], stdout=self._log,
+        # (a benchmark leaves it out: Orthanc as installed logs less)
+        self.proc = spawn([str(ORTHANC), *(["--verbose"] if self.verbose else []), str(config)],
+                          stdout=self._log,
                           stderr=subprocess.STDOUT, cwd=self.folder)
         wait_for(lambda: self.proc.poll() is not None or self._alive(), 30,
                  what="Orthanc to start")

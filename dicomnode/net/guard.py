@@ -120,6 +120,7 @@ class PduGuard:
         self.closing = False                 # sending A-ABORT / A-ASSOCIATE-RJ
         self.closing_deadline: float | None = None  # sent: the peer's time to close
         self.ended = False
+        self.timeout = float("inf")          # the raw socket's, as last set
 
     # --- reading --------------------------------------------------------------------
 
@@ -201,7 +202,8 @@ class PduGuard:
         try:
             if left <= 0:
                 raise TimeoutError
-            self.raw.settimeout(left)
+            if left < self.timeout / 2:  # the socket's timeout follows the deadline down
+                self._set_timeout(left)
             return self.raw.recv(count)
         except TimeoutError:
             self._refuse(abort_pdu(), "peer_too_slow", waiting_for=what,
@@ -211,12 +213,16 @@ class PduGuard:
             self.end()
             raise _Cut from None
 
+    def _set_timeout(self, seconds: float) -> None:
+        self.raw.settimeout(seconds)
+        self.timeout = seconds
+
     def _refuse(self, pdu: bytes, event: str, **fields: Any) -> NoReturn:
         """Answer with ``pdu`` and end the connection now (what the peer still sends is
         not read: the guard refused to)."""
         log.warning(event, host=self.host, **fields)
         try:
-            self.raw.settimeout(self.limits.pdu)
+            self._set_timeout(self.limits.pdu)
             self.raw.sendall(pdu)
             self.raw.shutdown(socket.SHUT_WR)
         except OSError:
@@ -229,7 +235,7 @@ class PduGuard:
         assert self.closing_deadline is not None
         try:
             while (left := self.closing_deadline - time.monotonic()) > 0:
-                self.raw.settimeout(left)
+                self._set_timeout(left)
                 if not self.raw.recv(65536):
                     break
         except OSError:
@@ -249,7 +255,8 @@ class PduGuard:
         if not self.out_left and len(data) >= 6:
             self.out_left = 6 + int.from_bytes(data[2:6], "big")
             self.closing = data[0] in (A_ABORT, A_ASSOCIATE_RJ)
-        self.raw.settimeout(self.limits.pdu)
+        if self.timeout != self.limits.pdu:
+            self._set_timeout(self.limits.pdu)
         sent = self.raw.send(data)
         self.out_left = max(0, self.out_left - sent)
         if self.closing and not self.out_left and self.closing_deadline is None:

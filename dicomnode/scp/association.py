@@ -24,9 +24,7 @@ log = get_logger("scp")
 
 
 def handle_conn_open(event: evt.Event, ctx: ScpContext) -> None:
-    """Disable Nagle (a C-STORE response is tiny and must not wait for a delayed ACK) and
-    shorten the reactor's idle nap."""
-    compat.shorten_idle_sleep(event.assoc.dul)
+    """Disable Nagle: a C-STORE response is tiny and must not wait for a delayed ACK."""
     nodelay(event)
 
 

@@ -48,9 +48,11 @@ class ScpContext:
     index: Index
     incoming: IncomingFiles = field(init=False)
     slots: Slots = field(init=False)
+    receipts: Index = field(init=False)  # received instances: durable by their files
 
     def __post_init__(self) -> None:
         node = self.config.node
+        self.receipts = Index(self.config.index_path, durable=False)
         self.incoming = IncomingFiles(self.config.incoming_dir,
                                       node.disk_reserve_mb * 2**20)
         self.slots = Slots(node.max_associations)

@@ -9,6 +9,7 @@ from typing import Any
 from pynetdicom import AE, evt
 
 from dicomnode.config import Config
+from dicomnode.net import compat
 from dicomnode.net.ae import node_ae
 from dicomnode.scp.association import (
     handle_accepted,
@@ -39,6 +40,7 @@ def event_handlers(ctx: ScpContext) -> list[tuple[Any, ...]]:
         (evt.EVT_C_MOVE, handle_move, [ctx]),
         (evt.EVT_C_GET, handle_get, [ctx]),
         (evt.EVT_N_ACTION, handle_n_action, [ctx]),
+        *compat.wake_handlers(),
     ]
 
 

@@ -36,12 +36,13 @@ def handle_store(event: evt.Event, ctx: ScpContext) -> int:
                   sop_instance_uid=str(request.AffectedSOPInstanceUID), reason=refusal)
         return OUT_OF_RESOURCES
     try:
-        outcome = receive_file(event.dataset_path, index=ctx.index, data_dir=ctx.data_dir,
+        outcome = receive_file(event.dataset_path, index=ctx.receipts, data_dir=ctx.data_dir,
                                root=ctx.config.spool_dir,
                                reserve_bytes=node.disk_reserve_mb * 2**20,
                                duplicate_policy=node.duplicate_policy, transfer_syntax=ts,
                                affected_sop_class=str(request.AffectedSOPClassUID),
-                               affected_sop_instance=str(request.AffectedSOPInstanceUID))
+                               affected_sop_instance=str(request.AffectedSOPInstanceUID),
+                               written=ctx.incoming.written(event.dataset_path))
     except RejectedInstance as exc:
         log.warning("instance_rejected", sop_instance_uid=str(request.AffectedSOPInstanceUID),
                     calling_ae=event.assoc.requestor.ae_title.strip(), reason=str(exc),

@@ -14,15 +14,18 @@ handler moved into the spool survives it.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import tempfile
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from dicomnode.log import get_logger
 from dicomnode.net import compat
-from dicomnode.store.files import StorageFull, check_free_space
+from dicomnode.store.files import StorageFull
 
 log = get_logger("incoming")
 
@@ -30,12 +33,15 @@ log = get_logger("incoming")
 class IncomingFile:
     """One data set being written: pynetdicom's ``write``, ``file.flush``, ``name`` and
     ``close``; a failed write closes and deletes it, aborts the association, and drops
-    the rest of the data set."""
+    the rest of the data set. Its SHA-256 is taken as the bytes pass (pynetdicom writes
+    the file front to back), so the stored file need not be read again for it."""
 
     def __init__(self, files: IncomingFiles, raw: Any, assoc: Any) -> None:
         self._files, self._raw, self._assoc = files, raw, assoc
         self.name = raw.name
         self.failed = False
+        self.digest = hashlib.sha256()
+        self.size = 0
 
     @property
     def file(self) -> IncomingFile:
@@ -50,10 +56,13 @@ class IncomingFile:
             self._fail(exc, abort=False)
             return len(data)
         try:
-            return self._raw.write(data)
+            written = self._raw.write(data)
         except OSError as exc:
             self._fail(exc)
             return len(data)
+        self.digest.update(data)
+        self.size += written
+        return written
 
     def flush(self) -> None:
         if not self.failed:
@@ -92,7 +101,9 @@ class IncomingFiles:
         self.folder, self.reserve_bytes = folder, reserve_bytes
         self._lock = threading.Lock()
         self._by_association: dict[Any, list[Path]] = defaultdict(list)
+        self._open: dict[str, IncomingFile] = {}
         self._refused: dict[str, str] = {}  # file -> why it was not written whole
+        self._room, self._looked = -1, 0.0  # bytes above the reserve at the last look
 
     def open(self, **kwargs: Any) -> IncomingFile:
         """What pynetdicom calls for each data set it receives (``NamedTemporaryFile``'s
@@ -100,14 +111,28 @@ class IncomingFiles:
         raw = tempfile.NamedTemporaryFile(dir=self.folder, prefix=compat.INCOMING_PREFIX,
                                           **kwargs)  # noqa: SIM115 - closed by pynetdicom
         assoc = compat.receiving_association()
+        incoming = IncomingFile(self, raw, assoc)
         with self._lock:
             self._by_association[assoc].append(Path(raw.name))
-        return IncomingFile(self, raw, assoc)
+            self._open[raw.name] = incoming
+        return incoming
 
     def check_room(self, size: int) -> None:
         """Raise :class:`StorageFull` when writing ``size`` bytes would leave less free
-        than the reserve."""
-        check_free_space(self.folder, size, self.reserve_bytes)
+        than the reserve. The free space is asked of the file system again once what was
+        left above the reserve at the last look is used up, or a second has passed (other
+        writers share the disk): one ``statvfs`` per second or so, not one per fragment."""
+        with self._lock:
+            self._room -= size
+            if self._room >= 0 and time.monotonic() - self._looked < 1.0:
+                return
+        free = shutil.disk_usage(self.folder).free
+        with self._lock:
+            self._room, self._looked = free - self.reserve_bytes - size, time.monotonic()
+            if self._room >= 0:
+                return
+        raise StorageFull(f"{free // 2**20} MiB free at {self.folder}, reserve is"
+                          f" {self.reserve_bytes // 2**20} MiB")
 
     def refuse(self, name: str, reason: str) -> None:
         with self._lock:
@@ -118,6 +143,13 @@ class IncomingFiles:
         with self._lock:
             return self._refused.pop(str(path), None)
 
+    def written(self, path: Path | str) -> tuple[str, int] | None:
+        """The SHA-256 and size of the data set received into ``path`` (taken as it was
+        written), or None for a file these did not open."""
+        with self._lock:
+            incoming = self._open.pop(str(path), None)
+        return None if incoming is None else (incoming.digest.hexdigest(), incoming.size)
+
     def discard(self, assoc: Any) -> int:
         """Delete what is left of ``assoc``'s files (moved ones are gone already); how many
         were deleted."""
@@ -125,6 +157,7 @@ class IncomingFiles:
             paths = self._by_association.pop(assoc, [])
             for path in paths:
                 self._refused.pop(str(path), None)
+                self._open.pop(str(path), None)
         removed = 0
         for path in paths:
             try:

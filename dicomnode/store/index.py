@@ -7,6 +7,14 @@ SQLite in WAL mode with ``synchronous=FULL``: a committed transaction survives a
 cut, readers never block the writer, and every state change that matters (instance
 indexed, series completed + job queued, job claimed / finished) is one transaction.
 Each thread gets its own connection.
+
+The C-STORE handlers index received instances through an ``Index`` opened with
+``durable=False`` (``synchronous=NORMAL``): their commits survive the process dying
+(``kill -9``) but not a power cut. What makes such an instance durable is its file,
+fsynced and renamed into the spool before Success; after a power cut, start-up
+reconciliation (:func:`dicomnode.store.recovery.reconcile`) indexes every spool file the
+index lost, so no acknowledged instance is lost and the WAL's fsync leaves the critical
+path.
 """
 
 from __future__ import annotations
@@ -169,8 +177,9 @@ class Job:
 class Index:
     """Thread-safe access to the node's SQLite index."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, durable: bool = True) -> None:
         self.path = path
+        self.synchronous = "FULL" if durable else "NORMAL"
         self._local = threading.local()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +202,7 @@ class Index:
                              check_same_thread=True)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA foreign_keys=ON")
         return db
 
@@ -203,6 +212,11 @@ class Index:
         if conn is None:
             conn = self._local.conn = self._connect()
         return conn
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file and sync it: every commit so far, those of
+        ``durable=False`` connections too, survives a power cut from here on."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

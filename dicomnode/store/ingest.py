@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataset import Dataset
-from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
 
 from dicomnode.net.status import CANNOT_UNDERSTAND, DATASET_MISMATCH
@@ -34,7 +32,8 @@ from pipelines.structure import (
     UNDEFINED,
     Layout,
     StructureError,
-    header_dataset,
+    expected_pixel_bytes,
+    header_values,
     tag_text,
     walk,
     walk_file,
@@ -49,6 +48,7 @@ PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "Num
 # in, and what the pixel data's length is checked against
 HEADER_TAGS = frozenset([tag for _, tag in _INDEXED_TAGS] + [tag_for_keyword(k) for k in (
     "SpecificCharacterSet", "PhotometricInterpretation", *PIXEL_DESCRIPTION)])
+PHOTOMETRIC = tag_for_keyword("PhotometricInterpretation")
 UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
 _CONFORMANT_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
@@ -78,34 +78,18 @@ class ReceiveOutcome:
     reopened: bool = False
 
 
-def _text(value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    if isinstance(value, int | float):
-        return value
-    return str(value)
-
-
-def _indexed(ds: Dataset) -> dict[str, str | int | float]:
+def _indexed(values: dict[int, Any]) -> dict[str, str | int | float]:
     """The INDEXED_KEYS the instance has, as text or numbers; a :class:`RejectedInstance`
-    naming the tag of one that cannot be read.
-
-    pydicom converts element values lazily, so a malformed value (wrong length, unknown
-    VR, undecodable text) only raises here, with any exception type.
-    """
+    naming the tag of one that cannot be read (a malformed value: wrong length, undecodable
+    text)."""
     attrs = {}
     for keyword, tag in _INDEXED_TAGS:
-        if tag not in ds:
-            continue
-        try:
-            value = ds[tag].value
-        except Exception as exc:
-            raise RejectedInstance(f"cannot read {keyword}", error=type(exc).__name__,
-                                   tag=tag_text(tag)) from None
+        value = values.get(tag)
+        if isinstance(value, Exception):
+            raise RejectedInstance(f"cannot read {keyword}", error=type(value).__name__,
+                                   tag=tag_text(tag))
         if value not in (None, ""):
-            attrs[keyword] = _text(value)
+            attrs[keyword] = value
     return attrs
 
 
@@ -124,18 +108,24 @@ def uid_problem(keyword: str, uid: str) -> str | None:
     return f"{keyword} {uid} has characters other than digits and dots"
 
 
-def _readable_int(ds: Dataset, keyword: str) -> bool:
-    """Whether ``keyword`` is absent (optional ones default) or reads as one integer."""
-    if keyword not in ds:
-        return keyword == "NumberOfFrames"
-    try:
-        int(ds[keyword].value)
-    except Exception:
-        return False
-    return True
+def _pixel_description(values: dict[int, Any]) -> dict[str, Any]:
+    """Rows, Columns, BitsAllocated, SamplesPerPixel and NumberOfFrames (1 when absent) as
+    integers; a :class:`RejectedInstance` naming the first that is not one."""
+    out = {}
+    for keyword in PIXEL_DESCRIPTION:
+        tag = tag_for_keyword(keyword)
+        value = values.get(tag, 1 if keyword == "NumberOfFrames" else None)
+        try:
+            out[keyword] = int(value)
+        except (TypeError, ValueError) as exc:
+            failure = value if isinstance(value, Exception) else exc
+            raise RejectedInstance(f"PixelData with an unreadable {keyword}",
+                                   error=type(failure).__name__, tag=tag_text(tag)) from None
+    return out
 
 
-def _check_pixel_data(ds: Dataset, transfer_syntax: str, length: int | None) -> None:
+def _check_pixel_data(values: dict[int, Any], transfer_syntax: str,
+                      length: int | None) -> None:
     """Reject pixel data that cannot be decoded as its header describes it, before it can
     replace a good stored copy: native data shorter than Rows x Columns x samples x bits x
     frames, or encapsulated data that is not encapsulated (a defined length)."""
@@ -150,15 +140,10 @@ def _check_pixel_data(ds: Dataset, transfer_syntax: str, length: int | None) -> 
     if length == UNDEFINED:
         raise RejectedInstance(f"PixelData has an undefined length in the native transfer"
                                f" syntax {transfer_syntax}")
-    try:
-        expected = int(get_expected_length(ds, unit="bytes"))
-    except Exception as exc:
-        bad = next((kw for kw in PIXEL_DESCRIPTION if not _readable_int(ds, kw)), None)
-        raise RejectedInstance(
-            f"PixelData with an unreadable {bad}" if bad else "PixelData without a readable"
-            f" Image Pixel description ({', '.join(PIXEL_DESCRIPTION)})",
-            error=type(exc).__name__, tag=tag_text(tag_for_keyword(bad)) if bad else None,
-        ) from None
+    d = _pixel_description(values)
+    expected = expected_pixel_bytes(d["Rows"], d["Columns"], d["SamplesPerPixel"],
+                                    d["BitsAllocated"], d["NumberOfFrames"],
+                                    str(values.get(PHOTOMETRIC, "")))
     if length < expected:
         raise RejectedInstance(f"PixelData has {length} bytes; Rows, Columns, SamplesPerPixel,"
                                f" BitsAllocated and NumberOfFrames need {expected}")
@@ -187,8 +172,8 @@ def parse_header(source: Any, transfer_syntax: str | None = None,
     the header without decoding it.
     """
     layout = layout_of(source, transfer_syntax)
-    ds = header_dataset(layout)
-    attrs = _indexed(ds)
+    values = header_values(layout)
+    attrs = _indexed(values)
     missing = [k for k in REQUIRED if not str(attrs.get(k, "")).strip()]
     if missing:
         raise RejectedInstance(f"missing required attribute(s): {', '.join(missing)}")
@@ -200,7 +185,7 @@ def parse_header(source: Any, transfer_syntax: str | None = None,
         raise RejectedInstance(f"SOPInstanceUID {sop_uid} does not match the request's"
                                f" {affected_sop_instance}", status=DATASET_MISMATCH)
     pixels = layout.pixel_data
-    _check_pixel_data(ds, layout.transfer_syntax, pixels.length if pixels else None)
+    _check_pixel_data(values, layout.transfer_syntax, pixels.length if pixels else None)
     try:
         number = int(attrs["InstanceNumber"]) if "InstanceNumber" in attrs else None
     except (TypeError, ValueError):
@@ -232,17 +217,20 @@ def receive_instance(data: bytes, record: InstanceRecord, *, index: Index, data_
 
 def receive_file(source: Path, *, index: Index, data_dir: Path, root: Path,
                  reserve_bytes: int, duplicate_policy: str, transfer_syntax: str,
-                 affected_sop_class: str, affected_sop_instance: str) -> ReceiveOutcome:
+                 affected_sop_class: str, affected_sop_instance: str,
+                 written: tuple[str, int] | None = None) -> ReceiveOutcome:
     """Parse, store and index a data set received into the file ``source`` (a Part 10
-    file on ``root``'s file system, as pynetdicom writes it), which is moved into place.
+    file on ``root``'s file system, as pynetdicom writes it), which is moved into place;
+    ``written`` is its SHA-256 and size where they were taken as it was written.
 
     Only the header is read into memory, so an instance of any size costs the same memory.
     ``source`` is already on the disk, so the free-space check asks for nothing more.
     """
     record = parse_header(source, transfer_syntax, affected_sop_class, affected_sop_instance)
-    with source.open("rb") as fh:
-        sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
-        size = fh.tell()
+    if written is None:
+        with source.open("rb") as fh:
+            written = hashlib.file_digest(fh, "sha256").hexdigest(), fh.tell()
+    sha256, size = written
     return _file(record, sha256, size, lambda path: move_into_place(source, path),
                  index=index, data_dir=data_dir, root=root, reserve_bytes=reserve_bytes,
                  needed=0, duplicate_policy=duplicate_policy, kind="original")

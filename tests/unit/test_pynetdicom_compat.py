@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import tempfile
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,9 @@ from packaging.specifiers import SpecifierSet
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, Association, _config, dimse_messages, evt
+from pynetdicom import association as association_module
+from pynetdicom import dul as dul_module
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import CTImageStorage, Verification
 
@@ -53,19 +57,41 @@ def associate(port: int, sop_class: str = Verification, **kwargs) -> Association
     return ae.associate("127.0.0.1", port, ae_title="SCP", **kwargs)
 
 
-def test_the_reactor_naps_for_the_attribute_the_node_shortens():
+def test_the_reactors_nap_where_the_node_wakes_them(monkeypatch):
     assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider.run_reactor)
-    seen = []
+    assert "time.sleep(0.001)" in inspect.getsource(Association._run_reactor)
+    assert DULServiceProvider.__init__.__code__.co_consts.count(0.001) >= 1  # its default nap
+    send_msg = inspect.getsource(DIMSEServiceProvider.send_msg)  # sent: about to queue
+    assert send_msg.index("EVT_DIMSE_SENT") < send_msg.index("send_pdu")
+    for module in (dul_module, association_module):  # restored after the test
+        monkeypatch.setattr(module, "time", module.time)
+    compat.wake_on_work()
+    assert dul_module.time is association_module.time
+    assert dul_module.time.monotonic is time.monotonic  # the rest is the real time module
+    woken = []
 
-    def opened(event: evt.Event) -> None:
-        compat.shorten_idle_sleep(event.assoc.dul)
-        seen.append(event.assoc.dul._run_loop_delay)
+    def echo(event: evt.Event) -> int:
+        woken.append(compat._WAKES[event.assoc].received > 0)  # the decoded message woke it
+        return 0x0000
 
-    with scp([(evt.EVT_CONN_OPEN, opened)]) as port:
-        assoc = associate(port)
-        assert assoc.is_established and assoc.send_c_echo().Status == 0
-        assoc.release()
-    assert seen == [compat.DUL_IDLE_SLEEP]
+    with scp([(evt.EVT_C_ECHO, echo), *compat.wake_handlers()]) as port:
+        for _ in range(2):  # associations work as before, a few messages each
+            assoc = associate(port)
+            assert all(assoc.send_c_echo().Status == 0 for _ in range(20))
+            assoc.release()
+    assert woken == [True] * 40
+
+
+@pytest.mark.parametrize("received,sent,now,responding", [
+    (10.0, 9.0, 10.5, True),     # a message decoded, no response yet
+    (10.0, 10.5, 10.501, True),  # the response handed over 1 ms ago: it is being sent
+    (10.0, 10.5, 10.6, False),   # sent long ago: the DUL waits on its socket
+])
+def test_the_dul_looks_for_a_response_only_while_one_is_prepared(received, sent, now,
+                                                                 responding):
+    wake = compat._Wake()
+    wake.received, wake.sent = received, sent
+    assert wake.responding(now) is responding
 
 
 def test_chunked_c_store_data_sets_are_written_where_the_node_opens_them(tmp_path, monkeypatch):
