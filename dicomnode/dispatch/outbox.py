@@ -38,6 +38,7 @@ from typing import Any
 
 from pydicom import dcmread
 
+from dicomnode import metrics
 from dicomnode.config import Config
 from dicomnode.dispatch.retry import Retry, after_failure, log_failure
 from dicomnode.dispatch.rollup import reopen, rollup
@@ -200,6 +201,7 @@ class Outbox:
                         continue
                     if succeeded(code):
                         sends.mark_sent(self.index, r["id"], code, ts)
+                        metrics.sent(dest)
                         log.debug("instance_sent", sop_instance_uid=r["sop_instance_uid"],
                                   destination=dest, status=f"0x{code:04X}")
                         sent += 1
@@ -239,6 +241,7 @@ class Outbox:
             outcome[(row["series_uid"], retry.given_up)].append(retry)
         sends.record_failures(self.index, failures, now)
         dest = rows[0]["destination"] if rows else None
+        metrics.send_failed(dest, len(rows))
         for (series_uid, _), retries in outcome.items():
             log_failure(log, retries[0], "send_failed", "send_retry_scheduled",
                         [r.delay for r in retries], series_uid=series_uid, destination=dest,
@@ -252,6 +255,7 @@ class Outbox:
         state = SendState.FAILED if retry.given_up else SendState.PENDING
         sends.record_failures(self.index, [Failure(row["id"], state, retry.at, reason, code)],
                               now)
+        metrics.send_failed(row["destination"])
         log_failure(log, retry, "send_failed", "send_retry_scheduled",
                     sop_instance_uid=row["sop_instance_uid"], series_uid=row["series_uid"],
                     destination=row["destination"], attempts=row["attempts"], reason=reason)

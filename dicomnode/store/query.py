@@ -255,15 +255,16 @@ def _with(record: Mapping[str, Any], levels: Sequence[str]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k in keep}
 
 
-def aggregate(series: Iterable[Mapping[str, Any]], level: str) -> list[dict[str, Any]]:
-    """Entity records at ``level`` from one representative record per series.
+def aggregate(series: Iterable[Mapping[str, Any]], level: str) -> Iterable[dict[str, Any]]:
+    """Entity records at ``level`` from one representative record per series (SERIES:
+    lazily, one by one; STUDY and PATIENT: once every series is read).
 
     Each input record holds the attributes of one instance of the series plus
     ``NumberOfSeriesRelatedInstances``. IMAGE level is not aggregated (see the index).
     """
-    series = list(series)
     if level == "SERIES":
-        return [_with(s, LEVELS[:3]) for s in series]
+        return (_with(s, LEVELS[:3]) for s in series)
+    series = list(series)
     key = UNIQUE_KEY[level]
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for s in series:
