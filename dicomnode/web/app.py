@@ -26,7 +26,8 @@ LOOPBACK_NAMES = ["127.0.0.1", "localhost", "[::1]", "::1"]
 
 class RequestLog:
     """One debug event per request: method, path (UIDs; never the query, which may hold
-    a patient's name in QIDO-RS), status, milliseconds, client."""
+    a patient's name in QIDO-RS), status, milliseconds, client. Counts the requests in
+    flight (``app.state.in_flight``): stopping waits for those, not for idle connections."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -36,13 +37,18 @@ class RequestLog:
             await self.app(scope, receive, send)
             return
         started, status = time.perf_counter(), {}
+        state = scope["app"].state
+        state.in_flight += 1
 
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
 
-        await self.app(scope, receive, sending)
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            state.in_flight -= 1
         client = scope.get("client") or ("?", 0)
         log.debug("http_request", method=scope["method"], path=scope["path"],
                   status=status.get("code"), ms=round((time.perf_counter() - started) * 1000, 1),
@@ -61,4 +67,5 @@ def build_app(config: Config, index: Index, listening: Callable[[], bool]) -> St
     app = Starlette(routes=[*health.ROUTES, *viewer.ROUTES, *console.ROUTES,
                             *dicomweb.ROUTES], middleware=middleware)
     app.state.ctx = WebContext(config, index, listening)
+    app.state.in_flight = 0
     return app

@@ -12,6 +12,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -41,6 +42,8 @@ class WebServer:
         self._socket: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._app: Any = None
+        self._grace = 0.0
 
     @property
     def scheme(self) -> str:
@@ -65,11 +68,10 @@ class WebServer:
         server = uvicorn.Server(uvicorn.Config(
             app, log_config=None, access_log=False, http="h11", loop="asyncio",
             lifespan="off", proxy_headers=False, server_header=False,
-            timeout_graceful_shutdown=max(1, int(grace)),
             ssl_certfile=tls.certificate or None, ssl_keyfile=tls.private_key or None,
             ssl_context_factory=_tls_context if tls.listening else None))
         assert self._socket is not None
-        self._server = server
+        self._server, self._app, self._grace = server, app, grace
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [self._socket]},
                                         name="WebServer", daemon=True)
         self._thread.start()
@@ -86,9 +88,15 @@ class WebServer:
         return f"{self.scheme}://{host}:{self.web.port}/"
 
     def stop(self) -> None:
-        """Stop accepting, finish requests in flight (up to the grace), close."""
+        """Stop accepting, let requests in flight finish (up to the grace), close. Idle
+        keep-alive connections are not waited for (a TLS one would hold the stop for the
+        peer's close_notify)."""
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
+            deadline = time.monotonic() + self._grace
+            while self._app.state.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._server.force_exit = True
             self._thread.join()
         if self._socket is not None:
             self._socket.close()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -70,3 +72,39 @@ def file_chunks(path: Path) -> Iterator[bytes]:
     with path.open("rb") as fh:
         while chunk := fh.read(CHUNK):
             yield chunk
+
+
+INTEGER_VRS = {"IS", "SL", "SS", "UL", "US", "SV", "UV"}
+DECIMAL_VRS = {"DS", "FL", "FD"}
+
+
+def _json_value(vr: str, value: Any) -> Any:
+    if vr == "PN":
+        return {"Alphabetic": str(value)}
+    try:
+        if vr in INTEGER_VRS:
+            return int(float(value))
+        if vr in DECIMAL_VRS:
+            return float(value)
+    except (TypeError, ValueError):
+        return None
+    return str(value)
+
+
+def dicom_json(values: Iterable[tuple[str, str, Any]]) -> dict[str, Any]:
+    """DICOM JSON (PS3.18 F.2) of ``(keyword or tag, VR, value)`` attributes, such as
+    :func:`dicomnode.store.query.response_values` gives; a None value is an empty one."""
+    out = {}
+    for keyword, vr, value in values:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            try:
+                tag = int(keyword, 16)
+            except ValueError:
+                continue
+        element: dict[str, Any] = {"vr": vr}
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        if items and vr != "SQ":
+            element["Value"] = [_json_value(vr, v) for v in items]
+        out[f"{tag:08X}"] = element
+    return dict(sorted(out.items()))

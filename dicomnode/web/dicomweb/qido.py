@@ -21,11 +21,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dicomnode.store.lookup import matches
-from dicomnode.store.query import KEY_LEVEL, LEVEL_KEYS, LEVELS, Key, Query, response
+from dicomnode.store.query import KEY_LEVEL, LEVEL_KEYS, LEVELS, Key, Query, response_values
 from dicomnode.web.context import context_of
-from dicomnode.web.dicomweb.common import DICOM_JSON, path_keys, problem, resource_url
+from dicomnode.web.dicomweb.common import (
+    DICOM_JSON,
+    dicom_json,
+    path_keys,
+    problem,
+    resource_url,
+)
 
-MAX_RESULTS = 1000
+MAX_RESULTS = 1000  # the most one request returns (limit=...)
+DEFAULT_LIMIT = 100  # without a limit: clients page on with offset
 CONTROL = {"limit", "offset", "fuzzymatching", "includefield"}
 # returned whatever was asked (PS3.18 Table 10.6.3-3 to -5, as far as the index keeps them)
 DEFAULT_KEYS = {
@@ -106,20 +113,19 @@ def build_query(request: Request, level: str) -> Query:
 
 def _answer(request: Request, query: Query, record: dict[str, Any], ae_title: str
             ) -> dict[str, Any]:
-    ds = response(query, record, ae_title)
-    del ds.QueryRetrieveLevel
+    """One result: C-FIND's answer for the record, with its RetrieveURL."""
     study, series = record.get("StudyInstanceUID"), record.get("SeriesInstanceUID")
     instance = record.get("SOPInstanceUID") if query.level == "IMAGE" else None
-    ds.RetrieveURL = resource_url(request, str(study), series if query.level != "STUDY"
-                                  else None, instance)
-    return ds.to_json_dict()
+    url = resource_url(request, str(study), series if query.level != "STUDY" else None,
+                       instance)
+    return dicom_json([*response_values(query, record, ae_title), ("RetrieveURL", "UR", url)])
 
 
 def search(request: Request, level: str) -> Response:
     ctx = context_of(request)
     try:
         query = build_query(request, level)
-        limit = min(_int(request, "limit", MAX_RESULTS), MAX_RESULTS)
+        limit = min(_int(request, "limit", DEFAULT_LIMIT), MAX_RESULTS)
         offset = _int(request, "offset", 0)
     except BadQuery as exc:
         return problem(400, str(exc))
