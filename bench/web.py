@@ -111,7 +111,8 @@ def main() -> int:
              "/series?after=" + f"{start + (args.series - 50_000) * 30 * DAY / args.series!r}"
              f"_1.2.826.0.1.3680043.99.2.{args.series - 50_000}"),
             ("QIDO-RS /series?limit=100", "/dicomweb/series?limit=100"),
-            ("QIDO-RS /series (1,000: its maximum)", "/dicomweb/series"),
+            ("QIDO-RS /series (no limit: the default, 100)", "/dicomweb/series"),
+            ("QIDO-RS /series?limit=1000 (the maximum)", "/dicomweb/series?limit=1000"),
             ("QIDO-RS /series?Modality=MR&limit=100", "/dicomweb/series?Modality=MR&limit=100"),
             ("QIDO-RS /series?StudyDate=<a day>&limit=100",
              f"/dicomweb/series?StudyDate={day.replace('-', '')}&limit=100"),
