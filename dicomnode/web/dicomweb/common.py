@@ -74,21 +74,16 @@ def file_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-INTEGER_VRS = {"IS", "SL", "SS", "UL", "US", "SV", "UV"}
-DECIMAL_VRS = {"DS", "FL", "FD"}
-
-
 def _json_value(vr: str, value: Any) -> Any:
+    """One value, as C-FIND's answer has it (numbers for IS, US, FL...), in DICOM JSON."""
     if vr == "PN":
         return {"Alphabetic": str(value)}
-    try:
-        if vr in INTEGER_VRS:
-            return int(float(value))
-        if vr in DECIMAL_VRS:
+    if vr == "DS":  # kept as text by the C-FIND answer; a number in JSON
+        try:
             return float(value)
-    except (TypeError, ValueError):
-        return None
-    return str(value)
+        except (TypeError, ValueError):
+            return None
+    return value
 
 
 def dicom_json(values: Iterable[tuple[str, str, Any]]) -> dict[str, Any]:
