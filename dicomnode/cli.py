@@ -26,6 +26,7 @@ COMMANDS = (
     "models",
     "train",
     "evaluate",
+    "web",
 )
 
 

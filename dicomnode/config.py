@@ -7,13 +7,15 @@ so a PACS admin sees exactly which line to fix.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from dicomnode.credentials import Credential, parse
 from dicomnode.tls import TlsError, TlsSettings, client_context, server_context
 from pipelines.routing import Route, RoutingError, parse_routes
 from pipelines.settings import InferenceSettings
@@ -70,6 +72,23 @@ class ArchiveSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """``[web]``: the console, /metrics, /healthz, /readyz and DICOMweb over HTTP(S).
+
+    Absent, no HTTP server runs. A host other than loopback needs ``users`` (every request
+    then authenticates) and ``[tls]`` (it serves HTTPS with the node's certificate)."""
+
+    enabled: bool = True  # false: keep the table, run no HTTP server
+    host: str = "127.0.0.1"
+    port: int = 8080
+    users: tuple[Credential, ...] = ()  # NAME:HASH entries (dicomnode web user); none: open
+
+    @property
+    def authenticates(self) -> bool:
+        return bool(self.users)
+
+
+@dataclass(frozen=True)
 class Peer:
     ae_title: str
     host: str
@@ -87,6 +106,7 @@ class Config:
     tls: TlsSettings = field(default_factory=TlsSettings)
     peers: tuple[Peer, ...] = ()
     routes: tuple[Route, ...] = ()
+    web: WebSettings | None = None  # no [web] table: no HTTP server
 
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title (titles compare without padding)."""
@@ -263,6 +283,46 @@ def _tls(tls: TlsSettings, peers: tuple[Peer, ...], path: Path) -> TlsSettings:
     return tls
 
 
+def loopback_host(host: str) -> bool:
+    """Whether a listening address serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:
+        return False
+
+
+def _web(raw: Any, path: Path, node: NodeSettings, tls: TlsSettings) -> WebSettings:
+    """``[web]``, with its users parsed; off the loopback only with users and TLS."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [web] must be a table")
+    raw = dict(raw)
+    entries = raw.pop("users", [])
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"{path}: [web] users must be a list of \"NAME:HASH\" strings")
+    try:
+        users = tuple(parse(e) for e in entries)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [web] users: {exc}") from None
+    if len({u.name for u in users}) != len(users):
+        raise ConfigError(f"{path}: [web] users: a name is listed twice")
+    web = replace(_section(WebSettings, "web", raw, path), users=users)
+    where = f"{path}: [web]"
+    if not 0 < web.port < 65536:
+        raise ConfigError(f"{where} port must be 1-65535, got {web.port}")
+    if web.port == node.port:
+        raise ConfigError(f"{where} port {web.port} is the DICOM port of [node]")
+    if not loopback_host(web.host):
+        if not users:
+            raise ConfigError(f"{where} host {web.host} is not a loopback address: it needs"
+                              " users (make one with: dicomnode web user NAME)")
+        if not tls.listening:
+            raise ConfigError(f"{where} host {web.host} is not a loopback address: it needs"
+                              " [tls] certificate and private_key (the console serves HTTPS)")
+    return web
+
+
 def default_config_path() -> Path:
     """``conf/node.toml`` of the working folder, else the checkout's shipped one."""
     if DEFAULT_CONFIG.is_file() or not SHIPPED_CONFIG.is_file():
@@ -283,10 +343,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     chosen = chosen.resolve()
     sections = {"node": NodeSettings, "inference": InferenceSettings,
                 "outbox": OutboxSettings, "archive": ArchiveSettings, "tls": TlsSettings}
-    unknown = set(raw) - set(sections) - {"peers", "routes"}
+    tables = {"peers", "routes", "web"}
+    unknown = set(raw) - set(sections) - tables
     if unknown:
         raise ConfigError(f"{chosen}: unknown key '{sorted(unknown)[0]}' at top level"
-                          f" (known: {', '.join(sorted([*sections, 'peers', 'routes']))})")
+                          f" (known: {', '.join(sorted([*sections, *tables]))})")
     parsed = {name: _section(cls, name, raw.get(name), chosen) for name, cls in sections.items()}
     node: NodeSettings = parsed["node"]
     _ae_title(node.ae_title, f"{chosen}: [node] ae_title")
@@ -294,6 +355,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{chosen}: [node] port must be 1-65535, got {node.port}")
     peers = _peers(raw.get("peers"), chosen)
     parsed["tls"] = _tls(parsed["tls"], peers, chosen)
+    if "web" in raw:
+        parsed["web"] = _web(raw["web"], chosen, node, parsed["tls"])
     try:
         routes = parse_routes(raw.get("routes"), source=str(chosen))
     except RoutingError as exc:

@@ -26,6 +26,8 @@ from dicomnode.store import archive
 from dicomnode.store.files import ensure_dir
 from dicomnode.store.index import Index
 from dicomnode.store.recovery import mark_clean_stop, reconcile, take_clean_stop
+from dicomnode.web.app import build_app
+from dicomnode.web.server import WebServer
 
 log = get_logger("service")
 
@@ -80,10 +82,13 @@ class Node:
         self._server = None
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
+        self._web = WebServer(config) if config.web and config.web.enabled else None
 
     def start(self) -> None:
         cfg = self.config
         check_listen(cfg.node.host, cfg.node.port)
+        if self._web is not None:  # the console's port too, before recovery changes anything
+            self._web.bind()
         clean = take_clean_stop(cfg.node.data_dir)
         recovered = self.index.recover(cfg.node.max_job_attempts)
         reconciled = reconcile(self.index, cfg, walk=not clean)
@@ -104,8 +109,14 @@ class Node:
                                         event_handlers(ctx), cfg.tls, cfg.node)
         except OSError as exc:  # taken since check_listen: only this start is affected
             raise _cannot_listen(cfg.node.host, cfg.node.port, exc) from None
+        if self._web is not None:
+            self._web.start(build_app(cfg, self.index, self.listening), grace=30.0)
         log.info("node_listening", ae_title=cfg.node.ae_title, host=cfg.node.host,
                  port=cfg.node.port, tls=cfg.tls.listening, data_dir=str(cfg.node.data_dir))
+
+    def listening(self) -> bool:
+        """Whether the DICOM listener accepts associations (``/readyz``)."""
+        return self._server is not None and self._server.socket.fileno() != -1
 
     def sweep(self) -> None:
         """Mark series that went quiet as complete and queue their jobs."""
@@ -129,6 +140,8 @@ class Node:
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let in-flight associations and jobs finish (up to ``grace`` s)."""
+        if self._web is not None:  # requests in flight (a STOW-RS) finish first
+            self._web.stop()
         if self._server is not None:
             self._server.shutdown()
         deadline = time.monotonic() + grace

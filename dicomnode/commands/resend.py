@@ -14,7 +14,6 @@ from dicomnode.config import load_config
 from dicomnode.dispatch import outbox
 from dicomnode.errors import UserError
 from dicomnode.log import configure
-from dicomnode.store import sends
 from dicomnode.store.index import Index
 from dicomnode.store.sends import SendState
 
@@ -34,18 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _derived_of(index: Index, uid: str) -> list[str]:
-    row = index.series(uid)
-    if row is None:
-        raise UserError(f"series {uid} is not in the index")
-    if row["kind"] == "derived":
-        return [uid]
-    derived = index.derived_series(uid)
-    if not derived:
-        raise UserError(f"series {uid} is an original without a harmonised copy")
-    return derived
-
-
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure("warning")
@@ -56,17 +43,9 @@ def run(args: argparse.Namespace) -> int:
     if to is not None and (config.peer(to) is None or config.peer(to).port is None):
         raise UserError(f"--to {to}: not a peer with a port in [[peers]] of {config.path}")
     index = Index(config.index_path)
-    total = 0
     if args.failed:
         total = outbox.resend(index, destination=to, states=(SendState.FAILED,))
     else:
-        for uid in _derived_of(index, args.series.strip()):
-            known = sends.summary(index).get(uid, {})
-            if to is not None and to not in known:
-                total += outbox.enqueue_series(index, uid, [to])
-            elif not known:
-                raise UserError(f"series {uid} has no sends; name a peer with --to")
-            else:
-                total += outbox.resend(index, series_uid=uid, destination=to)
+        total = outbox.resend_series(index, args.series.strip(), to)
     print(f"{total} instance send(s) queued")
     return 0

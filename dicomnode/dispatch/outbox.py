@@ -38,9 +38,11 @@ from typing import Any
 
 from pydicom import dcmread
 
+from dicomnode import metrics
 from dicomnode.config import Config
 from dicomnode.dispatch.retry import Retry, after_failure, log_failure
 from dicomnode.dispatch.rollup import reopen, rollup
+from dicomnode.errors import UserError
 from dicomnode.log import get_logger
 from dicomnode.net.peer import Unreachable, held_by_peer, peer_association
 from dicomnode.net.status import describe, response_status, succeeded
@@ -97,6 +99,35 @@ def resend(index: Index, *, series_uid: str | None = None, destination: str | No
     reopen(index, uids)
     log.info("resend_requested", series_uid=series_uid, destination=destination, queued=count)
     return count
+
+
+def _derived_of(index: Index, uid: str) -> list[str]:
+    row = index.series(uid)
+    if row is None:
+        raise UserError(f"series {uid} is not in the index")
+    if row["kind"] == "derived":
+        return [uid]
+    derived = index.derived_series(uid)
+    if not derived:
+        raise UserError(f"series {uid} is an original without a harmonised copy")
+    return derived
+
+
+def resend_series(index: Index, series_uid: str, to: str | None = None) -> int:
+    """Queue one series' harmonised instances again (``dicomnode resend --series``, the
+    console's resend): a derived series, or every one derived from an original; to ``to``
+    only (even a peer its route never sent it to), else wherever it was queued for.
+    Returns how many instance sends were queued; a UserError says why none can be."""
+    total = 0
+    for uid in _derived_of(index, series_uid):
+        known = sends.summary(index).get(uid, {})
+        if to is not None and to not in known:
+            total += enqueue_series(index, uid, [to])
+        elif not known:
+            raise UserError(f"series {uid} has no sends; name a peer with --to")
+        else:
+            total += resend(index, series_uid=uid, destination=to)
+    return total
 
 
 def recover(index: Index, now: float | None = None) -> int:
@@ -200,6 +231,7 @@ class Outbox:
                         continue
                     if succeeded(code):
                         sends.mark_sent(self.index, r["id"], code, ts)
+                        metrics.sent(dest)
                         log.debug("instance_sent", sop_instance_uid=r["sop_instance_uid"],
                                   destination=dest, status=f"0x{code:04X}")
                         sent += 1
@@ -239,6 +271,7 @@ class Outbox:
             outcome[(row["series_uid"], retry.given_up)].append(retry)
         sends.record_failures(self.index, failures, now)
         dest = rows[0]["destination"] if rows else None
+        metrics.send_failed(dest, len(rows))
         for (series_uid, _), retries in outcome.items():
             log_failure(log, retries[0], "send_failed", "send_retry_scheduled",
                         [r.delay for r in retries], series_uid=series_uid, destination=dest,
@@ -252,6 +285,7 @@ class Outbox:
         state = SendState.FAILED if retry.given_up else SendState.PENDING
         sends.record_failures(self.index, [Failure(row["id"], state, retry.at, reason, code)],
                               now)
+        metrics.send_failed(row["destination"])
         log_failure(log, retry, "send_failed", "send_retry_scheduled",
                     sop_instance_uid=row["sop_instance_uid"], series_uid=row["series_uid"],
                     destination=row["destination"], attempts=row["attempts"], reason=reason)

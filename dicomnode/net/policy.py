@@ -35,23 +35,41 @@ def is_loopback(host: str) -> bool:
     return addr is not None and addr.is_loopback
 
 
+def _at(peer_host: str, host: str) -> bool:
+    """Whether ``host`` is an address of ``peer_host`` (for a peer on loopback, any
+    loopback address). Raises OSError when ``peer_host`` cannot be resolved."""
+    allowed = resolve(peer_host)
+    return _address(host) in allowed or (is_loopback(host)
+                                         and any(a.is_loopback for a in allowed))
+
+
+def host_allowed(config: Config, host: str) -> str | None:
+    """None if ``host`` may use the node's services that carry no AE title (DICOMweb): the
+    address of a configured peer, or loopback with ``accept_any_loopback``; else why not."""
+    if config.node.accept_any_loopback and is_loopback(host):
+        return None
+    for peer in config.peers:
+        try:
+            if _at(peer.host, host):
+                return None
+        except OSError:
+            continue
+    return f"host {host} is not the address of a configured peer"
+
+
 def peer_allowed(config: Config, calling_ae: str, host: str) -> str | None:
     """None if the peer may associate, else the reason it may not."""
-    caller = _address(host)
-    loopback = is_loopback(host)
     peer = config.peer(calling_ae)
     reason = f"calling AE '{calling_ae}' is not a configured peer"
     if peer is not None:
         try:
-            allowed = resolve(peer.host)
+            if _at(peer.host, host):
+                return None
         except OSError as exc:
-            allowed = set()
             reason = (f"calling AE '{calling_ae}' is configured for host {peer.host}, which"
                       f" cannot be resolved ({exc.strerror or exc})")
         else:
             reason = f"calling AE '{calling_ae}' is configured for host {peer.host}, not {host}"
-        if caller in allowed or (loopback and any(a.is_loopback for a in allowed)):
-            return None
-    if config.node.accept_any_loopback and loopback:
+    if config.node.accept_any_loopback and is_loopback(host):
         return None
     return reason

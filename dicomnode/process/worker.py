@@ -10,11 +10,13 @@ UIDs and stores nothing twice.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dicomnode import metrics
 from dicomnode.config import Config
 from dicomnode.dispatch.outbox import enqueue_series
 from dicomnode.log import get_logger
@@ -40,6 +42,7 @@ class Worker:
         job = self.index.claim_job()
         if job is None:
             return False
+        started = time.monotonic()
         try:
             self.run(job)
         except Exception as exc:  # a failing model must not stop the node or other jobs
@@ -50,6 +53,7 @@ class Worker:
             self.index.finish_job(job, ok=False, error=reason)
         finally:  # staged output is archived or worthless, whatever happened
             shutil.rmtree(self.staging / str(job.id), ignore_errors=True)
+            metrics.JOB_SECONDS.observe(time.monotonic() - started)
         return True
 
     def run(self, job: Job) -> None:
@@ -84,6 +88,7 @@ class Worker:
             log.warning("series_rejected", series_uid=job.series_uid, reason=outcome.reason)
             return
         model = f"{outcome.model.name} {outcome.model.version}"
+        metrics.harmonised(outcome.model.name, outcome.seconds, len(outcome.outputs))
         derived = [self._archive(outcome.outputs)]
         if outcome.report is not None:
             derived.append(self._archive([outcome.report]))

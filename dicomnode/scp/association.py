@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pynetdicom import evt
 
+from dicomnode import metrics
 from dicomnode.log import get_logger
 from dicomnode.net import compat
 from dicomnode.net.ae import nodelay
@@ -52,6 +53,7 @@ def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
             LOCAL_LIMIT_EXCEEDED
     else:
         result, source = REJECTED_PERMANENT, SERVICE_USER
+    metrics.association(calling, ctx.config.peer(calling) is not None, "rejected")
     log.warning("association_rejected", calling_ae=calling, called_ae=called, host=host,
                 reason=reason)
     compat.reject(assoc, result, source, code)
@@ -59,6 +61,7 @@ def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
 
 def handle_accepted(event: evt.Event, ctx: ScpContext) -> None:
     r = event.assoc.requestor
+    metrics.association(r.ae_title, ctx.config.peer(r.ae_title) is not None, "accepted")
     log.info("association_accepted", calling_ae=r.ae_title.strip(), host=r.address,
              port=r.port, max_pdu=r.maximum_length)
 
@@ -66,6 +69,7 @@ def handle_accepted(event: evt.Event, ctx: ScpContext) -> None:
 def handle_closed(event: evt.Event, ctx: ScpContext, how: str) -> None:
     r = event.assoc.requestor
     log.info(f"association_{how}", calling_ae=r.ae_title.strip(), host=r.address)
+    metrics.association(r.ae_title, ctx.config.peer(r.ae_title) is not None, how)
     handle_conn_close(event, ctx)
 
 

@@ -7,6 +7,7 @@ import sqlite3
 
 from pynetdicom import evt
 
+from dicomnode import metrics
 from dicomnode.log import get_logger
 from dicomnode.net.status import OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, SUCCESS
 from dicomnode.scp.context import ScpContext
@@ -16,6 +17,7 @@ from dicomnode.store.ingest import RejectedInstance, receive_file
 log = get_logger("scp")
 
 
+@metrics.counts_store_status("dimse")
 def handle_store(event: evt.Event, ctx: ScpContext) -> int:
     """Store one instance byte for byte; Success only once it is on disk and indexed.
     pynetdicom has written it to a file already (:func:`dicomnode.net.compat.receive_into`)."""
@@ -60,6 +62,7 @@ def handle_store(event: evt.Event, ctx: ScpContext) -> int:
     if rec.notes:
         log.warning("instance_nonconformant", sop_instance_uid=rec.sop_instance_uid,
                     series_uid=rec.series_uid, notes=list(rec.notes))
+    metrics.received("dimse", outcome.size)
     log.info("instance_stored", sop_instance_uid=rec.sop_instance_uid,
              series_uid=rec.series_uid, study_uid=rec.study_uid, bytes=outcome.size,
              transfer_syntax=ts, action=outcome.action, reopened_series=outcome.reopened)

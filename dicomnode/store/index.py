@@ -115,6 +115,16 @@ CREATE TABLE IF NOT EXISTS commitments (
     error            TEXT
 );
 CREATE INDEX IF NOT EXISTS commitments_due ON commitments(state, next_attempt);
+
+-- Pages of series newest first, by any one filter (dicomnode.store.browse: the web
+-- console), and Q/R's series in the order received (dicomnode.store.lookup: QIDO-RS stops
+-- at its limit); the latest errors; each peer's last and recent sends.
+CREATE INDEX IF NOT EXISTS series_received ON series(first_received);
+CREATE INDEX IF NOT EXISTS series_state_received ON series(state, first_received);
+CREATE INDEX IF NOT EXISTS series_route ON series(route, first_received);
+CREATE INDEX IF NOT EXISTS series_modality ON series(modality, first_received);
+CREATE INDEX IF NOT EXISTS series_errors ON series(updated_at) WHERE error IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_sent ON outbox(destination, sent_at) WHERE state = 'sent';
 """
 # Columns added since the first release: an older index gains them when opened.
 ADDED_COLUMNS = (("series", "note", "TEXT"),)

@@ -255,15 +255,16 @@ def _with(record: Mapping[str, Any], levels: Sequence[str]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k in keep}
 
 
-def aggregate(series: Iterable[Mapping[str, Any]], level: str) -> list[dict[str, Any]]:
-    """Entity records at ``level`` from one representative record per series.
+def aggregate(series: Iterable[Mapping[str, Any]], level: str) -> Iterable[dict[str, Any]]:
+    """Entity records at ``level`` from one representative record per series (SERIES:
+    lazily, one by one; STUDY and PATIENT: once every series is read).
 
     Each input record holds the attributes of one instance of the series plus
     ``NumberOfSeriesRelatedInstances``. IMAGE level is not aggregated (see the index).
     """
-    series = list(series)
     if level == "SERIES":
-        return [_with(s, LEVELS[:3]) for s in series]
+        return (_with(s, LEVELS[:3]) for s in series)
+    series = list(series)
     key = UNIQUE_KEY[level]
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for s in series:
@@ -288,16 +289,18 @@ def aggregate(series: Iterable[Mapping[str, Any]], level: str) -> list[dict[str,
     return out
 
 
-def response(query: Query, record: Mapping[str, Any], retrieve_ae: str | None = None) -> Dataset:
-    """The C-FIND response identifier: every requested key, with our value or empty."""
-    ds = Dataset()
-    ds.QueryRetrieveLevel = query.level
+def response_values(query: Query, record: Mapping[str, Any], retrieve_ae: str | None = None
+                    ) -> list[tuple[str, str, Any]]:
+    """``(keyword, VR, value)`` of every attribute answering ``query`` for ``record``: each
+    requested key with our value (None: empty; a sequence: ``[]``), the level's unique
+    key, and ``retrieve_ae`` as RetrieveAETitle. C-FIND's and QIDO-RS's answers alike."""
     values = {k.keyword: ANSWERED_KEYS[k.keyword] if k.keyword in ANSWERED_KEYS
               else record.get(k.keyword) for k in query.keys}
     values[UNIQUE_KEY[query.level]] = record.get(UNIQUE_KEY[query.level])
-    if any(not _text(v).isascii() for v in values.values()):
-        ds.SpecificCharacterSet = "ISO_IR 192"
+    if retrieve_ae:
+        values["RetrieveAETitle"] = retrieve_ae
     vrs = {k.keyword: k.vr for k in query.keys}
+    out = []
     for kw, value in values.items():
         vr = vrs.get(kw)
         if vr is None:
@@ -305,12 +308,19 @@ def response(query: Query, record: Mapping[str, Any], retrieve_ae: str | None = 
                 vr = dictionary_VR(kw)
             except KeyError:
                 continue
-        if vr == "SQ":
-            _set(ds, kw, vr, [])
-            continue
-        _set(ds, kw, vr, _value_for(vr, value))
-    if retrieve_ae:
-        ds.RetrieveAETitle = retrieve_ae
+        out.append((kw, vr, [] if vr == "SQ" else _value_for(vr, value)))
+    return out
+
+
+def response(query: Query, record: Mapping[str, Any], retrieve_ae: str | None = None) -> Dataset:
+    """The C-FIND response identifier: every requested key, with our value or empty."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = query.level
+    values = response_values(query, record, retrieve_ae)
+    if any(not _text(v).isascii() for _, _, v in values):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    for kw, vr, value in values:
+        _set(ds, kw, vr, value)
     return ds
 
 

@@ -68,5 +68,5 @@ def test_the_units_config_is_the_shipped_one_with_absolute_paths_in_its_state_di
     paths = {"data_dir": None, "models_dir": None}
     assert replace(service.node, **paths) == replace(shipped.node, **paths)
     assert (service.peers, service.routes, service.inference, service.outbox,
-            service.archive) == (shipped.peers, shipped.routes, shipped.inference,
-                                 shipped.outbox, shipped.archive)
+            service.archive, service.web) == (shipped.peers, shipped.routes, shipped.inference,
+                                              shipped.outbox, shipped.archive, shipped.web)

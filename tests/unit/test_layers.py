@@ -15,16 +15,17 @@ PACKAGES = ("dicomnode", "pipelines", "trainers")
 # The node's stages, lowest first: a module imports modules of its own stage or of a lower
 # rank. Stages of equal rank (scp beside dispatch) do not import each other.
 RANK = {
-    "foundation": 0,   # dicomnode.{errors, log, tls, config}: every stage uses them
+    "foundation": 0,   # dicomnode.{errors, log, tls, credentials, config, metrics}
     "net": 1,
     "store": 2,
     "scp": 3,
     "dispatch": 3,
     "process": 4,
+    "web": 5,          # console, /metrics, DICOMweb: over process/dispatch/store; node.py starts it
     "app": 9,          # dicomnode.{node, cli}, dicomnode.commands
 }
 FOUNDATION = {"dicomnode", "dicomnode.errors", "dicomnode.log", "dicomnode.tls",
-              "dicomnode.config"}
+              "dicomnode.credentials", "dicomnode.config", "dicomnode.metrics"}
 
 
 def module_name(path: Path) -> str:
