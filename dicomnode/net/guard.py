@@ -13,7 +13,8 @@ buffer any length it claims. The guard sits between the socket and pynetdicom's
 * reads each PDU header itself and judges it before pynetdicom reads the body: a type
   that is not a PDU, an A-ASSOCIATE-RQ longer than :data:`REQUEST_LIMIT`, a P-DATA-TF
   longer than ``max_pdu_size``, or anything but an A-ASSOCIATE-RQ first, is answered with
-  A-ABORT without reading the body;
+  A-ABORT without reading the body; a PDU it takes (up to 4 MiB) it reads whole, in a few
+  large reads, and hands to pynetdicom from memory (which reads it 4 KiB at a time);
 * reads the A-ASSOCIATE-RQ whole and rejects (A-ASSOCIATE-RJ) one without an Application
   Context or with a blank calling or called AE title, which pynetdicom would otherwise
   abort or accept;
@@ -54,6 +55,7 @@ PDU_TYPES = frozenset(range(0x01, 0x08))
 REQUEST_LIMIT = 65536   # an A-ASSOCIATE-RQ with every context a PACS proposes is ~20 KiB
 CONTROL_LIMIT = 65536   # other PDUs are a few bytes
 UNLIMITED = 2**32 - 1   # max_pdu_size 0
+PREREAD = 4 * 2**20     # a PDU up to this long is read whole before pynetdicom reads it
 CLOSE_GRACE = 1.0       # seconds a peer has to close after our A-ABORT / A-ASSOCIATE-RJ
 APPLICATION_CONTEXT_ITEM = 0x10
 # A-ABORT source / reason (PS3.8 9.3.8), A-ASSOCIATE-RJ result / source / reason (9.3.4)
@@ -115,7 +117,8 @@ class PduGuard:
         self.handshake_deadline = time.monotonic() + limits.handshake
         self.deadline: float | None = None   # of the PDU being read
         self.body_left = 0                   # bytes of the current PDU's body not yet read
-        self.pending = b""                   # read and judged, not yet given to pynetdicom
+        self.pending = memoryview(b"")       # read and judged; pynetdicom has had ``taken``
+        self.taken = 0
         self.out_left = 0                    # bytes of the PDU being sent not yet sent
         self.closing = False                 # sending A-ABORT / A-ASSOCIATE-RJ
         self.closing_deadline: float | None = None  # sent: the peer's time to close
@@ -131,11 +134,12 @@ class PduGuard:
             self._drain()
             return b""
         try:
-            if not self.pending and not self.body_left:
+            if self.taken == len(self.pending) and not self.body_left:
                 self._next_pdu()
-            if self.pending:
-                out, self.pending = self.pending[:size], self.pending[size:]
-                return out
+            if self.taken < len(self.pending):
+                out = self.pending[self.taken:self.taken + size]
+                self.taken += len(out)
+                return bytes(out)
             chunk = self._read(min(size, self.body_left))
             self.body_left -= len(chunk)
             return chunk
@@ -150,7 +154,7 @@ class PduGuard:
         if not header:
             raise _Cut
         if len(header) < 6:
-            self.pending = header  # the peer closed mid-header: pynetdicom sees it
+            self._hand_over(header)  # the peer closed mid-header: pynetdicom sees it
             return
         kind, length = header[0], int.from_bytes(header[2:6], "big")
         problem = self._judge(kind, length, first)
@@ -163,10 +167,17 @@ class PduGuard:
             if rejected is not None:
                 self._refuse(reject_pdu(REJECTED_PERMANENT, SERVICE_USER, rejected[0]),
                              "association_request_rejected", reason=rejected[1])
-            self.pending = header + body
+            self._hand_over(header + body)
             self._handshake_done()
+        elif length <= PREREAD:  # read whole, in few large reads, handed over from memory
+            self._hand_over(header + self._read_exact(length, "a PDU"))
         else:
-            self.pending, self.body_left = header, length
+            self._hand_over(header)
+            self.body_left = length
+
+    def _hand_over(self, data: bytes) -> None:
+        """What pynetdicom's next reads get, before anything more is read."""
+        self.pending, self.taken = memoryview(data), 0
 
     def _judge(self, kind: int, length: int, first: bool) -> tuple[int, str] | None:
         if kind not in PDU_TYPES:

@@ -20,7 +20,7 @@ log = get_logger("scp")
 @metrics.counts_store_status("dimse")
 def handle_store(event: evt.Event, ctx: ScpContext) -> int:
     """Store one instance byte for byte; Success only once it is on disk and indexed.
-    pynetdicom has written it to a file already (:func:`dicomnode.net.compat.receive_into`)."""
+    pynetdicom has written it to a file already (:func:`dicomnode.net.compat.receive_with`)."""
     request = event.request
     ts = str(event.context.transfer_syntax)
     node = ctx.config.node
