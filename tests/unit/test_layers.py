@@ -21,6 +21,7 @@ RANK = {
     "scp": 3,
     "dispatch": 3,
     "process": 4,
+    "cluster": 5,      # Celery tasks and the node's dispatcher: run process/'s job halves
     "app": 9,          # dicomnode.{node, cli}, dicomnode.commands
 }
 FOUNDATION = {"dicomnode", "dicomnode.errors", "dicomnode.log", "dicomnode.tls",
