@@ -103,8 +103,12 @@ class Dispatcher:
             message = {"job": job.id, "series_uid": job.series_uid, "created": job.created,
                        "files": self.index.series_files(job.series_uid)}
         self.redis.delete(self.app.backend.get_key_for_task(tid))  # an earlier attempt's
-        self.app.send_task(name, kwargs={"job": message}, task_id=tid, queue=queue,
-                           retry=False)
+        with self.app.producer_or_acquire() as producer:
+            # declared each time: a Redis that lost its data lost the queue's binding too,
+            # and a message published without it would be dropped
+            self.app.amqp.queues[queue].declare(channel=producer.channel)
+            self.app.send_task(name, kwargs={"job": message}, task_id=tid, queue=queue,
+                               retry=False, producer=producer)
         self.redis.set(dispatched_key(tid), job.kind)
         log.info("job_dispatched", job=job.id, kind=job.kind, series_uid=job.series_uid or None,
                  queue=queue, task_id=tid, files=len(message.get("files", ())))
