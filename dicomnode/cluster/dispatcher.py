@@ -131,9 +131,8 @@ class Dispatcher:
                 self.finished(job, meta["result"])
                 concluded = True
             elif state == "FAILURE":  # the task itself broke (killed at the hard time limit)
-                result = meta["result"] or {}
-                reason = f"{result.get('exc_type', 'failure')}: {result.get('exc_message', '')}"
-                self.failed(job, reason, attempt=None, worker=None)
+                exc = meta["result"]  # decoded into the exception it raised
+                self.failed(job, f"{type(exc).__name__}: {exc}", attempt=None, worker=None)
             elif state == "STARTED":
                 self.running(job, (meta["result"] or {}).get("hostname"))
             elif state == PROGRESS:
@@ -163,6 +162,7 @@ class Dispatcher:
             self.failed(job, result["reason"], result.get("attempt"), worker)
             return
         if job.kind == "train":
+            self.progress(job, result)  # the lines since the node last looked
             self.index.finish_job(job, ok=True, worker=worker,
                                   model=f"{result['folder']} {result['version']}")
             log.info("model_trained", job=job.id, folder=result["folder"],

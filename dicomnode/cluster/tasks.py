@@ -126,11 +126,13 @@ def train(task: Task, job: dict[str, Any]) -> dict[str, Any]:
     try:
         outcome = train_site(options, routes=config.routes, spool=config.spool_dir,
                              models_dir=config.node.models_dir, log=progress)
-    except (TrainingError, PipelineError, OSError) as exc:
+    except Exception as exc:  # no data, over the time limit...: the node fails the job
+        log.exception("train_failed", job=job["job"], expected=isinstance(
+            exc, TrainingError | PipelineError | OSError))
         return _error(f"{type(exc).__name__}: {exc}", 1, worker)
     info = read_model_info(outcome.folder)
     return {"status": "trained", "folder": outcome.folder.name, "version": info.version,
-            "worker": worker}
+            "worker": worker, "count": len(lines), "lines": lines[-PROGRESS_LINES:]}
 
 
 def register(app: Celery, config: Config) -> None:
