@@ -17,6 +17,7 @@ from dicomnode.errors import UserError
 COMMANDS = (
     "simulate",
     "serve",
+    "worker",
     "status",
     "echo",
     "resend",

@@ -89,6 +89,20 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """``[cluster]``: harmonisation and training jobs run on Celery workers through a Redis
+    broker (``dicomnode.cluster``); without the table the node's embedded worker runs them."""
+
+    broker: str = ""  # redis://host:port/db (rediss:// for TLS); required
+    queue: str = "harmonise"  # the harmonisation jobs' queue (dicomnode worker --queue)
+    train_queue: str = "train"  # training jobs (dicomnode train site --cluster)
+    task_time_limit: float = 1800.0  # seconds a harmonisation job may run on a worker
+    train_time_limit: float = 3000.0  # seconds a training job may run
+    visibility_timeout: float = 3600.0  # a job a dead worker held is redelivered after this
+    poll_interval: float = 0.5  # seconds between the node's passes over its dispatched jobs
+
+
+@dataclass(frozen=True)
 class Peer:
     ae_title: str
     host: str
@@ -107,6 +121,7 @@ class Config:
     peers: tuple[Peer, ...] = ()
     routes: tuple[Route, ...] = ()
     web: WebSettings | None = None  # no [web] table: no HTTP server
+    cluster: ClusterSettings | None = None  # None: the embedded worker
 
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title (titles compare without padding)."""
@@ -323,6 +338,26 @@ def _web(raw: Any, path: Path, node: NodeSettings, tls: TlsSettings) -> WebSetti
     return web
 
 
+def _cluster(raw: Any, path: Path) -> ClusterSettings:
+    """``[cluster]``, checked: a Redis broker URL, two distinct queues, and a visibility
+    timeout longer than any job may run (else a running job is delivered twice)."""
+    cluster: ClusterSettings = _section(ClusterSettings, "cluster", raw, path)
+    if not cluster.broker.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"{path}: [cluster] broker must be a redis://host:port/db URL,"
+                          f" got {cluster.broker!r}")
+    for key in ("queue", "train_queue"):
+        if not getattr(cluster, key).strip():
+            raise ConfigError(f"{path}: [cluster] {key} must be a non-empty queue name")
+    if cluster.queue == cluster.train_queue:
+        raise ConfigError(f"{path}: [cluster] train_queue must differ from queue")
+    longest = max(cluster.task_time_limit, cluster.train_time_limit)
+    if cluster.visibility_timeout <= longest:
+        raise ConfigError(f"{path}: [cluster] visibility_timeout ({cluster.visibility_timeout:g})"
+                          f" must be longer than task_time_limit and train_time_limit"
+                          f" ({longest:g})")
+    return cluster
+
+
 def default_config_path() -> Path:
     """``conf/node.toml`` of the working folder, else the checkout's shipped one."""
     if DEFAULT_CONFIG.is_file() or not SHIPPED_CONFIG.is_file():
@@ -343,7 +378,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     chosen = chosen.resolve()
     sections = {"node": NodeSettings, "inference": InferenceSettings,
                 "outbox": OutboxSettings, "archive": ArchiveSettings, "tls": TlsSettings}
-    tables = {"peers", "routes", "web"}
+    tables = {"peers", "routes", "web", "cluster"}
     unknown = set(raw) - set(sections) - tables
     if unknown:
         raise ConfigError(f"{chosen}: unknown key '{sorted(unknown)[0]}' at top level"
@@ -367,4 +402,5 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             if dest not in known_peers:
                 raise ConfigError(f"{chosen}: route '{route.name}' send_to '{dest}'"
                                   " is not an AE title in [[peers]]")
-    return Config(path=chosen, peers=peers, routes=tuple(routes), **parsed)
+    cluster = _cluster(raw["cluster"], chosen) if "cluster" in raw else None
+    return Config(path=chosen, peers=peers, routes=tuple(routes), cluster=cluster, **parsed)

@@ -8,12 +8,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom.transport import AddressInformation
 
-from dicomnode.config import Config
+from dicomnode.config import Config, ConfigError, load_config
 from dicomnode.dispatch import commitment, outbox
 from dicomnode.errors import UserError
 from dicomnode.log import get_logger
@@ -83,6 +84,7 @@ class Node:
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
         self._web = WebServer(config) if config.web and config.web.enabled else None
+        self.worker = Worker(config, self.index)  # runs jobs here, or concludes the cluster's
 
     def start(self) -> None:
         cfg = self.config
@@ -90,7 +92,8 @@ class Node:
         if self._web is not None:  # the console's port too, before recovery changes anything
             self._web.bind()
         clean = take_clean_stop(cfg.node.data_dir)
-        recovered = self.index.recover(cfg.node.max_job_attempts)
+        recovered = self.index.recover(cfg.node.max_job_attempts,
+                                       keep_dispatched=cfg.cluster is not None)
         reconciled = reconcile(self.index, cfg, walk=not clean)
         log.info("node_recovered", after_clean_stop=clean, **recovered, **reconciled)
         self.scheduler.add_job(self.sweep, "interval", seconds=cfg.node.sweep_interval,
@@ -99,7 +102,11 @@ class Node:
         archive.schedule(self.scheduler, cfg, self.index)
         commitment.schedule(self.scheduler, cfg, self.index)  # storage commitment reports
         self.scheduler.start()
-        self.add_worker("harmonise", Worker(cfg, self.index).step)
+        if cfg.cluster is None:
+            self.add_worker("harmonise", self.worker.step)
+        else:  # jobs go to Celery workers through Redis (docs/scale-out.md)
+            from dicomnode.cluster.dispatcher import Dispatcher
+            self.add_worker("cluster", Dispatcher(self.worker).step, cfg.cluster.poll_interval)
         ctx = ScpContext(cfg, self.index)
         ensure_dir(cfg.incoming_dir)
         compat.receive_with(ctx.incoming.open)
@@ -117,6 +124,18 @@ class Node:
     def listening(self) -> bool:
         """Whether the DICOM listener accepts associations (``/readyz``)."""
         return self._server is not None and self._server.socket.fileno() != -1
+    def reload(self) -> None:
+        """SIGHUP: read the config file again; its routes (their models) and inference
+        settings apply from the next job on. Other changes need a restart."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("config_reload_failed", reason=str(exc))
+            return
+        self.worker.config = replace(self.worker.config, routes=new.routes,
+                                     inference=new.inference)
+        log.info("config_reloaded", config=str(self.config.path),
+                 routes={r.name: r.model for r in new.routes})
 
     def sweep(self) -> None:
         """Mark series that went quiet as complete and queue their jobs."""

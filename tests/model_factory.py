@@ -62,18 +62,19 @@ def make_model(models_dir: Path, name: str = "smooth", *, modality: str = "CT", 
         pixel_spacing=pixel_spacing, grain=grain)
 
 
-def make_plain_model(models_dir: Path, name: str, *, blocks: int = 3) -> Path:
+def make_plain_model(models_dir: Path, name: str, *, blocks: int = 3, version: str = "1.0",
+                     features: int = 4) -> Path:
     """A small residual CNN of a registered architecture, so a node subprocess can load it.
 
     The last layer is randomised (not the identity) so the output visibly differs.
     """
     torch.manual_seed(0)
-    params = {"features": 4, "blocks": blocks}
+    params = {"features": features, "blocks": blocks}
     net = PlainResidualCNN(**params)
     with torch.no_grad():
         net.body[-1].weight.normal_(0, 0.05)
     return save_model_folder(
-        models_dir / name, net, name=name, version="1.0", architecture="plain", params=params,
+        models_dir / name, net, name=name, version=version, architecture="plain", params=params,
         source={"name": "siemens-b70f", "Modality": "CT"},
         target={"name": "siemens-b30f", "Modality": "CT"}, normalisation=CT_NORM)
 

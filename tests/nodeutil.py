@@ -111,7 +111,7 @@ class NodeProcess:
             preexec_fn=None if limit is None else
             lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
         wait_for(lambda: self.proc.poll() is not None or
-                 len(self.events("node_listening")) > before, 30, what="node to listen")
+                 len(self.events("node_listening")) > before, 60, what="node to listen")
         assert self.proc.poll() is None, self.log.read_text()
         return self
 
@@ -124,13 +124,54 @@ class NodeProcess:
         return code
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                event = json.loads(line)
-                if name is None or event.get("event") == name:
-                    out.append(event)
-        return out
+        return log_events(self.log, name)
+
+
+def log_events(log: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """The JSON events (named ``name``) a process wrote to ``log``."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if name is None or event.get("event") == name:
+                out.append(event)
+    return out
+
+
+class WorkerProcess:
+    """``dicomnode worker`` in a subprocess (``--name NAME@test``), logging to a file."""
+
+    def __init__(self, config: Path, log: Path, name: str, *args: str) -> None:
+        self.config, self.log, self.name = config, log, f"{name}@test"
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> WorkerProcess:
+        """Start it; :meth:`ready` waits until it takes jobs (start several, then wait)."""
+        with self.log.open("ab") as out:
+            self.proc = spawn([sys.executable, "-m", "dicomnode.cli", "worker", "--config",
+                               str(self.config), "--name", self.name, *self.args],
+                              stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    def ready(self) -> WorkerProcess:
+        assert self.proc is not None
+        wait_for(lambda: self.proc.poll() is not None or self.events("worker_ready"), 90,
+                 what=f"worker {self.name}")
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def start(self) -> WorkerProcess:
+        return self.launch().ready()
+
+    def kill(self) -> None:
+        """``kill -9`` the worker's main process (its pool processes die with it)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        return log_events(self.log, name)
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

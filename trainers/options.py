@@ -134,6 +134,8 @@ class SiteOptions(UnpairedOptions, SyntheticOptions):
     pairing: str = _opt("auto", "auto (paired when series share a frame of reference, else"
                      " the deployed model's mode: synthetic or unpaired) | paired | unpaired"
                      " | synthetic", choices=("auto", "paired", "unpaired", "synthetic"))
+    compare: bool = _opt(True, "evaluate the new and the deployed model on the held-out series"
+                         " (report/site-comparison.json)")
 
 
 def _base_type(annotation: Any) -> Any:

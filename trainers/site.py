@@ -124,6 +124,10 @@ def train_site(options: SiteOptions, routes: Sequence[Route], spool: Path, model
     outcome = TRAIN_SERIES[mode](options, pick(sources, s_train), pick(targets, t_train),
                                  folder, log)
     held_s, held_t = pick(sources, s_test), pick(targets, t_test)
+    if not options.compare:
+        log(f"wrote {folder.name}, not compared with the deployed {route.model}; to deploy,"
+            f" set model = \"{folder.name}\" in route '{route.name}'")
+        return outcome
     comparison = _compare(folder, deployed_dir if deployed else None, held_s, held_t, log)
     report.write_json(folder / "report" / "site-comparison.json", comparison)
     verdict = "better" if comparison["new_is_better"] else "NOT better"

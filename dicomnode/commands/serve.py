@@ -15,7 +15,9 @@ from dicomnode.errors import UserError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the node (C-STORE in, harmonise, send, Q/R)",
                        description="Run the DICOM node in the foreground. SIGTERM or SIGINT"
-                       " stops accepting, lets in-flight work finish or persists it, exits 0.")
+                       " stops accepting, lets in-flight work finish or persists it, exits 0."
+                       " SIGHUP reads the config again: routes' models apply from the next"
+                       " job.")
     add_config_option(p)
     p.set_defaults(func=run)
 
@@ -28,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     node = Node(config)  # locks data_dir: a second node on it stops here, changing nothing
+    signal.signal(signal.SIGHUP, lambda *_: node.reload())  # routes' models, without a restart
     try:
         node.start()  # checks it can listen before recovering anything
     except OSError as exc:  # e.g. a spool folder it may not read

@@ -30,12 +30,16 @@ def run(args: argparse.Namespace) -> int:
     index = Index(config.index_path)
     rows = index.all_series()
     sent, send_errors = sends.summary(index), sends.last_errors(index)
+    jobs = index.last_jobs()  # who ran each series' latest job, with which model version
     series = [{"series_uid": r["series_uid"], "state": r["state"], "instances": r["instances"],
                "route": r["route"], "error": r["error"], "note": r["note"], "kind": r["kind"],
                "modality": r["modality"], "source_series_uid": r["source_series_uid"],
                "sends": sent.get(r["series_uid"], {}),
                "send_error": send_error(*send_errors[r["series_uid"]])
-               if r["series_uid"] in send_errors else None} for r in rows]
+               if r["series_uid"] in send_errors else None,
+               "worker": jobs[r["series_uid"]]["worker"] if r["series_uid"] in jobs else None,
+               "model_version": jobs[r["series_uid"]]["model"] if r["series_uid"] in jobs
+               else None} for r in rows]
     requests = commitments.summary(index)
     if args.json:
         print(json.dumps({"series": series, "commitments": requests}, indent=2))
@@ -54,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
                                                 sorted(counts.items()))
         error = s["error"] or s["send_error"]
         extra += f"  error={error}" if error else ""
+        extra += f"  worker={s['worker']}" if s["worker"] and s["state"] in (
+            "processing", "failed") else ""
         extra += f"  note={s['note']}" if s["note"] else ""
         print(f"{s['state']:<11} {s['instances']:>5}  {s['modality'] or '-':<3} {s['kind']:<8}"
               f" {s['series_uid']}{extra}")

@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         # site derives the data, name and version from the route and the deployed model
         add_arguments(m, cls, skip={"source", "target", "name", "version", "force"}
                       if mode == "site" else None)
+        if mode == "site":
+            m.add_argument("--cluster", action="store_true", help="run it on a worker of the"
+                           " node's [cluster] train_queue (the node must be running); waits"
+                           " for the new model folder")
         m.set_defaults(func=run, models_dir=None)
 
 
@@ -61,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
         args.models_dir = args.models_dir or config.node.models_dir
     options = from_args(cls, args)
     try:
+        if args.mode == "site" and args.cluster:
+            from dicomnode.cluster.training import train_on_cluster
+            assert config is not None
+            print(train_on_cluster(config, options))
+            return 0
         if args.mode == "site":
             assert config is not None
             outcome = train_site(options, routes=config.routes,

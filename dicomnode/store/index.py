@@ -127,7 +127,10 @@ CREATE INDEX IF NOT EXISTS series_errors ON series(updated_at) WHERE error IS NO
 CREATE INDEX IF NOT EXISTS outbox_sent ON outbox(destination, sent_at) WHERE state = 'sent';
 """
 # Columns added since the first release: an older index gains them when opened.
-ADDED_COLUMNS = (("series", "note", "TEXT"),)
+ADDED_COLUMNS = (("series", "note", "TEXT"),
+                 # the cluster (dicomnode.cluster): who ran a job, with which model version,
+                 # and a training job's arguments (JSON)
+                 ("jobs", "worker", "TEXT"), ("jobs", "model", "TEXT"), ("jobs", "args", "TEXT"))
 
 
 class SeriesState(StrEnum):
@@ -146,11 +149,13 @@ class SeriesState(StrEnum):
 
 
 class JobState(StrEnum):
-    """A harmonisation job's state: queued -> running -> done | failed; a queued job of a
-    series re-opened by a new instance is cancelled."""
+    """A job's state: queued -> running (the embedded worker) or dispatched (handed to the
+    cluster's broker) -> done | failed; a queued job of a series re-opened by a new
+    instance is cancelled."""
 
     QUEUED = "queued"
     RUNNING = "running"
+    DISPATCHED = "dispatched"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -398,8 +403,9 @@ class Index:
 
     # --- jobs ------------------------------------------------------------------------
 
-    def claim_job(self) -> Job | None:
-        """Take the oldest queued job of a series that is complete (queued), or None.
+    def claim_job(self, state: str = JobState.RUNNING) -> Job | None:
+        """Take the oldest queued job of a series that is complete (queued), or None;
+        it becomes ``state`` (running here, or dispatched to the cluster).
 
         The series moves to processing in the same transaction: a series that is
         receiving again is never processed half-received.
@@ -410,18 +416,58 @@ class Index:
                              " updated = ? WHERE id = (SELECT j.id FROM jobs j JOIN series s"
                              " ON s.series_uid = j.series_uid WHERE j.state = ?"
                              " AND s.state = ? ORDER BY j.id LIMIT 1) RETURNING *",
-                             (JobState.RUNNING, now, JobState.QUEUED,
-                              SeriesState.QUEUED)).fetchone()
+                             (state, now, JobState.QUEUED, SeriesState.QUEUED)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE series SET state = ?, updated_at = ? WHERE series_uid = ?",
                        (SeriesState.PROCESSING, now, row["series_uid"]))
-        return Job(row["id"], row["series_uid"], row["kind"], row["attempts"], row["created"])
+        return _job(row)
 
-    def finish_job(self, job: Job, ok: bool, error: str | None = None) -> None:
+    def queue_training(self, args: dict[str, Any], now: float | None = None) -> int:
+        """Queue a training job (the cluster's ``train`` queue runs it); its id."""
+        now = time.time() if now is None else now
         with self.transaction() as db:
-            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?",
-                       (JobState.DONE if ok else JobState.FAILED, error, time.time(), job.id))
+            return db.execute("INSERT INTO jobs (series_uid, kind, state, created, updated,"
+                              " args) VALUES ('', 'train', ?, ?, ?, ?) RETURNING id",
+                              (JobState.QUEUED, now, now, json.dumps(args))).fetchone()["id"]
+
+    def claim_training(self) -> Job | None:
+        """Take the oldest queued training job, as dispatched; or None."""
+        with self.transaction() as db:
+            row = db.execute("UPDATE jobs SET state = ?, attempts = attempts + 1, updated = ?"
+                             " WHERE id = (SELECT id FROM jobs WHERE kind = 'train'"
+                             " AND state = ? ORDER BY id LIMIT 1) RETURNING *",
+                             (JobState.DISPATCHED, time.time(), JobState.QUEUED)).fetchone()
+        return None if row is None else _job(row)
+
+    def dispatched_jobs(self) -> list[Job]:
+        rows = self.db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id",
+                               (JobState.DISPATCHED,))
+        return [_job(r) for r in rows]
+
+    def set_job_worker(self, job_id: int, worker: str) -> None:
+        """Record the worker (``name@host``) a dispatched job is running on."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET worker = ?, updated = ? WHERE id = ?",
+                       (worker, time.time(), job_id))
+
+    def finish_job(self, job: Job, ok: bool, error: str | None = None, *,
+                   worker: str | None = None, model: str | None = None) -> None:
+        """End a job; ``worker`` ran it, ``model`` is the model version it ran (or wrote)."""
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ?,"
+                       " worker = COALESCE(?, worker), model = COALESCE(?, model) WHERE id = ?",
+                       (JobState.DONE if ok else JobState.FAILED, error, time.time(), worker,
+                        model, job.id))
+
+    def job(self, job_id: int) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+    def last_jobs(self) -> dict[str, sqlite3.Row]:
+        """The latest job of each series, by series UID."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE id IN (SELECT MAX(id) FROM jobs"
+                               " WHERE kind = 'harmonise' GROUP BY series_uid)")
+        return {r["series_uid"]: r for r in rows}
 
     def jobs(self, state: str | None = None) -> list[sqlite3.Row]:
         sql, args = "SELECT * FROM jobs", ()
@@ -431,7 +477,8 @@ class Index:
 
     # --- restart ---------------------------------------------------------------------
 
-    def recover(self, max_attempts: int, now: float | None = None) -> dict[str, Any]:
+    def recover(self, max_attempts: int, now: float | None = None,
+                keep_dispatched: bool = False) -> dict[str, Any]:
         """Make the persisted state consistent after a crash or stop.
 
         Jobs that were running are queued again (their output is deterministic, so a
@@ -439,10 +486,15 @@ class Index:
         ``max_attempts`` times: a job that kills the process (out of memory) would
         otherwise crash the node again on every restart. Those fail, with their series.
         Series still receiving restart their quiet-period clock: the node could not
-        receive while it was down.
+        receive while it was down. Jobs dispatched to the cluster stay so with
+        ``keep_dispatched`` (the cluster runs them whether the node is up or not); else
+        (no cluster now) they count as running here.
         """
         now = time.time() if now is None else now
         with self.transaction() as db:
+            if not keep_dispatched:
+                db.execute("UPDATE jobs SET state = ? WHERE state = ? AND kind = 'harmonise'",
+                           (JobState.RUNNING, JobState.DISPATCHED))
             given_up = db.execute(
                 "UPDATE jobs SET state = ?, updated = ?,"
                 " error = 'interrupted ' || attempts || ' times'"
@@ -455,9 +507,16 @@ class Index:
                             SeriesState.PROCESSING))
             jobs = db.execute("UPDATE jobs SET state = ?, updated = ? WHERE state = ?",
                               (JobState.QUEUED, now, JobState.RUNNING)).rowcount
-            series = db.execute("UPDATE series SET state = ?, updated_at = ? WHERE state = ?",
-                                (SeriesState.QUEUED, now, SeriesState.PROCESSING)).rowcount
+            series = db.execute("UPDATE series SET state = ?, updated_at = ? WHERE state = ?"
+                                " AND series_uid NOT IN (SELECT series_uid FROM jobs"
+                                " WHERE state = ?)", (SeriesState.QUEUED, now,
+                                                      SeriesState.PROCESSING,
+                                                      JobState.DISPATCHED)).rowcount
             receiving = db.execute("UPDATE series SET last_received = MAX(last_received, ?)"
                                    " WHERE state = ?", (now, SeriesState.RECEIVING)).rowcount
         return {"jobs_requeued": jobs, "series_requeued": series, "series_receiving": receiving,
                 "jobs_given_up": [r["series_uid"] for r in given_up]}
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(row["id"], row["series_uid"], row["kind"], row["attempts"], row["created"])

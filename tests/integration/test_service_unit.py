@@ -70,3 +70,23 @@ def test_the_units_config_is_the_shipped_one_with_absolute_paths_in_its_state_di
     assert (service.peers, service.routes, service.inference, service.outbox,
             service.archive, service.web) == (shipped.peers, shipped.routes, shipped.inference,
                                               shipped.outbox, shipped.archive, shipped.web)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not installed (.ci/install installs it)")
+def test_the_cluster_worker_template_is_valid_and_as_hardened(tmp_path):
+    """systemd/dicomnode-worker@.service (docs/scale-out.md), one instance per GPU."""
+    exe = shutil.which("dicomnode")
+    assert exe, "the dicomnode console script is not installed"
+    template = (UNIT.parent / "dicomnode-worker@.service").read_text()
+    unit = tmp_path / "dicomnode-worker@0.service"
+    unit.write_text(template.replace("/opt/dicomnode/bin/dicomnode", exe))
+    out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "dicomnode-worker@" not in out.stderr, out.stderr
+    node = {k: v for k, v in unit_settings().items() if k.startswith(("Protect", "Restrict",
+                                                                      "NoNew", "Device"))}
+    for key, value in node.items():
+        assert f"{key}={value}" in template, key
+    assert "worker --device cuda:%i" in template

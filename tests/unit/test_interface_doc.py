@@ -6,7 +6,13 @@ from __future__ import annotations
 from dataclasses import fields
 
 from dicomnode.cli import COMMANDS
-from dicomnode.config import ArchiveSettings, NodeSettings, OutboxSettings, WebSettings
+from dicomnode.config import (
+    ArchiveSettings,
+    ClusterSettings,
+    NodeSettings,
+    OutboxSettings,
+    WebSettings,
+)
 from dicomnode.tls import TlsSettings
 from pipelines.settings import InferenceSettings
 from tests import ROOT
@@ -21,7 +27,8 @@ def test_every_command_has_its_section():
 
 def test_every_config_key_has_its_row():
     tables = {"node": NodeSettings, "inference": InferenceSettings, "outbox": OutboxSettings,
-              "archive": ArchiveSettings, "tls": TlsSettings, "web": WebSettings}
+              "archive": ArchiveSettings, "tls": TlsSettings, "web": WebSettings,
+              "cluster": ClusterSettings}
     missing = [f"[{t}] {f.name}" for t, cls in tables.items() for f in fields(cls)
                if f"| `{f.name}` |" not in DOC]
     assert not missing

@@ -22,6 +22,7 @@ RANK = {
     "dispatch": 3,
     "process": 4,
     "web": 5,          # console, /metrics, DICOMweb: over process/dispatch/store; node.py starts it
+    "cluster": 5,      # Celery tasks and the node's dispatcher: run process/'s job halves
     "app": 9,          # dicomnode.{node, cli}, dicomnode.commands
 }
 FOUNDATION = {"dicomnode", "dicomnode.errors", "dicomnode.log", "dicomnode.tls",
