@@ -1,10 +1,13 @@
 """Runtime core: routing, series I/O, generators, model folders, inference, derived DICOM."""
 
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 
 
+@cache
 def software_version() -> str:
-    """The installed dicomnode distribution's version (recorded in models and derived series)."""
+    """The installed dicomnode distribution's version (recorded in models and derived series);
+    read once per process (a metadata lookup costs milliseconds, per instance written)."""
     try:
         return version("dicomnode")
     except PackageNotFoundError:  # running from a bare checkout
