@@ -47,6 +47,7 @@ class Spec:
     train_sizes: tuple[int, ...] = (SMALL,)  # each training subject at each matrix
     version: str = "1.0"  # a retrained shipped model gets a new one
     reports: tuple[str, ...] = REPORTS  # evaluated where conf/node.toml routes series to it
+    teacher: str = ""  # distilled from this TEACHERS model: its outputs are the targets
 
     def sizes(self) -> dict[str, int]:
         """Report folder -> matrix of the held-out series evaluated there: 128 and the
@@ -67,12 +68,35 @@ MR_T1W = Spec(
      "--val-every", "100", "--minutes", "55"), train_sizes=(128, 256), version="1.1",
     reports=("evaluation-clinical",))
 
+# The shipped MR models before issue 33: 6 and 25 GFLOP per 256² slice, too slow for a
+# CPU node, and now the teachers their fast successors are distilled from (built into
+# --work/teachers when not there yet: 21 and 43 min on two cores).
+TEACHERS = {
+    "mr-t1w-ge15-to-siemens3": MR_T1W,
+    # GE's acquisition fitted on six GE and sixteen other Siemens subjects, pairs
+    # synthesised from the Siemens series, a paired U-Net trained on them at 0.9375 mm (the
+    # 128² series resampled), Siemens' grain chosen on the real GE series
+    "mr-t1w-ge15-to-siemens3-coarse": Spec(
+        "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "synthetic", tuple(range(6)),
+        tuple(range(10, 26)),
+        ("--architecture", "unet", "--param", "features=32", "--param", "levels=3",
+         "--pixel-spacing", "0.9375", "--patch", "64", "--batch", "4", "--steps", "12000",
+         "--ssim", "1", "--val-every", "100", "--minutes", "55"), version="2.0",
+        reports=("evaluation",)),
+}
+# A student sees GE series of subjects 0-25 (never the held-out 100-102): the teacher's
+# output on each is its target, so it needs no Siemens series of its own.
+STUDENT_SUBJECTS = tuple(range(26))
+
 MODELS = {
+    # two reconstructions of the same raw data differ by the ratio of the kernels' transfer
+    # functions: a spectral filter (32 gains: 0.02 cycles/pixel apart) learns it from the
+    # pairs, at milliseconds per slice (version 1.1, a 32-feature plain CNN: 29 GFLOP)
     "ct-kernel-sharp-to-smooth": Spec(
         "CT", "siemens-b70f", "siemens-b30f", "paired", tuple(range(6)), tuple(range(6)),
-        ("--architecture", "plain", "--param", "features=32", "--param", "blocks=8",
-         "--patch", "48", "--batch", "8", "--steps", "1200", "--lr", "1e-3", "--ssim", "0.5",
-         "--val-every", "100", "--minutes", "45"), version="1.1"),
+        ("--architecture", "spectral", "--param", "knots=32", "--patch", "128", "--batch", "8",
+         "--steps", "1000", "--lr", "1e-2", "--ssim", "0.5", "--val-every", "100",
+         "--minutes", "45"), version="2.0"),
     "ct-vendor-ge-to-siemens": Spec(
         "CT", "ge-standard", "siemens-b30f", "unpaired", tuple(range(6)), tuple(range(10, 16)),
         # GE's standard kernel and Siemens' B30f differ by a transfer function, seen in the
@@ -82,18 +106,23 @@ MODELS = {
          "8", "--steps", "600", "--lr", "5e-3", "--identity", "0.5", "--cycle", "10",
          "--spectrum", "10", "--disc-features", "16", "--disc-layers", "3",
          "--val-every", "100", "--minutes", "30"), train_sizes=(512,), version="1.1"),
-    "mr-t1w-ge15-to-siemens3": MR_T1W,
-    # GE's acquisition fitted on six GE and sixteen other Siemens subjects, pairs
-    # synthesised from the Siemens series, a paired U-Net trained on them at 0.9375 mm (the
-    # 128² series resampled), Siemens' grain chosen on the real GE series; evaluated at
-    # 128², as its route takes series coarser than 1.2 mm
+    # distilled into a U-Net on 2 x 2 pixel blocks (a quarter of the teacher's GFLOP per
+    # slice), on the teacher's outputs at 256², the matrix its route takes
+    "mr-t1w-ge15-to-siemens3": Spec(
+        "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "paired", STUDENT_SUBJECTS, (),
+        ("--architecture", "shuffle-unet", "--param", "features=16", "--param", "levels=3",
+         "--patch", "96", "--batch", "8", "--steps", "6000", "--lr", "1e-3", "--ssim", "1",
+         "--val-every", "200", "--minutes", "90"), train_sizes=(256,), version="2.0",
+        reports=("evaluation-clinical",), teacher="mr-t1w-ge15-to-siemens3"),
+    # the same, at the teacher's 0.9375 mm (a 128² series resampled to 256², which holds a
+    # 128² image's detail: 2 x 2 blocks lose nothing); evaluated at 128², as its route
+    # takes series coarser than 1.2 mm
     "mr-t1w-ge15-to-siemens3-coarse": Spec(
-        "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "synthetic", tuple(range(6)),
-        tuple(range(10, 26)),
-        ("--architecture", "unet", "--param", "features=32", "--param", "levels=3",
-         "--pixel-spacing", "0.9375", "--patch", "64", "--batch", "4", "--steps", "12000",
-         "--ssim", "1", "--val-every", "100", "--minutes", "55"), version="2.0",
-        reports=("evaluation",)),
+        "MR", "ge-1.5t-t1w", "siemens-3t-t1w", "paired", STUDENT_SUBJECTS, (),
+        ("--architecture", "shuffle-unet", "--param", "features=16", "--param", "levels=3",
+         "--pixel-spacing", "0.9375", "--patch", "96", "--batch", "8", "--steps", "6000",
+         "--lr", "1e-3", "--ssim", "1", "--val-every", "200", "--minutes", "90"),
+        version="3.0", reports=("evaluation",), teacher="mr-t1w-ge15-to-siemens3-coarse"),
 }
 
 
@@ -145,17 +174,38 @@ def _run(command: list[str], capture: bool = False) -> str:
     return done.stdout or ""
 
 
-def build(name: str, work: Path, models_dir: Path, train: bool = True) -> dict:
+def train(name: str, spec: Spec, folders: dict[str, Path], work: Path,
+          models_dir: Path) -> None:
+    """``dicomnode train`` on the simulated training series (a distilled spec's targets are
+    its teacher's outputs, so it is given the teacher instead of target series)."""
+    data = ["--source", str(folders["train-source"])]
+    data += ["--teacher", str(teacher(spec.teacher, work))] if spec.teacher else \
+        ["--target", str(folders["train-target"])]
+    _run([sys.executable, "-m", "dicomnode.cli", "train", spec.mode, *data, "--name", name,
+          "--models-dir", str(models_dir), "--source-domain", spec.source,
+          "--target-domain", spec.target, "--version", spec.version, "--seed", "0",
+          "--device", "cpu", "--workdir", str(work / name / "run"), "--force",
+          "--no-progress", *spec.args])
+
+
+def teacher(name: str, work: Path) -> Path:
+    """The TEACHERS model folder under ``work/teachers``, trained by its recipe unless a
+    folder of its version is there already."""
+    spec, models_dir = TEACHERS[name], work / "teachers"
+    folder = models_dir / name
+    meta = folder / "model.json"
+    if not meta.is_file() or json.loads(meta.read_text())["version"] != spec.version:
+        runs = work / "teacher-runs"
+        train(name, spec, simulate(spec, runs / name), runs, models_dir)
+    return folder
+
+
+def build(name: str, work: Path, models_dir: Path, retrain: bool = True) -> dict:
     spec = MODELS[name]
     folders = simulate(spec, work / name)
     dicomnode = [sys.executable, "-m", "dicomnode.cli"]
-    if train:
-        _run([*dicomnode, "train", spec.mode, "--source", str(folders["train-source"]),
-              "--target", str(folders["train-target"]), "--name", name,
-              "--models-dir", str(models_dir), "--source-domain", spec.source,
-              "--target-domain", spec.target, "--version", spec.version, "--seed", "0",
-              "--device", "cpu", "--workdir", str(work / name / "run"), "--force",
-              "--no-progress", *spec.args])
+    if retrain:
+        train(name, spec, folders, work, models_dir)
     results = {}
     for evaluation, size in spec.sizes().items():
         out = _run([*dicomnode, "evaluate", "--model", name, "--models-dir", str(models_dir),
@@ -203,8 +253,12 @@ def table(models_dir: Path, evaluation: str = "evaluation") -> str:
         matrices = " + ".join(f"{n}²" for n in spec.train_sizes)
         if "pixel_spacing" in info:  # resampled to the spacing the model works at
             matrices += f" at {info['pixel_spacing'][0]:g} mm"
+        mode = spec.mode
+        if spec.teacher:  # the teacher's recipe, then distilled
+            taught = TEACHERS[spec.teacher]
+            mode = f"{taught.mode} {taught.version} distilled"
         rows.append(
-            f"| `{name}` | {spec.mode}, {info['architecture']}, {spec.source} → {spec.target}"
+            f"| `{name}` | {mode}, {info['architecture']}, {spec.source} → {spec.target}"
             f", {matrices} | {_cell(metrics, 'ssim', 3)} | {_cell(metrics, 'psnr', 1)}"
             f" | {_cell(metrics, 'radiomics_ccc', 3)} | {_cell(metrics, 'domain_accuracy', 2)}"
             f" | {_count(training['parameters'])} params, {_file_size(size)}"
