@@ -39,11 +39,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import structlog
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import pipelines  # noqa: E402, F401, I001  (first: it sets OpenMP's wait policy for torch)
+import structlog  # noqa: E402
+import torch  # noqa: E402
 
 from pipelines.cost import gflop  # noqa: E402
 from pipelines.harmonise import ModelCache, harmonise_series  # noqa: E402

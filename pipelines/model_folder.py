@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from torch import nn
 
@@ -27,6 +28,8 @@ from pipelines.files import atomic_write
 from pipelines.grain import Grain
 from pipelines.intensity import Normalisation
 from pipelines.networks import build_generator, spatial_dims
+
+log = structlog.get_logger(component="model_folder")
 
 MODEL_JSON = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -135,8 +138,7 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
         "normalisation": norm.to_spec(),
         **({"pixel_spacing": list(spacing)} if spacing else {}),
         **({"grain": grain.to_spec()} if grain else {}),
-        **({"cost": slice_cost(rebuilt.eval(), source.get("Modality"))}
-           if spatial_dims(params) == 2 else {}),
+        **({"cost": cost} if (cost := _cost(rebuilt.eval(), source, params)) else {}),
         "training": dict(training or {}),
         "validation": dict(validation or {}),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -150,6 +152,20 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
         raise ValueError(f"model.json must be JSON-serialisable: {exc}") from None
     atomic_write(folder / MODEL_JSON, lambda fh: fh.write(text.encode()))
     return folder
+
+
+def _cost(generator: nn.Module, source: Mapping[str, Any],
+          params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """model.json's ``cost`` of a 2D generator; None for 3D ones, and with a warning for one
+    that cannot run a zero slice (the runtime will say why, on real series)."""
+    if spatial_dims(dict(params)) != 2:
+        return None
+    try:
+        return slice_cost(generator, source.get("Modality"))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        log.warning("model_cost_not_counted", reason=str(exc).splitlines()[0] if str(exc)
+                    else type(exc).__name__)
+        return None
 
 
 def read_model_info(directory: str | os.PathLike[str]) -> ModelInfo:
