@@ -7,7 +7,9 @@ normalisation, resampling to the model's pixel spacing, inference, grain, the de
 written and fsynced. Per model: seconds per slice (total, and the load / inference / write
 split), GFLOP per working slice (:mod:`pipelines.cost`, as model.json records it), inference
 GFLOP/s and its share of this machine's fp32 matmul throughput measured in the same run (at
-the start and at the end; bf16 too where the device computes it natively). The execution
+the start and at the end; bf16 too where the device computes it natively), and the CPU
+seconds the process spent per slice (all threads: on a machine shared with other work, what
+a slice needs of the cores; its wall time is what is left of them). The execution
 (precision, CPU tiles) is decided first, and one short warm-up series run, as a node does
 before its first series; the machine's load average is recorded with the numbers.
 
@@ -166,10 +168,10 @@ def run_model(name: str, models_dir: Path, files: list[Path], settings: Inferenc
     harmonise(files[:WARM_UP_SLICES], "warm-up")
     load = os.getloadavg()[0]
     with Utilisation(device) as gpu, ThreadPoolExecutor(in_flight) as pool:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         outcomes = list(pool.map(harmonise, [files] * in_flight,
                                  [f"run-{k}" for k in range(in_flight)]))
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     slices = len(files) * in_flight
     cost = gflop(model.generator.cpu().float(), *work)
     split = {k: sum(o.seconds[k] for o in outcomes) / slices for k in outcomes[0].seconds}
@@ -180,6 +182,7 @@ def run_model(name: str, models_dir: Path, files: list[Path], settings: Inferenc
             "execution": f"{outcomes[0].precision or 'fp32'}"
                          + (f" tile {outcomes[0].tile}" if outcomes[0].tile else ""),
             "slices": slices, "seconds": round(wall, 3), "s_per_slice": round(wall / slices, 4),
+            "cpu_s_per_slice": round(cpu / slices, 4),
             "split_s_per_slice": {k: round(v, 4) for k, v in split.items()},
             "inference_gflops": round(cost / split["inference"], 1) if cost else 0.0,
             "gpu_utilisation_percent": gpu.mean(), "load_average": round(load, 2)}
@@ -188,7 +191,7 @@ def run_model(name: str, models_dir: Path, files: list[Path], settings: Inferenc
 def table(rows: list[dict[str, Any]], peak: dict[str, float]) -> str:
     """The results as a plain-text table (one line per model and variant)."""
     head = (f"{'model':32} {'variant':7} {'version':7} {'architecture':13} {'GFLOP':>7}"
-            f" {'s/slice':>8} {'load':>7} {'infer':>7} {'write':>7} {'GFLOP/s':>8}"
+            f" {'s/slice':>8} {'load':>7} {'infer':>7} {'write':>7} {'CPU s':>7} {'GFLOP/s':>8}"
             f" {'of peak':>7}  execution, load average")
     lines = [head]
     for r in rows:
@@ -197,7 +200,8 @@ def table(rows: list[dict[str, Any]], peak: dict[str, float]) -> str:
         lines.append(
             f"{r['model']:32} {r['variant']:7} {r['version']:7} {r['architecture']:13}"
             f" {r['gflop_per_slice']:7.3f} {r['s_per_slice']:8.4f} {split['load']:7.4f}"
-            f" {split['inference']:7.4f} {split['write']:7.4f} {r['inference_gflops']:8.1f}"
+            f" {split['inference']:7.4f} {split['write']:7.4f} {r['cpu_s_per_slice']:7.4f}"
+            f" {r['inference_gflops']:8.1f}"
             f" {r['inference_gflops'] / reference:7.3f}  {r['execution']}, {r['load_average']}")
     return "\n".join(lines)
 
