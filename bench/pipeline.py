@@ -1,48 +1,69 @@
-"""Pipeline throughput on one CT series: load / inference / write, against matmul peak.
+"""Harmonisation speed per shipped model, in the node's own pipeline, against matmul peak.
 
-Writes a synthetic CT series (default 200 slices of 512x512) and harmonises it through
-:func:`pipelines.harmonise.harmonise_series` as the node does (headers, routing, decoding,
-inference, writing), with a shipped model's architecture and size (read from its
-``model.json``; random weights, which time the same). Prints the time split (load =
-headers + routing + model + pixels) and inference's effective GFLOP/s (forward FLOPs
-counted by torch) next to this machine's fp32 and bf16 matmul GFLOP/s, measured in the same
-run just before and just after the harmonisation (their mean is the reference). Targets:
-load + write <= 15% of the total; inference >= 50% of the matmul throughput of the precision
-inference ran in (decided, and timed, before the clock starts, with the CPU tiling, as the
-node does once per model and machine).
+For every model folder (default: all under models/), a simulated series of the model's source
+scanner (100 slices, CT 512², MR 256²: the README walkthrough's series) goes through
+:func:`pipelines.harmonise.harmonise_series` as the node runs it: headers, the model, decoding,
+normalisation, resampling to the model's pixel spacing, inference, grain, the derived series
+written and fsynced. Per model: seconds per slice (total, and the load / inference / write
+split), GFLOP per working slice (:mod:`pipelines.cost`, as model.json records it), inference
+GFLOP/s and its share of this machine's fp32 matmul throughput measured in the same run (at
+the start and at the end; bf16 too where the device computes it natively), and the CPU
+seconds the process spent per slice (all threads: on a machine shared with other work, what
+a slice needs of the cores; its wall time is what is left of them). The execution
+(precision, CPU tiles) is decided first, and one short warm-up series run, as a node does
+before its first series; the machine's load average is recorded with the numbers.
 
-    python3 bench/pipeline.py [--slices 200] [--size 512] [--model ct-kernel-sharp-to-smooth]
-                              [--batch-size 8] [--no-bf16] [--device auto] [--threads 0]
+``--before REV`` runs the same series through other versions of the models (a git revision
+whose models/ is taken, or a folder of model folders), alternating with the current ones,
+so "before -> after" is measured under the same conditions. On CUDA, ``--in-flight N``
+series are harmonised at once by N threads (decoding and writing one while the GPU runs
+another, as a node's worker concurrency does) and the GPU's utilisation is sampled.
+
+    python3 bench/pipeline.py [--model NAME ...] [--before REV|DIR] [--slices 100]
+        [--size N] [--repeat 1] [--device auto|cpu|cuda] [--batch-size N] [--threads N]
+        [--in-flight N] [--no-bf16] [--data DIR] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import platform
+import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import structlog
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pipelines  # noqa: E402, F401, I001  (first: it sets OpenMP's wait policy for torch)
+import structlog  # noqa: E402
+import torch  # noqa: E402
 
+from pipelines.cost import gflop  # noqa: E402
 from pipelines.harmonise import ModelCache, harmonise_series  # noqa: E402
 from pipelines.inference import (  # noqa: E402
     InferenceSettings,
+    autocast_dtype,
     choose_execution,
     resolve_device,
 )
-from pipelines.model_folder import read_model_info, save_model_folder  # noqa: E402
-from pipelines.routing import parse_routes  # noqa: E402
-from tests.dicom_factory import write_series  # noqa: E402
-from tests.model_factory import random_generator  # noqa: E402
+from pipelines.model_folder import ModelInfo, list_model_folders  # noqa: E402
+from pipelines.series import load_series  # noqa: E402
+from pipelines.spacing import working_shape  # noqa: E402
+from trainers.simulation import simulate_series  # noqa: E402
+from trainers.simulation.series import DEFAULT_SIZE  # noqa: E402
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+SUBJECT = 100  # a held-out subject of the shipped models
+WARM_UP_SLICES = 4
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048,
@@ -51,98 +72,208 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048,
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     torch.matmul(a, b)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.matmul(a, b)
         runs += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
 
 
-def peak_gflops(device: torch.device) -> dict[str, float]:
-    return {"fp32": matmul_gflops(torch.float32, device),
-            "bf16": matmul_gflops(torch.bfloat16, device)}
+def peak_gflops(device: torch.device, bf16: bool) -> dict[str, float]:
+    """fp32 matmul GFLOP/s, and bf16 where the device computes it natively (emulated bf16
+    on a CPU without it runs at a fraction of a GFLOP/s and is no reference)."""
+    peak = {"fp32": matmul_gflops(torch.float32, device)}
+    if bf16 and autocast_dtype(device, True) is not None:
+        peak["bf16"] = matmul_gflops(torch.bfloat16, device)
+    return peak
 
 
-def forward_flops(model: torch.nn.Module, size: int) -> int:
-    """FLOPs of one slice through the generator."""
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(torch.zeros(1, 1, size, size))
-    return counter.get_total_flops()
+def models_at(before: str, out: Path) -> Path:
+    """A folder of model folders: ``before`` itself, or the models/ of git revision
+    ``before`` extracted into ``out``."""
+    if Path(before).is_dir():
+        return Path(before)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", before, "models"],
+                             check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(out, filter="data")
+    return out / "models"
+
+
+def source_series(info: ModelInfo, slices: int, size: int | None, data: Path) -> list[Path]:
+    """The simulated series of the model's source scanner (kept in ``data``)."""
+    modality, domain = str(info.source["Modality"]), str(info.source["name"])
+    size = size or DEFAULT_SIZE[modality]
+    folder = data / f"{domain}-{SUBJECT}-{slices}x{size}"
+    if not folder.is_dir():
+        partial = folder.with_name(folder.name + ".partial")
+        simulate_series(modality, domain, partial, subject=SUBJECT, slices=slices, size=size,
+                        progress=False)
+        partial.rename(folder)
+    return sorted(folder.glob("*.dcm"))
+
+
+class Utilisation:
+    """The GPU's utilisation, sampled every 50 ms while the block runs (needs pynvml)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.samples, self._stop = device, [], threading.Event()
+
+    def __enter__(self) -> Utilisation:
+        if self.device.type == "cuda":
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                self.samples.append(torch.cuda.utilization(self.device))
+            except Exception:  # no pynvml / NVML: leave it unmeasured
+                return
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self.device.type == "cuda":
+            self._thread.join()
+
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def run_model(name: str, models_dir: Path, files: list[Path], settings: InferenceSettings,
+              in_flight: int, out: Path) -> dict[str, Any]:
+    """Decide the execution, warm up, then harmonise ``in_flight`` copies of the series at
+    once (one on the CPU) and time it."""
+    cache, executions = ModelCache(), out / "execution.json"
+    model = cache.get(models_dir / name)
+    info, device = model.info, resolve_device(settings.device)
+    volume = load_series(files[:WARM_UP_SLICES])
+    work = working_shape(volume.array.shape[1:], volume.spacing[1:], info.pixel_spacing)
+    sample = load_series(files[:max(2, settings.batch_size)]).array
+    choose_execution(model.generator, sample, info.dims, settings, key=info.weights_sha256,
+                     cache=executions)
+
+    def harmonise(series: list[Path], where: str) -> Any:
+        outcome = harmonise_series(series, routes=[], models_dir=models_dir, out_dir=out / where,
+                                   options=settings, model_name=name, cache=cache,
+                                   execution_cache=executions)
+        assert outcome.status == "harmonised", outcome.reason
+        return outcome
+
+    harmonise(files[:WARM_UP_SLICES], "warm-up")
+    load = os.getloadavg()[0]
+    with Utilisation(device) as gpu, ThreadPoolExecutor(in_flight) as pool:
+        start, cpu = time.perf_counter(), time.process_time()
+        outcomes = list(pool.map(harmonise, [files] * in_flight,
+                                 [f"run-{k}" for k in range(in_flight)]))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    slices = len(files) * in_flight
+    cost = gflop(model.generator.cpu().float(), *work)
+    split = {k: sum(o.seconds[k] for o in outcomes) / slices for k in outcomes[0].seconds}
+    return {"model": name, "version": info.version, "architecture": info.architecture,
+            "params": info.params, "working_slice": list(work),
+            "gflop_per_slice": round(cost, 4),
+            "model_json_gflop": (info.cost or {}).get("gflop_per_slice"),
+            "execution": f"{outcomes[0].precision or 'fp32'}"
+                         + (f" tile {outcomes[0].tile}" if outcomes[0].tile else ""),
+            "slices": slices, "seconds": round(wall, 3), "s_per_slice": round(wall / slices, 4),
+            "cpu_s_per_slice": round(cpu / slices, 4),
+            "split_s_per_slice": {k: round(v, 4) for k, v in split.items()},
+            "inference_gflops": round(cost / split["inference"], 1) if cost else 0.0,
+            "gpu_utilisation_percent": gpu.mean(), "load_average": round(load, 2)}
+
+
+def table(rows: list[dict[str, Any]], peak: dict[str, float]) -> str:
+    """The results as a plain-text table (one line per model and variant)."""
+    head = (f"{'model':32} {'variant':7} {'version':7} {'architecture':13} {'GFLOP':>7}"
+            f" {'s/slice':>8} {'load':>7} {'infer':>7} {'write':>7} {'CPU s':>7} {'GFLOP/s':>8}"
+            f" {'of peak':>7}  execution, load average")
+    lines = [head]
+    for r in rows:
+        split = r["split_s_per_slice"]
+        reference = peak.get(r["execution"].split()[0], peak["fp32"])
+        lines.append(
+            f"{r['model']:32} {r['variant']:7} {r['version']:7} {r['architecture']:13}"
+            f" {r['gflop_per_slice']:7.3f} {r['s_per_slice']:8.4f} {split['load']:7.4f}"
+            f" {split['inference']:7.4f} {split['write']:7.4f} {r['cpu_s_per_slice']:7.4f}"
+            f" {r['inference_gflops']:8.1f}"
+            f" {r['inference_gflops'] / reference:7.3f}  {r['execution']}, {r['load_average']}")
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=200)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--model", default="ct-kernel-sharp-to-smooth",
-                        help="shipped model whose architecture and size to run")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--patch-size", type=int, default=0)
-    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--model", action="append", help="a model folder name (repeatable;"
+                        " default: every model under --models-dir)")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--before", help="git revision, or folder of model folders, to run"
+                        " side by side with --models-dir (e.g. the commit before a change)")
+    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--size", type=int, default=0, help="matrix (default: CT 512, MR 256)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per model and variant")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="slices per forward pass (default: 8 on the CPU, 32 on CUDA)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's)")
+    parser.add_argument("--in-flight", type=int, default=0,
+                        help="series harmonised at once (default: 1 on the CPU, 2 on CUDA)")
+    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--data", type=Path, help="keep the simulated series here")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
     args = parser.parse_args()
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    settings = InferenceSettings(device=args.device, batch_size=args.batch_size,
-                                 patch_size=args.patch_size, bf16=not args.no_bf16,
-                                 threads=args.threads)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                        wrapper_class=structlog.make_filtering_bound_logger(30))
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    settings = InferenceSettings(device=device.type,
+                                 batch_size=args.batch_size or (32 if cuda else 8),
+                                 bf16=not args.no_bf16, threads=args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(settings.device)
-    shipped = read_model_info(MODELS / args.model)
-    if shipped.dims != 2 or shipped.source.get("Modality") != "CT":
-        parser.error(f"--model {args.model}: this benchmark runs a 2D CT model")
+    in_flight = args.in_flight or (2 if cuda else 1)
+    found = [m for m in list_model_folders(args.models_dir) if isinstance(m, ModelInfo)]
+    names = args.model or [m.name for m in found if m.dims == 2]
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
-        files = write_series(root / "in", slices=args.slices, size=args.size, kernel="B70f")
-        generator = random_generator(shipped.architecture, **shipped.params)
-        folder = save_model_folder(
-            root / "models" / "bench", generator, name="bench", version="1",
-            architecture=shipped.architecture, params=shipped.params, source=shipped.source,
-            target=shipped.target, normalisation=shipped.normalisation.to_spec())
-        routes = parse_routes([{"name": "bench", "model": "bench",
-                                "match": {"Modality": "CT", "ConvolutionKernel": "B7*"}}])
-        cache, executions = ModelCache(), root / "execution.json"
-        # the node's once-per-model decision (precision, CPU tiles), outside the timed run
-        sample = np.zeros((args.slices, args.size, args.size), np.float32)
-        choose_execution(cache.get(folder).generator, sample, 2, settings,
-                         key=read_model_info(folder).weights_sha256, cache=executions)
-        # matmul peak measured just before and just after the timed run, and averaged:
-        # a shared or thermally throttled CPU drifts by 10-20% over a minute
-        before = peak_gflops(device)
-        outcome = harmonise_series(files, routes=routes, models_dir=root / "models",
-                                   out_dir=root / "out", options=settings, cache=cache,
-                                   execution_cache=executions)
-        assert outcome.status == "harmonised", outcome.reason
-        after = peak_gflops(device)
-    seconds = outcome.seconds
-    total = sum(seconds.values())
-    flops = forward_flops(generator, args.size) * args.slices
-    inference_gflops = flops / seconds["inference"] / 1e9
-    peak = {k: (before[k] + after[k]) / 2 for k in before}
-    ran_in = outcome.precision or "fp32"
-    reference = peak.get(ran_in, peak["fp32"])
-    io_share = (seconds["load"] + seconds["write"]) / total
-    report = {
-        "series": f"{args.slices} x {args.size} x {args.size} CT",
-        "model": f"{args.model} architecture: {shipped.architecture} {shipped.params}"
-                 " (random weights)",
-        "device": device.type, "threads": torch.get_num_threads(), "precision": ran_in,
-        "cpu_tile": outcome.tile,
-        "seconds": {k: round(v, 2) for k, v in seconds.items()} | {"total": round(total, 2)},
-        "load_write_share": round(io_share, 3),
-        "inference_tflop": round(flops / 1e12, 2),
-        "inference_gflops": round(inference_gflops, 1),
-        "matmul_gflops": {k: round(v, 1) for k, v in peak.items()},
-        "matmul_gflops_before_after": {k: [round(before[k], 1), round(after[k], 1)]
-                                       for k in before},
-        "inference_vs_matmul": round(inference_gflops / reference, 3),
-        "targets": {"load_write_share<=0.15": io_share <= 0.15,
-                    "inference_vs_matmul>=0.5": inference_gflops / reference >= 0.5},
-    }
-    print(json.dumps(report, indent=2))
+        data = args.data or root / "series"
+        variants = {"after": args.models_dir}
+        if args.before:
+            variants = {"before": models_at(args.before, root / "before"), **variants}
+        start_peak = peak_gflops(device, settings.bf16)
+        rows = []
+        for name in names:
+            info = next(m for m in found if m.name == name)
+            files = source_series(info, args.slices, args.size or None, data)
+            for k in range(args.repeat):
+                for variant, folder in variants.items():
+                    if not (folder / name / "model.json").is_file():
+                        continue
+                    out = root / f"{variant}-{name}-{k}"
+                    rows.append({"variant": variant,
+                                 **run_model(name, folder, files, settings, in_flight, out)})
+                    print(table(rows[-1:], start_peak).splitlines()[1], file=sys.stderr,
+                          flush=True)
+        end_peak = peak_gflops(device, settings.bf16)
+    peak = {k: (start_peak[k] + end_peak[k]) / 2 for k in start_peak}
+    machine = {"device": torch.cuda.get_device_name(device) if cuda else platform.processor()
+               or platform.machine(), "cpu_count": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "batch_size": settings.batch_size, "in_flight": in_flight,
+               "matmul_gflops": {k: round(v, 1) for k, v in peak.items()},
+               "matmul_gflops_start_end": {k: [round(start_peak[k], 1), round(end_peak[k], 1)]
+                                           for k in peak},
+               "load_average_end": [round(v, 2) for v in os.getloadavg()],
+               "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(json.dumps(machine))
+    print(table(rows, peak))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "runs": rows}, indent=1) + "\n")
     return 0
 
 

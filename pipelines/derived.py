@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,14 +26,17 @@ from typing import Any
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import dcmwrite
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import dcmwrite, write_data_element
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from pipelines import IMPLEMENTATION_CLASS_UID, implementation_version_name
 from pipelines.errors import PipelineError
-from pipelines.files import atomic_write
+from pipelines.files import atomic_write, fsync_dir
 from pipelines.series import Volume, lossy_compression
 
 MANUFACTURER = "dicomnode"
@@ -181,14 +186,27 @@ def _equipment(source: Dataset, provenance: Provenance, stamp: str) -> DicomSequ
     return DicomSequence(items)
 
 
-def _private_block(ds: Dataset, provenance: Provenance) -> None:
-    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    values = {0x10: provenance.model_name, 0x11: provenance.model_version,
-              0x12: provenance.weights_sha256, 0x13: provenance.route or "",
-              0x14: json.dumps(provenance.parameters, sort_keys=True)}
+def encoded(element: DataElement) -> RawDataElement:
+    """``element`` encoded once as Explicit VR Little Endian, for a value every instance of a
+    series shares: ``dcmwrite`` copies a raw element's bytes as they are into a header of
+    that encoding (and decodes it again for any other), so its cost is paid once, not per
+    instance (the series reference lists every instance: per instance it would cost
+    O(instances), per series O(instances^2))."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, element)
+    data = fp.getvalue()
+    start = 12 if element.VR in EXPLICIT_VR_LENGTH_32 else 8  # tag, VR, (reserved,) length
+    return RawDataElement(element.tag, element.VR, len(data) - start, data[start:], 0, False,
+                          True)
+
+
+@functools.cache
+def _characteristics() -> RawDataElement:
+    """The private block's Private Data Element Characteristics Sequence (the same in every
+    instance), encoded."""
     definitions = []
     for offset, (vr, keyword, description) in PRIVATE_ELEMENTS.items():
-        block.add_new(offset, vr, values[offset])
         item = Dataset()
         item.PrivateDataElement = offset
         item.PrivateDataElementValueMultiplicity = 1
@@ -202,7 +220,19 @@ def _private_block(ds: Dataset, provenance: Provenance) -> None:
     characteristics.PrivateCreatorReference = PRIVATE_CREATOR
     characteristics.PrivateDataElementDefinitionSequence = DicomSequence(definitions)
     characteristics.BlockIdentifyingInformationStatus = "SAFE"
-    ds.PrivateDataElementCharacteristicsSequence = DicomSequence([characteristics])
+    holder = Dataset()
+    holder.PrivateDataElementCharacteristicsSequence = DicomSequence([characteristics])
+    return encoded(holder["PrivateDataElementCharacteristicsSequence"])
+
+
+def _private_block(ds: Dataset, provenance: Provenance) -> None:
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    values = {0x10: provenance.model_name, 0x11: provenance.model_version,
+              0x12: provenance.weights_sha256, 0x13: provenance.route or "",
+              0x14: json.dumps(provenance.parameters, sort_keys=True)}
+    for offset, (vr, _, _) in PRIVATE_ELEMENTS.items():
+        block.add_new(offset, vr, values[offset])
+    ds[_characteristics().tag] = _characteristics()
 
 
 def harmonised_by(ds: Dataset) -> str | None:
@@ -241,8 +271,17 @@ def _series_description(source: Dataset, model_name: str) -> str:
     return (base[: max(0, 64 - len(suffix))] + suffix)[-64:].strip()
 
 
-def series_reference(sources: Sequence[Dataset]) -> Dataset:
-    """The ReferencedSeriesSequence item listing every instance of the source series once."""
+@dataclass(frozen=True)
+class SeriesReference:
+    """The ReferencedSeriesSequence item listing every instance of the source series once
+    (``item``), and the sequence of just that item, encoded once (:func:`encoded`)."""
+
+    item: Dataset
+    sequence: RawDataElement
+
+
+def series_reference(sources: Sequence[Dataset]) -> SeriesReference:
+    """The source series' :class:`SeriesReference`, built once per series."""
     ref = Dataset()
     ref.SeriesInstanceUID = sources[0].SeriesInstanceUID
     instances = []
@@ -252,7 +291,9 @@ def series_reference(sources: Sequence[Dataset]) -> Dataset:
         item.ReferencedSOPInstanceUID = s.SOPInstanceUID
         instances.append(item)
     ref.ReferencedInstanceSequence = DicomSequence(instances)
-    return ref
+    holder = Dataset()
+    holder.ReferencedSeriesSequence = DicomSequence([ref])
+    return SeriesReference(ref, encoded(holder["ReferencedSeriesSequence"]))
 
 
 def _source_image(source: Dataset, frame_number: int | None = None) -> Dataset:
@@ -296,11 +337,46 @@ def _frame_of_reference(ds: Dataset, source_series_uid: str) -> None:
         ds.PositionReferenceIndicator = ""
 
 
-def _derived_header(source: Dataset, *, series_uid: str, series_ref: Dataset,
+def _drop_private(ds: Dataset) -> None:
+    """Remove private elements from ``ds`` and, at every depth, from its sequences' items,
+    decoding nothing else (:meth:`Dataset.remove_private_tags` decodes every element)."""
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            del ds[tag]
+            continue
+        element = ds.get_item(tag)
+        if element.VR in (None, "SQ", "UN"):  # implicit VR: decode to learn the VR
+            element = ds[tag]
+        if element.VR == "SQ":
+            for item in element.value:
+                _drop_private(item)
+
+
+def _public_copy(source: Dataset) -> Dataset:
+    """``source``'s public elements for a derived header, in ``source``'s encoding: elements
+    never decoded are immutable and shared (and ``dcmwrite`` copies their bytes), decoded
+    ones are copied, sequences deep-copied without their private elements."""
+    ds = Dataset()
+    for tag in source.keys():
+        if tag.is_private:
+            continue
+        element = source.get_item(tag)
+        if isinstance(element, RawDataElement) and element.VR not in (None, "SQ", "UN"):
+            ds[tag] = element
+            continue
+        element = source[tag]
+        ds[tag] = copy.deepcopy(element) if element.VR == "SQ" else copy.copy(element)
+        if element.VR == "SQ":
+            for item in ds[tag].value:
+                _drop_private(item)
+    ds.set_original_encoding(*source.original_encoding, source.original_character_set)
+    return ds
+
+
+def _derived_header(source: Dataset, *, series_uid: str, series_ref: SeriesReference,
                     provenance: Provenance) -> Dataset:
     """The source header with what every derived instance gets, single- or multi-frame."""
-    ds = copy.deepcopy(source)
-    ds.remove_private_tags()
+    ds = _public_copy(source)
     if source.original_encoding[1] is False:  # read as Explicit VR Big Endian
         _swap_words(ds)
     for keyword in _DROP:
@@ -319,8 +395,11 @@ def _derived_header(source: Dataset, *, series_uid: str, series_ref: Dataset,
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
     others = [i for i in ds.get("ReferencedSeriesSequence") or []
-              if i.get("SeriesInstanceUID") != series_ref.SeriesInstanceUID]
-    ds.ReferencedSeriesSequence = DicomSequence([series_ref, *others])  # e.g. localisers
+              if i.get("SeriesInstanceUID") != series_ref.item.SeriesInstanceUID]
+    if others:  # e.g. localisers
+        ds.ReferencedSeriesSequence = DicomSequence([series_ref.item, *others])
+    else:
+        ds[series_ref.sequence.tag] = series_ref.sequence
     ds.ContributingEquipmentSequence = _equipment(source, provenance, stamp)
     _mark_lossy(ds, source)
     _private_block(ds, provenance)
@@ -340,7 +419,7 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray) -> None:
 
 
 def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
-                    series_ref: Dataset, provenance: Provenance) -> Dataset:
+                    series_ref: SeriesReference, provenance: Provenance) -> Dataset:
     """One derived single-frame instance from its source header (without pixel data) and
     stored pixels (rows, cols).
 
@@ -357,28 +436,39 @@ def derive_instance(source: Dataset, pixels: np.ndarray, *, series_uid: str,
     return ds
 
 
-def write_atomic(ds: Dataset, path: Path) -> None:
-    """Save ``ds`` as an Explicit VR Little Endian Part 10 file written by dicomnode (our
-    Implementation Class UID and version in its meta); a crash leaves no half file.
+def encode_instance(ds: Dataset, name: str) -> bytes:
+    """``ds`` as the bytes of an Explicit VR Little Endian Part 10 file written by dicomnode
+    (our Implementation Class UID and version in its meta); ``name`` is for the error.
 
     ``dcmwrite`` with an explicit encoding (not ``save_as``) so that a header copied from a
     big-endian source is converted rather than refused.
     """
     ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     ds.file_meta.ImplementationVersionName = implementation_version_name()
+    buffer = DicomBytesIO()
     try:
-        atomic_write(path, lambda fh: dcmwrite(fh, ds, enforce_file_format=True,
-                                               implicit_vr=False, little_endian=True))
-    except OSError:
-        raise
+        dcmwrite(buffer, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
     except Exception as exc:  # pydicom raises ValueError, TypeError, struct.error ... per value
-        raise WriteError(f"{path.name}: cannot encode as Explicit VR Little Endian: {exc}"
+        raise WriteError(f"{name}: cannot encode as Explicit VR Little Endian: {exc}"
                          ) from exc
+    return buffer.getvalue()
+
+
+def store(data: bytes, path: Path, sync_folder: bool = True) -> None:
+    """Write ``data`` as ``path`` durably; a crash leaves no half file. ``sync_folder=False``
+    leaves the folder's fsync (which makes the name durable) to the caller, once for many
+    files."""
+    atomic_write(path, lambda fh: fh.write(data), sync_folder=sync_folder)
+
+
+def write_atomic(ds: Dataset, path: Path) -> None:
+    """:func:`encode_instance`, then :func:`store`."""
+    store(encode_instance(ds, path.name), path)
 
 
 def derive_multiframe_instance(source: Dataset, pixels: np.ndarray,
                                frame_indices: Sequence[int], *, series_uid: str,
-                               series_ref: Dataset, provenance: Provenance) -> Dataset:
+                               series_ref: SeriesReference, provenance: Provenance) -> Dataset:
     """One derived Enhanced / Legacy Converted Enhanced instance mirroring its source's frames.
 
     ``frame_indices`` are the 0-based source frames kept (localiser frames may be left out),
@@ -481,13 +571,24 @@ def write_derived_series(volume: Volume, harmonised: np.ndarray, provenance: Pro
     written: list[Path] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for ds in _derived_instances(volume, harmonised, series_uid=series_uid,
-                                     provenance=provenance):
-            path = folder / f"{ds.SOPInstanceUID}.dcm"
-            write_atomic(ds, path)
-            written.append(path)
+        # one thread writes and fsyncs each file (the GIL is free meanwhile) while this one
+        # builds and encodes the next; the folder is fsynced once, after the last
+        writes: dict[Path, Future] = {}
+        with ThreadPoolExecutor(1, thread_name_prefix="derived-write") as writer:
+            try:
+                for ds in _derived_instances(volume, harmonised, series_uid=series_uid,
+                                             provenance=provenance):
+                    path = folder / f"{ds.SOPInstanceUID}.dcm"
+                    writes[path] = writer.submit(store, encode_instance(ds, path.name), path,
+                                                 False)
+            finally:
+                wait(writes.values())
+                written += [p for p, f in writes.items() if f.exception() is None]
+        for future in writes.values():
+            future.result()  # the first failed write, if any
         for stale in set(folder.glob("*.dcm")) - set(written):
             stale.unlink()
+        fsync_dir(folder)
     except Exception as exc:
         if created:  # no empty or partial new series left behind
             for path in written:

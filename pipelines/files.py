@@ -24,19 +24,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def commit(tmp: Path, path: Path) -> None:
+def commit(tmp: Path, path: Path, sync_folder: bool = True) -> None:
     """Rename a flushed file over ``path`` (same file system), then fsync the folder so the
-    rename survives a power cut; ``tmp`` is removed if the rename fails."""
+    rename survives a power cut (``sync_folder=False``: the caller does, once for many
+    files); ``tmp`` is removed if the rename fails."""
     try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_folder:
+        fsync_dir(path.parent)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(file)`` on a temporary file, then make it durable as ``path``."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object],
+                 sync_folder: bool = True) -> None:
+    """Call ``write(file)`` on a temporary file, then make it durable as ``path`` (its name
+    once the folder is fsynced: here, unless ``sync_folder`` is False)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -46,4 +50,4 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    commit(Path(tmp), path)
+    commit(Path(tmp), path, sync_folder)

@@ -296,27 +296,51 @@ def run_generator(generator: nn.Module, volume: np.ndarray, dims: int,
     out = np.zeros(volume.shape, dtype=np.float32)
     weight_sum = np.zeros(volume.shape, dtype=np.float32) if blend else None
     weights = [tile_weight(shape, t, plan.overlap, plan.margin) for t in grid] if blend else []
+
+    def collect(batch: list, index: list, result: torch.Tensor,
+                copied: torch.cuda.Event | None) -> None:
+        """Check one batch's output and put it in place (blending tiles)."""
+        if copied is not None:
+            copied.synchronize()
+        values = result.numpy()
+        if not np.isfinite(values).all():
+            raise InferenceError(f"{name}: produced NaN or infinite values")
+        for (_, k), i, r in zip(batch, index, values, strict=True):
+            if blend:
+                out[i] += r * weights[k]
+                weight_sum[i] += weights[k]
+            else:
+                out[i] = r
+
     try:
         with torch.inference_mode():
+            # On CUDA the batch's input goes up from pinned memory and its output comes down
+            # into pinned memory without blocking, and the previous batch is checked and
+            # blended while this one runs, so the GPU waits neither for copies nor for us.
+            pending: tuple | None = None
             for batch in _batches(jobs, settings.batch_size,
                                   lambda job: [t.stop - t.start for t in grid[job[1]]]):
                 index = [(s, *grid[k]) if s is not None else grid[k] for s, k in batch]
                 x = torch.from_numpy(np.stack([volume[i] for i in index])[:, None])
-                x = x.to(device).contiguous(memory_format=layout)
+                if device.type == "cuda":
+                    x = x.pin_memory()
+                x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
                 with _precision(device, dtype):
                     y = generator(x)
                 if y.shape != x.shape:
                     raise InferenceError(f"{name}: output shape {tuple(y.shape)} differs from"
                                          f" input {tuple(x.shape)}")
-                result = y[:, 0].float().cpu().numpy()
-                if not np.isfinite(result).all():
-                    raise InferenceError(f"{name}: produced NaN or infinite values")
-                for (_, k), i, r in zip(batch, index, result, strict=True):
-                    if blend:
-                        out[i] += r * weights[k]
-                        weight_sum[i] += weights[k]
-                    else:
-                        out[i] = r
+                result, copied = y[:, 0].float(), None
+                if device.type == "cuda":
+                    host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
+                    result = host.copy_(result, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record()
+                if pending is not None:
+                    collect(*pending)
+                pending = (batch, index, result, copied)
+            if pending is not None:
+                collect(*pending)
     except InferenceError:
         raise
     except torch.cuda.OutOfMemoryError:

@@ -72,7 +72,10 @@ class Normalisation:
 def normalise(volume: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, tuple[float, float]]:
     """Map real values to the network range; returns the anchors for :func:`denormalise`."""
     lo, hi = norm.anchors(volume)
-    out = (volume.astype(np.float32) - lo) * np.float32(2.0 / (hi - lo)) - np.float32(1.0)
+    out = volume.astype(np.float32)  # a copy; then in place: the same float32 operations,
+    out -= lo                        # without a new 4-byte-per-voxel array for each
+    out *= np.float32(2.0 / (hi - lo))
+    out -= np.float32(1.0)
     if norm.clip:
         np.clip(out, -1.0, 1.0, out=out)
     return out, (lo, hi)
@@ -81,8 +84,11 @@ def normalise(volume: np.ndarray, norm: Normalisation) -> tuple[np.ndarray, tupl
 def denormalise(values: np.ndarray, anchors: tuple[float, float]) -> np.ndarray:
     """Inverse of :func:`normalise` (up to clipping)."""
     lo, hi = anchors
-    return ((values.astype(np.float32) + np.float32(1.0)) * np.float32((hi - lo) / 2.0)
-            + np.float32(lo))
+    out = values.astype(np.float32)  # a copy, then in place (as in normalise)
+    out += np.float32(1.0)
+    out *= np.float32((hi - lo) / 2.0)
+    out += np.float32(lo)
+    return out
 
 
 def keep_source(source: np.ndarray, output: np.ndarray, anchors: tuple[float, float],

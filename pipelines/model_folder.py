@@ -17,15 +17,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from torch import nn
 
 from pipelines import software_version as _software_version
+from pipelines.cost import check_cost, slice_cost
 from pipelines.errors import ModelError
 from pipelines.files import atomic_write
 from pipelines.grain import Grain
 from pipelines.intensity import Normalisation
 from pipelines.networks import build_generator, spatial_dims
+
+log = structlog.get_logger(component="model_folder")
 
 MODEL_JSON = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -54,6 +58,7 @@ class ModelInfo:
     software_version: str = ""
     pixel_spacing: tuple[float, float] | None = None  # mm (row, column) it works at
     grain: Grain | None = None  # target-scanner noise added to the output (MR)
+    cost: dict[str, Any] | None = None  # GFLOP per clinical slice (pipelines.cost), 2D
 
     @property
     def dims(self) -> int:
@@ -104,7 +109,8 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
     checked by loading its state_dict into a fresh instance before anything is written.
     ``pixel_spacing`` (mm, row then column) is the in-plane spacing the generator works at,
     where it is not every series' own (:mod:`pipelines.spacing`); ``grain`` the target
-    scanner's noise the node adds to the output (:mod:`pipelines.grain`).
+    scanner's noise the node adds to the output (:mod:`pipelines.grain`). A 2D generator's
+    ``cost`` (GFLOP per clinical-matrix slice, :mod:`pipelines.cost`) is counted here.
     """
     folder = Path(directory)
     if not name or "/" in name or name.startswith("."):
@@ -112,8 +118,9 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
     norm = Normalisation.from_spec(normalisation)
     spacing = None if pixel_spacing is None else _spacing(list(pixel_spacing), "pixel_spacing")
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    rebuilt = build_generator(architecture, dict(params))
     try:
-        build_generator(architecture, dict(params)).load_state_dict(state)
+        rebuilt.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"generator does not match architecture '{architecture}'"
                          f" with params {dict(params)}: {exc}") from None
@@ -131,6 +138,7 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
         "normalisation": norm.to_spec(),
         **({"pixel_spacing": list(spacing)} if spacing else {}),
         **({"grain": grain.to_spec()} if grain else {}),
+        **({"cost": cost} if (cost := _cost(rebuilt.eval(), source, params)) else {}),
         "training": dict(training or {}),
         "validation": dict(validation or {}),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -144,6 +152,20 @@ def save_model_folder(directory: str | os.PathLike[str], generator: nn.Module, *
         raise ValueError(f"model.json must be JSON-serialisable: {exc}") from None
     atomic_write(folder / MODEL_JSON, lambda fh: fh.write(text.encode()))
     return folder
+
+
+def _cost(generator: nn.Module, source: Mapping[str, Any],
+          params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """model.json's ``cost`` of a 2D generator; None for 3D ones, and with a warning for one
+    that cannot run a zero slice (the runtime will say why, on real series)."""
+    if spatial_dims(dict(params)) != 2:
+        return None
+    try:
+        return slice_cost(generator, source.get("Modality"))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        log.warning("model_cost_not_counted", reason=str(exc).splitlines()[0] if str(exc)
+                    else type(exc).__name__)
+        return None
 
 
 def read_model_info(directory: str | os.PathLike[str]) -> ModelInfo:
@@ -178,6 +200,7 @@ def read_model_info(directory: str | os.PathLike[str]) -> ModelInfo:
         raise ModelError(f"{where}: {exc}") from None
     try:
         grain = Grain.from_spec(meta["grain"]) if meta.get("grain") is not None else None
+        cost = check_cost(meta["cost"]) if meta.get("cost") is not None else None
     except (ValueError, TypeError) as exc:
         raise ModelError(f"{where}: {exc}") from None
     return ModelInfo(path=folder, name=str(meta["name"]), version=str(meta["version"]),
@@ -187,7 +210,7 @@ def read_model_info(directory: str | os.PathLike[str]) -> ModelInfo:
                      training=meta.get("training", {}), validation=meta.get("validation", {}),
                      created=str(meta.get("created", "")),
                      software_version=str(meta.get("software_version", "")),
-                     pixel_spacing=spacing, grain=grain)
+                     pixel_spacing=spacing, grain=grain, cost=cost)
 
 
 def _spacing(value: Any, what: str) -> tuple[float, float]:

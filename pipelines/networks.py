@@ -180,6 +180,58 @@ class ResidualUNet(nn.Module):
         return x + h[crop]
 
 
+class ShuffleUNet(ResidualUNet):
+    """:class:`ResidualUNet` on ``shuffle`` x ``shuffle`` pixel blocks, for the CPU: pixel-
+    unshuffle in (each block becomes ``shuffle**2`` channels), the U-Net on the block grid,
+    pixel-shuffle out, so every pixel keeps its own residual (Shi et al. 2016).
+
+    A U-Net's cost sits at its finest level; on blocks of 2 x 2 the finest level has a
+    quarter of the positions, so with the same ``features`` the network costs about a
+    quarter of the FLOPs and sees twice as far in pixels. Convolutions pad with zeros, not
+    by reflection: oneDNN pads inside the convolution, where reflection copies every
+    activation once more. 2D only. Inputs of any size are reflect-padded to a multiple of
+    ``shuffle * 2**levels`` and cropped back.
+    """
+
+    def __init__(self, channels: int = 1, features: int = 16, levels: int = 3,
+                 shuffle: int = 2, dims: int = 2) -> None:
+        if dims != 2 or shuffle < 1:
+            raise ValueError(f"shuffle-unet is 2D (dims=2) with shuffle >= 1, got dims={dims},"
+                             f" shuffle={shuffle}")
+        super().__init__(channels * shuffle**2, features, levels, dims=2)
+        self.shuffle = shuffle
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.padding_mode = "zeros"
+
+    def receptive_field(self) -> ReceptiveField:
+        """The U-Net's, in blocks, plus the block a pixel sits in; tiles start on blocks of
+        the coarsest level's grid."""
+        field = super().receptive_field()
+        return ReceptiveField(radius=self.shuffle * (field.radius + 1),
+                              align=self.shuffle * field.align)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size, step = x.shape[2:], self.shuffle * 2**self.levels
+        pad = [0, (-size[1]) % step, 0, (-size[0]) % step]
+        h = F.pad(x, pad, mode="reflect") if any(pad) else x
+        h = F.pixel_shuffle(super().forward(F.pixel_unshuffle(h, self.shuffle)), self.shuffle)
+        return h[..., :size[0], :size[1]]
+
+
+def fft_size(n: int) -> int:
+    """The smallest 5-smooth length (2^a 3^b 5^c) >= ``n``: FFTs of other lengths (a large
+    prime factor, e.g. 556 = 4 x 139) run several times slower."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
 def radial_frequency(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
     """|f| in cycles per pixel on the (h, w // 2 + 1) grid of ``torch.fft.rfft2``."""
     fy = torch.fft.fftfreq(h, device=device)[:, None]
@@ -223,14 +275,39 @@ class SpectralFilter(nn.Module):
         w = pos - low
         return g[low] * (1 - w) + g[low + 1] * w
 
+    def padding(self, rows: int, cols: int) -> tuple[int, int, int, int]:
+        """Reflection padding (left, right, top, bottom) of a ``rows`` x ``cols`` plane: the
+        filter's reach on each side, the right and bottom ones grown to an FFT-friendly
+        size (:func:`fft_size`) where the plane allows."""
+        pad = min(self.reach, rows - 1, cols - 1)
+        if pad <= 0:
+            return 0, 0, 0, 0
+        right = min(fft_size(cols + 2 * pad) - cols - pad, cols - 1)
+        bottom = min(fft_size(rows + 2 * pad) - rows - pad, rows - 1)
+        return pad, right, pad, bottom
+
+    def transfer(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """:meth:`gain` on the (h, w) rfft2 grid; kept while the gains are unchanged and no
+        gradient is wanted (inference recomputes it once per slice size, not per batch)."""
+        if torch.is_grad_enabled() and self.log_gain.requires_grad:
+            return self.gain(radial_frequency(h, w, device))
+        key = (h, w, str(device))
+        cached = getattr(self, "_transfer", None)
+        if cached is None or cached[0] != key or not torch.equal(cached[1], self.log_gain):
+            gains = self.log_gain.detach().clone()
+            self._transfer = (key, gains, self.gain(radial_frequency(h, w, device)).detach())
+        return self._transfer[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         planes = x.float().reshape(-1, 1, *shape[-2:])
-        pad = min(self.reach, shape[-2] - 1, shape[-1] - 1)
-        padded = F.pad(planes, (pad, pad, pad, pad), mode="reflect") if pad > 0 else planes
+        left, right, top, bottom = self.padding(*shape[-2:])
+        padded = F.pad(planes, (left, right, top, bottom), mode="reflect") \
+            if right or bottom else planes
         h, w = padded.shape[-2:]
-        spectrum = torch.fft.rfft2(padded) * self.gain(radial_frequency(h, w, x.device))
-        out = torch.fft.irfft2(spectrum, s=(h, w))[..., pad:pad + shape[-2], pad:pad + shape[-1]]
+        spectrum = torch.fft.rfft2(padded) * self.transfer(h, w, x.device)
+        out = torch.fft.irfft2(spectrum, s=(h, w))[..., top:top + shape[-2],
+                                                    left:left + shape[-1]]
         return out.reshape(shape).to(x.dtype)
 
 
@@ -238,6 +315,7 @@ GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "plain": PlainResidualCNN,
     "unet": ResidualUNet,
     "spectral": SpectralFilter,
+    "shuffle-unet": ShuffleUNet,
 }
 
 

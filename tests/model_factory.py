@@ -84,7 +84,7 @@ def random_generator(architecture: str, **params) -> nn.Module:
     identity an untrained residual generator starts as), in eval mode."""
     torch.manual_seed(0)
     net = build_generator(architecture, params).eval()
-    last = net.out if architecture == "unet" else net.body[-1]
+    last = net.out if hasattr(net, "out") else net.body[-1]
     with torch.no_grad():
         last.weight.normal_(0, 0.5)
     return net

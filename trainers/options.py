@@ -85,6 +85,9 @@ class PairedOptions(CommonOptions):
     l1: float = _opt(1.0, "weight of the L1 loss")
     ssim: float = _opt(0.5, "weight of the SSIM loss (0 = off)")
     tolerance: float = _opt(0.01, "slice position tolerance (mm) when pairing slices")
+    teacher: Path | None = _opt(None, "distil: a model folder whose outputs on the --source"
+                                " series are the targets (--target is then not needed); the"
+                                " model inherits its target domain and grain")
 
 
 @dataclass

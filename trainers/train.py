@@ -21,7 +21,7 @@ from torch import nn
 from pipelines.harmonise import translate_volume
 from pipelines.inference import InferenceSettings
 from pipelines.intensity import Normalisation, normalise
-from pipelines.model_folder import save_model_folder
+from pipelines.model_folder import LoadedModel, load_model_folder, save_model_folder
 from pipelines.networks import build_generator, count_parameters
 from trainers import report
 from trainers.data import (
@@ -33,6 +33,7 @@ from trainers.data import (
     pair_series,
     split_holdout,
 )
+from trainers.distil import teacher_note, teacher_targets
 from trainers.domain_classifier import train_classifier
 from trainers.loop import FitResult, fit, seed_everything, select_device
 from trainers.metrics import data_range, image_metrics, metric_unit_name, metric_units
@@ -64,6 +65,8 @@ def check_output(options: CommonOptions) -> Path:
     if folder.exists() and not options.force:
         raise TrainingError(f"{folder} exists; choose another --name, or --force to replace it")
     for label, path in (("--source", options.source), ("--target", options.target)):
+        if label == "--target" and path is None and getattr(options, "teacher", None):
+            continue  # distillation: the teacher makes the targets
         if path is None or not Path(path).is_dir():
             raise TrainingError(f"{label} {path}: not a folder")
     return folder
@@ -101,7 +104,7 @@ def _report_slices(depth: int) -> list[int]:
 
 def _save(options: CommonOptions, folder: Path, result: FitResult, modality: str,
           sources: Sequence[Series], targets: Sequence[Series], extra: dict[str, Any],
-          log: Log) -> nn.Module:
+          log: Log, teacher: LoadedModel | None = None) -> nn.Module:
     params = generator_params(options)
     generator = build_generator(options.architecture, params)
     generator.load_state_dict(result.generator_state)
@@ -116,11 +119,12 @@ def _save(options: CommonOptions, folder: Path, result: FitResult, modality: str
     save_model_folder(folder, generator, name=options.name, version=options.version,
                       architecture=options.architecture, params=params,
                       source=describe_domain(options.source_domain, sources),
-                      target=describe_domain(options.target_domain, targets),
+                      target=teacher.info.target if teacher else
+                      describe_domain(options.target_domain, targets),
                       normalisation=normalisation_for(modality).to_spec(), training=training,
                       validation={"best": result.best, "step": result.best_step},
                       pixel_spacing=(options.pixel_spacing,) * 2 if options.pixel_spacing
-                      else None)
+                      else None, grain=teacher.info.grain if teacher else None)
     log(f"wrote {folder} (best validation at step {result.best_step}: "
         + ", ".join(f"{k}={v:.4g}" for k, v in result.best.items()) + ")")
     return generator
@@ -145,6 +149,8 @@ def train_folders(options: CommonOptions, train_series: Callable[..., TrainOutco
     ``train_*_series`` (``train site`` selects its series itself)."""
     folder = check_output(options)
     sources = load_domain(options.source, "--source", log)
+    if options.target is None:  # distillation (check_output allows it only then)
+        return train_series(options, sources, [], folder, log)
     targets = load_domain(options.target, "--target", log)
     if targets[0].modality != sources[0].modality:
         raise TrainingError(f"source is {sources[0].modality} but target is"
@@ -155,8 +161,19 @@ def train_folders(options: CommonOptions, train_series: Callable[..., TrainOutco
 def train_paired_series(options: PairedOptions, sources: Sequence[Series],
                         targets: Sequence[Series], folder: Path,
                         log: Log = print) -> TrainOutcome:
-    """Paired training on already loaded series (``train site`` selects them itself)."""
+    """Paired training on already loaded series (``train site`` selects them itself); with
+    ``options.teacher``, distillation: the targets are the teacher's outputs on the sources
+    (:mod:`trainers.distil`)."""
     sources, targets = (at_pixel_spacing(s, options.pixel_spacing) for s in (sources, targets))
+    teacher = load_model_folder(options.teacher) if options.teacher else None
+    if teacher is not None:
+        expected = str(teacher.info.source.get("Modality") or sources[0].modality).upper()
+        if expected != sources[0].modality:
+            raise TrainingError(f"--teacher {options.teacher} is for {expected}, --source is"
+                                f" {sources[0].modality}")
+        log(f"distilling {teacher.info.name} {teacher.info.version}: its outputs on"
+            f" {len(sources)} source series are the targets")
+        targets = teacher_targets(teacher, sources)
     pairs = pair_series(sources, targets, options.tolerance)
     if len(pairs) < 2:
         raise TrainingError(f"found {len(pairs)} source/target pair(s) sharing a"
@@ -178,8 +195,9 @@ def train_paired_series(options: PairedOptions, sources: Sequence[Series],
     seed_everything(options.seed)
     device = select_device(options.device)
     result = fit(paired_step(data, options, device), options, log)
+    extra = {"pairs": len(pairs), **({"teacher": teacher_note(teacher)} if teacher else {})}
     generator = _save(options, folder, result, modality, [p.source for p in pairs],
-                      [p.target for p in pairs], {"pairs": len(pairs)}, log)
+                      [p.target for p in pairs], extra, log, teacher)
     rows, hist, before_m, after_m = [], {"before": [], "after": [], "target": []}, [], []
     for i in val_idx:
         p = pairs[i]

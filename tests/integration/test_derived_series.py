@@ -248,9 +248,9 @@ def test_big_endian_source_through_the_harmonise_command(tmp_path, capsys):
 
 def test_failed_write_leaves_no_derived_folder(tmp_path, monkeypatch):
     volume = load_series(write_series(tmp_path / "in", slices=2, size=16))
-    def refuse(ds, path):
-        raise WriteError(f"{path.name}: cannot encode")
-    monkeypatch.setattr(derived, "write_atomic", refuse)
+    def refuse(ds, name):
+        raise WriteError(f"{name}: cannot encode")
+    monkeypatch.setattr(derived, "encode_instance", refuse)
     with pytest.raises(WriteError, match="cannot encode"):
         write_derived_series(volume, volume.array, PROVENANCE, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []

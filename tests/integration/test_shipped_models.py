@@ -1,10 +1,10 @@
 """The shipped config and models work together out of the box.
 
 Every route of ``conf/node.toml`` names a model folder that loads (sha256 verified), stays
-within the size limit and carries its training and evaluation reports; a simulated series
-of the model's source scanner, at each matrix the model is evaluated at, is routed there by
-the shipped rules and comes out as valid DICOM that agrees better with the same anatomy
-seen by the target scanner.
+within the size limit, costs what its model.json says and carries its training and
+evaluation reports; a simulated series of the model's source scanner, at each matrix the
+model is evaluated at, is routed there by the shipped rules and comes out as valid DICOM
+that agrees better with the same anatomy seen by the target scanner.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dicomnode.config import load_config
+from pipelines.cost import slice_cost
 from pipelines.harmonise import ModelCache, harmonise_series
 from pipelines.inference import InferenceSettings
 from pipelines.model_folder import load_model_folder
@@ -47,6 +48,8 @@ def test_route_model_loads_within_size_and_has_reports(route):
     folder = _folder(route)
     loaded = load_model_folder(folder)
     assert sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) <= MAX_BYTES
+    # what model.json says the model costs is what it costs
+    assert loaded.info.cost == slice_cost(loaded.generator, loaded.info.source["Modality"])
     training = json.loads((folder / "report" / "metrics.json").read_text())
     assert training["steps"] > 0
     for report in MODELS[ROUTES[route].model].reports:  # held out where it is routed

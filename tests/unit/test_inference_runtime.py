@@ -204,6 +204,7 @@ def test_keep_source_passes_values_beyond_a_clipping_window_through():
     ("plain", {"features": 8, "blocks": 8}, 48),        # the shipped CT kernel model's depth
     ("unet", {"features": 4, "levels": 1}, 64),
     ("unet", {"features": 4, "levels": 2}, 64),         # tiles raised to 132, overlap 66
+    ("shuffle-unet", {"features": 4, "levels": 1}, 64),  # radius 26 px, on 2 x 2 blocks
 ])
 def test_real_generators_tile_without_seams(architecture, params, patch):
     """Tiled equals whole up to float rounding (1e-4 of the [-1, 1] range, ~0.2 HU) with the

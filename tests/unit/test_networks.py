@@ -1,18 +1,22 @@
-"""Generator registry: every architecture keeps shape, starts as the identity, runs 2D and 3D."""
+"""Generator registry: every architecture keeps shape, starts as the identity, runs 2D and
+(where it can) 3D."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from pipelines.cost import gflop
 from pipelines.networks import (
     CBAM,
     GENERATORS,
     PlainResidualCNN,
     ResidualUNet,
+    ShuffleUNet,
     SpectralFilter,
     build_generator,
     count_parameters,
+    fft_size,
     spatial_dims,
 )
 
@@ -22,13 +26,19 @@ CASES = [
     ("unet", {"features": 4, "levels": 2}),
     ("unet", {"features": 4, "levels": 3, "cbam": True}),
     ("spectral", {"knots": 8}),
+    ("shuffle-unet", {"features": 4, "levels": 2}),
 ]
+TWO_D_ONLY = {"shuffle-unet"}
 
 
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize(("arch", "params"), CASES)
 def test_shape_preserved_and_identity_at_init(arch: str, params: dict, dims: int) -> None:
     torch.manual_seed(0)
+    if dims == 3 and arch in TWO_D_ONLY:
+        with pytest.raises(ValueError, match="2D"):
+            build_generator(arch, {**params, "dims": dims})
+        return
     g = build_generator(arch, {**params, "dims": dims})
     shape = (2, 1, 21, 19) if dims == 2 else (1, 1, 7, 13, 11)  # sizes not divisible by 8
     x = torch.randn(shape)
@@ -92,8 +102,10 @@ def test_spectral_filter_is_the_fft_filter_its_gains_describe() -> None:
         g.log_gain.copy_(torch.log(torch.tensor([1.5, 2.0, 2.5, 3.0])))
     torch.manual_seed(0)
     x = torch.randn(3, 1, 40, 40) + 5.0
+    # the reach (6 pixels) on each side, the right and bottom grown to 54 = 2 x 3^3 for the FFT
+    assert g.padding(40, 40) == (6, 8, 6, 8)
     pad = g.reach
-    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
+    padded = torch.nn.functional.pad(x, (6, 8, 6, 8), mode="reflect")
     fy = torch.fft.fftfreq(padded.shape[-2])[:, None]
     fx = torch.fft.rfftfreq(padded.shape[-1])[None, :]
     f = torch.sqrt(fx**2 + fy**2) / 0.5**0.5 * 4          # position among the 5 knots
@@ -110,3 +122,45 @@ def test_spectral_filter_is_the_fft_filter_its_gains_describe() -> None:
     assert g.gain(torch.zeros(1)).item() == 1.0
     with pytest.raises(ValueError, match="knots"):
         SpectralFilter(knots=1)
+
+
+def test_spectral_filter_keeps_its_transfer_function_only_while_its_gains_stay() -> None:
+    """Inference computes the gains on the FFT grid once per slice size; new gains (a
+    training step, loaded weights) are seen at once."""
+    g = SpectralFilter(knots=4)
+    x = torch.randn(2, 1, 30, 30)
+    with torch.no_grad():
+        before = g(x)
+        g.log_gain.fill_(0.5)
+        after = g(x)
+    assert not torch.allclose(before, after)
+    with torch.no_grad():
+        g.log_gain.zero_()
+        assert torch.allclose(g(x), before) and torch.allclose(before, x, atol=1e-5)
+
+
+def test_fft_size_is_the_next_5_smooth_length() -> None:
+    assert [fft_size(n) for n in (1, 7, 512, 556, 577, 601)] == [1, 8, 512, 576, 600, 625]
+
+
+def test_shuffle_unet_works_on_pixel_blocks() -> None:
+    """A quarter of the U-Net's FLOPs at the same width, twice its reach in pixels; every
+    pixel keeps its own output (no block is averaged); 2D only."""
+    torch.manual_seed(0)
+    g, unet = ShuffleUNet(features=8, levels=2), ResidualUNet(features=8, levels=2)
+    for p in g.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    field, unet_field = g.receptive_field(), unet.receptive_field()
+    assert field.align == 8 and field.radius == 2 * (unet_field.radius + 1)
+    assert 0.2 < gflop(g, 64, 64) / gflop(unet, 64, 64) < 0.3
+    x = torch.randn(1, 1, 160, 160)
+    with torch.no_grad():
+        y = g(x)
+        residual = y - x
+        assert (residual[..., 0::2, 0::2] != residual[..., 1::2, 1::2]).all()
+        probe = x.clone()
+        probe[..., 80, 80] += 1.0  # one pixel changes outputs within the reach only
+        changed = (g(probe) - y).abs()[0, 0] > 0
+    assert changed[80, 81] and not changed[80, 80 + field.radius + 1:].any()
+    with pytest.raises(ValueError, match="2D"):
+        ShuffleUNet(dims=3)

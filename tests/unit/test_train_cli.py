@@ -6,15 +6,21 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 
 import trainers.evaluate as evaluate_module
 from dicomnode.cli import main
 from pipelines.derived import PRIVATE_CREATOR, PRIVATE_GROUP
+from pipelines.grain import Grain
 from pipelines.harmonise import ModelCache, harmonise_series
 from pipelines.model_folder import load_model_folder, read_model_info
+from pipelines.series import load_series
 from tests.dicom_factory import raw_data, siemens_non_image, write_series
+from tests.model_factory import make_model
+from trainers.data import load_series_dir
+from trainers.distil import teacher_targets
 from trainers.simulation import simulate_series
 
 SIZE, SLICES = 48, 4
@@ -235,6 +241,39 @@ def test_train_synthetic_fits_ge_and_gives_back_siemens_grain(
     assert rc == 0 and "training synthetic unet as s-v1.1" in capsys.readouterr().out
     new = read_model_info(models / "s-v1.1")
     assert new.training["mode"] == "synthetic" and new.grain is not None
+
+
+def test_train_paired_distils_a_teacher_without_target_series(mr: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    """--teacher: the teacher's outputs on the source series are the targets, as the node
+    makes them before the grain; the student takes the teacher's target domain and grain
+    and names its teacher."""
+    grain = Grain(0.02, 1.0, 0.0, 0.3)
+    teacher = make_model(tmp_path / "teachers", "t", modality="MR", mix=0.7, grain=grain)
+    models = tmp_path / "models"
+    common = ["--name", "s", "--models-dir", str(models), "--workdir", str(tmp_path / "run"),
+              "--architecture", "shuffle-unet", "--param", "features=4", "--param",
+              "levels=1", *TINY]
+    assert main(["train", "paired", "--source", str(mr / "ge"), "--teacher", str(teacher),
+                 *common]) == 0
+    info, taught = read_model_info(models / "s"), read_model_info(teacher)
+    assert info.target == taught.target and info.grain == grain
+    assert info.source["Manufacturer"] == "GE MEDICAL SYSTEMS"
+    assert info.training["teacher"]["weights_sha256"] == taught.weights_sha256
+    assert info.training["pairs"] == 3 and info.cost["slice"] == [256, 256]
+    # a target is the node's output of a grain-less teacher, up to the stored integers
+    plain = make_model(tmp_path / "teachers", "t0", modality="MR", mix=0.7)
+    series = load_series_dir(mr / "ge" / "ge-1.5t-t1w-0")
+    (target,) = teacher_targets(load_model_folder(plain), series)
+    outcome = harmonise_series(series[0].files, routes=[], models_dir=tmp_path / "teachers",
+                               out_dir=tmp_path / "out", model_name="t0", cache=ModelCache(1))
+    derived = load_series(outcome.outputs).array
+    assert np.abs(target.volume.array - derived).max() <= 0.5 + 1e-3
+    assert np.abs(target.volume.array - series[0].volume.array).max() > 5
+    ct_teacher = make_model(tmp_path / "teachers", "c", modality="CT")
+    rc = main(["train", "paired", "--source", str(mr / "ge"), "--teacher", str(ct_teacher),
+               "--force", *common])
+    assert rc == 2 and "is for CT, --source is MR" in capsys.readouterr().err
 
 
 def test_train_synthetic_takes_a_fixed_grain_and_refuses_ct(mr: Path, ct: Path, tmp_path: Path,
