@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from trainers.data import body_mask
-from trainers.evaluate import mean_metrics
+from trainers.heldout import mean_metrics
 from trainers.metrics import data_range, image_metrics, metric_units
 from trainers.ship_models import SLICES, TEST_SUBJECTS  # the shipped models' held-out series
 from trainers.simulation import CTDomain, Domain, MRDomain, acquire_volume, find_domain

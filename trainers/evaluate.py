@@ -33,7 +33,8 @@ from pipelines.series import load_series
 from trainers import report
 from trainers.data import PatchSampler, Series, load_series_dir, normalisation_for, pair_series
 from trainers.domain_classifier import balanced_accuracy, train_classifier
-from trainers.metrics import data_range, image_metrics, metric_unit_name, metric_units
+from trainers.heldout import HeldOut
+from trainers.metrics import metric_unit_name, metric_units
 from trainers.radiomics_ccc import class_ccc, roi_corners, roi_features
 
 Log = Callable[[str], None]
@@ -160,11 +161,9 @@ def evaluate_series(model_dir: Path, sources: Sequence[Series], targets: Sequenc
                                           " of another subject (1024 levels, 7 points)"}
     views: dict[str, list[np.ndarray]] = {"before": [], "after": [], "baseline": [],
                                           "target": []}
-    hist: dict[str, list[np.ndarray]] = {k: [] for k in views}
+    held = HeldOut(views)
     if pairs:
-        per: dict[str, list[dict[str, float]]] = {"before": [], "after": [], "baseline": []}
-        rois: dict[str, list[np.ndarray]] = {"before": [], "after": [], "baseline": [],
-                                             "target": []}
+        rois: dict[str, list[np.ndarray]] = {k: [] for k in views}
         masks = []
         for p in pairs:
             i = index[id(p.source)]
@@ -174,21 +173,16 @@ def evaluate_series(model_dir: Path, sources: Sequence[Series], targets: Sequenc
                       "baseline": metric_units(matched[i], modality)[s],
                       "target": metric_units(p.target.volume.array, modality)[t]}
             mask = p.source.mask[s] | p.target.mask[t]
-            peak = data_range(images["target"], mask)
-            for k in per:
-                per[k].append(image_metrics(images[k], images["target"], mask, peak))
+            held.add_pair(images, mask)
             for k, v in images.items():
                 rois[k].append(v)
-                hist[k].append(v[mask])
             masks.append(mask)
             if len(views["before"]) < 3:
                 z = len(s) // 2
                 for k, v in images.items():
                     views[k].append(v[z])
-        means = {k: mean_metrics(v) for k, v in per.items()}
-        for key in PAIRED_KEYS:
-            result[key] = {"before": means["before"][key], "after": means["after"][key]}
-            baseline[key] = {"before": means["before"][key], "after": means["baseline"][key]}
+        result.update(held.versus())
+        baseline.update(held.versus(after="baseline"))
         size = max(8, min(32, min(m.shape[1] for m in masks) // 8))
         corners = roi_corners(masks, size, ROIS, seed)
         bin_width = 25.0 if modality == "CT" else 0.05
@@ -205,11 +199,11 @@ def evaluate_series(model_dir: Path, sources: Sequence[Series], targets: Sequenc
         result["note"] = ("no source/target pairs (FrameOfReferenceUID + slice position):"
                           " paired metrics and radiomics CCC need them")
         for i, s in enumerate(sources):
-            for k, v in (("before", s.volume.array), ("after", after[i]),
-                         ("baseline", matched[i])):
-                hist[k].append(metric_units(v, modality)[s.mask])
+            held.add_unpaired({k: metric_units(v, modality) for k, v in (
+                ("before", s.volume.array), ("after", after[i]), ("baseline", matched[i]))},
+                s.mask)
         for t in targets:
-            hist["target"].append(metric_units(t.volume.array, modality)[t.mask])
+            held.add_target(metric_units(t.volume.array, modality), t.mask)
     accuracy = domain_accuracy(sources, targets, {"before": [s.volume.array for s in sources],
                                                   "after": after, "baseline": matched},
                                modality, seed, log)
@@ -218,16 +212,15 @@ def evaluate_series(model_dir: Path, sources: Sequence[Series], targets: Sequenc
     baseline["domain_accuracy"] = accuracy["baseline"]
     result["baseline"] = baseline
     if report_dir is not None:
-        _write_report(report_dir, result, views, hist, modality)
+        _write_report(report_dir, result, views, held.histograms(), modality)
     return result
 
 
 def _write_report(out: Path, result: dict[str, Any], views: dict[str, list[np.ndarray]],
-                  hist: dict[str, list[np.ndarray]], modality: str) -> None:
+                  hist: dict[str, np.ndarray], modality: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "metrics.json", result)
-    report.plot_histograms({k: np.concatenate(v) for k, v in hist.items() if v},
-                           out / "histograms.png", metric_unit_name(modality))
+    report.plot_histograms(hist, out / "histograms.png", metric_unit_name(modality))
     if views["before"]:
         rows = [[views[k][r] for k in ("before", "after", "baseline", "target")]
                 for r in range(len(views["before"]))]

@@ -21,7 +21,7 @@ from pipelines.series import SeriesError, find_series, harmonisable_images, read
 from trainers import report
 from trainers.data import Series, load_series_dir, pair_series, split_holdout
 from trainers.evaluate import evaluate_series
-from trainers.modes import TRAIN_SERIES
+from trainers.modes import MODES
 from trainers.options import SiteOptions
 from trainers.train import TrainingError, TrainOutcome
 
@@ -121,7 +121,7 @@ def train_site(options: SiteOptions, routes: Sequence[Route], spool: Path, model
                                            options.tolerance)) >= 2 \
             else "synthetic" if deployed_mode == "synthetic" else "unpaired"
     log(f"training {mode} {options.architecture} as {folder.name} (version {version})")
-    outcome = TRAIN_SERIES[mode](options, pick(sources, s_train), pick(targets, t_train),
+    outcome = MODES[mode].train_series()(options, pick(sources, s_train), pick(targets, t_train),
                                  folder, log)
     held_s, held_t = pick(sources, s_test), pick(targets, t_test)
     comparison = _compare(folder, deployed_dir if deployed else None, held_s, held_t, log)

@@ -34,8 +34,9 @@ from trainers.data import (
     split_holdout,
 )
 from trainers.domain_classifier import train_classifier
+from trainers.heldout import HeldOut
 from trainers.loop import FitResult, fit, seed_everything, select_device
-from trainers.metrics import data_range, image_metrics, metric_unit_name, metric_units
+from trainers.metrics import metric_unit_name, metric_units
 from trainers.options import CommonOptions, PairedOptions, UnpairedOptions, summary
 from trainers.paired import PairedData, generator_params, paired_step
 from trainers.unpaired import UnpairedData, unpaired_step
@@ -180,27 +181,22 @@ def train_paired_series(options: PairedOptions, sources: Sequence[Series],
     result = fit(paired_step(data, options, device), options, log)
     generator = _save(options, folder, result, modality, [p.source for p in pairs],
                       [p.target for p in pairs], {"pairs": len(pairs)}, log)
-    rows, hist, before_m, after_m = [], {"before": [], "after": [], "target": []}, [], []
+    rows: list[list[np.ndarray]] = []
+    held = HeldOut(("before", "after", "target"))
     for i in val_idx:
         p = pairs[i]
         raw = p.source.volume.array[p.source_slices]
-        after = metric_units(harmonise_array(generator, raw, norm, options.dims, device),
-                             modality)
-        before = metric_units(raw, modality)
-        target = metric_units(p.target.volume.array[p.target_slices], modality)
-        mask = arrays[i][2]
-        peak = data_range(target, mask)
-        before_m.append(image_metrics(before, target, mask, peak))
-        after_m.append(image_metrics(after, target, mask, peak))
-        for name, img in (("before", before), ("after", after), ("target", target)):
-            hist[name].append(img[mask])
+        images = {"before": metric_units(raw, modality),
+                  "after": metric_units(harmonise_array(generator, raw, norm, options.dims,
+                                                        device), modality),
+                  "target": metric_units(p.target.volume.array[p.target_slices], modality)}
+        held.add_pair(images, arrays[i][2])
         if len(rows) < REPORT_SLICES:
-            rows += [[before[z], after[z], target[z]] for z in _report_slices(len(before))]
-    heldout = {k: {"before": float(np.mean([m[k] for m in before_m])),
-                   "after": float(np.mean([m[k] for m in after_m]))} for k in before_m[0]}
+            rows += [[images[k][z] for k in images]
+                     for z in _report_slices(len(images["before"]))]
+    heldout = held.versus()
     _write_report(folder, result, modality, rows[:REPORT_SLICES],
-                  ["before (source)", "after (harmonised)", "target"],
-                  {k: np.concatenate(v) for k, v in hist.items()},
+                  ["before (source)", "after (harmonised)", "target"], held.histograms(),
                   {"heldout": heldout, "validation_best": result.best,
                    "best_step": result.best_step, "steps": result.steps,
                    "seconds": result.seconds, "data_range": "target max - min inside the mask"})
@@ -243,22 +239,22 @@ def train_unpaired_series(options: UnpairedOptions, sources: Sequence[Series],
                     "gram_layers": "all three conv stages"}
     generator = _save(options, folder, result, modality, sources, targets,
                       {"feature_network": feature_note}, log)
-    rows, hist = [], {"before": [], "after": [], "target": []}
+    rows: list[list[np.ndarray]] = []
+    held = HeldOut(("before", "after", "target"))
     for k, (i, j) in enumerate(zip(s_val, t_val * len(s_val), strict=False)):
         raw = sources[i].volume.array
+        before = metric_units(raw, modality)
         after = metric_units(harmonise_array(generator, raw, norm, options.dims, device),
                              modality)
-        before = metric_units(raw, modality)
         target = metric_units(targets[j].volume.array, modality)
-        hist["before"].append(before[sources[i].mask])
-        hist["after"].append(after[sources[i].mask])
-        hist["target"].append(target[targets[j].mask])
+        held.add_unpaired({"before": before, "after": after}, sources[i].mask)
+        held.add_target(target, targets[j].mask)
         if k == 0:
             zs, zt = _report_slices(len(before)), _report_slices(len(target))
             rows = [[before[a], after[a], target[b]] for a, b in zip(zs, zt, strict=False)]
     _write_report(folder, result, modality, rows,
                   ["before (source)", "after (harmonised)", "target (other subject)"],
-                  {k: np.concatenate(v) for k, v in hist.items()},
+                  held.histograms(),
                   {"validation_best": result.best, "best_step": result.best_step,
                    "steps": result.steps, "seconds": result.seconds})
     return TrainOutcome(folder, result.best, result, {})
