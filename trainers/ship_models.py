@@ -47,6 +47,17 @@ class Spec:
     train_sizes: tuple[int, ...] = (SMALL,)  # each training subject at each matrix
     version: str = "1.0"  # a retrained shipped model gets a new one
     reports: tuple[str, ...] = REPORTS  # evaluated where conf/node.toml routes series to it
+    # multidomain: every scanner trained, ``target`` (the shipped routes' target_domain)
+    # first; scanner k trains on ``source_subjects`` + 10 k, so no two share a subject, and
+    # ``source`` is one the shipped routes send to it
+    domains: tuple[str, ...] = ()
+
+    def subjects(self, domain: str) -> tuple[int, ...]:
+        """The training subjects of one of the model's domains."""
+        if self.domains:
+            shift = 10 * self.domains.index(domain)
+            return tuple(s + shift for s in self.source_subjects)
+        return self.source_subjects if domain == self.source else self.target_subjects
 
     def sizes(self) -> dict[str, int]:
         """Report folder -> matrix of the held-out series evaluated there: 128 and the
@@ -105,6 +116,13 @@ def _simulator_digest() -> str:
     return digest.hexdigest()
 
 
+def _folders(spec: Spec) -> dict[str, str]:
+    """Folder key -> domain: ``source`` and ``target``, or every domain by its name."""
+    if spec.domains:
+        return {domain: domain for domain in spec.domains}
+    return {"source": spec.source, "target": spec.target}
+
+
 def simulate(spec: Spec, root: Path) -> dict[str, Path]:
     """Train and test folders for both domains (skips series already simulated by this
     version of the simulator; simulates everything again when the simulator changed)."""
@@ -114,11 +132,11 @@ def simulate(spec: Spec, root: Path) -> dict[str, Path]:
         for old in (p for p in root.iterdir() if p.name.startswith(("train-", "test-"))):
             shutil.rmtree(old)
         stamp.write_text(digest + "\n")
-    plan = {"train-source": (spec.source, spec.source_subjects, spec.train_sizes),
-            "train-target": (spec.target, spec.target_subjects, spec.train_sizes)}
+    plan = {f"train-{key}": (domain, spec.subjects(domain), spec.train_sizes)
+            for key, domain in _folders(spec).items()}
     for size in set(spec.sizes().values()):
-        plan[f"test-source-{size}"] = (spec.source, TEST_SUBJECTS, (size,))
-        plan[f"test-target-{size}"] = (spec.target, TEST_SUBJECTS, (size,))
+        plan.update({f"test-{key}-{size}": (domain, TEST_SUBJECTS, (size,))
+                     for key, domain in _folders(spec).items()})
     folders = {}
     for key, (domain, subjects, sizes) in plan.items():
         folders[key] = root / key
@@ -149,19 +167,25 @@ def build(name: str, work: Path, models_dir: Path, train: bool = True) -> dict:
     spec = MODELS[name]
     folders = simulate(spec, work / name)
     dicomnode = [sys.executable, "-m", "dicomnode.cli"]
-    if train:
+    common = ["--name", name, "--models-dir", str(models_dir), "--version", spec.version,
+              "--seed", "0", "--device", "cpu", "--workdir", str(work / name / "run"),
+              "--force", "--no-progress", *spec.args]
+    if train and spec.domains:
+        _run([*dicomnode, "train", spec.mode, *(a for d in spec.domains for a in (
+            "--domain", f"{d}={folders[f'train-{d}']}")), *common])
+    elif train:
         _run([*dicomnode, "train", spec.mode, "--source", str(folders["train-source"]),
-              "--target", str(folders["train-target"]), "--name", name,
-              "--models-dir", str(models_dir), "--source-domain", spec.source,
-              "--target-domain", spec.target, "--version", spec.version, "--seed", "0",
-              "--device", "cpu", "--workdir", str(work / name / "run"), "--force",
-              "--no-progress", *spec.args])
+              "--target", str(folders["train-target"]), "--source-domain", spec.source,
+              "--target-domain", spec.target, *common])
     results = {}
     for evaluation, size in spec.sizes().items():
+        data = [a for d in spec.domains for a in ("--domain", f"{d}={folders[f'test-{d}-{size}']}")
+                ] if spec.domains else [
+            "--source", str(folders[f"test-source-{size}"]),
+            "--target", str(folders[f"test-target-{size}"])]
         out = _run([*dicomnode, "evaluate", "--model", name, "--models-dir", str(models_dir),
-                    "--source", str(folders[f"test-source-{size}"]), "--target",
-                    str(folders[f"test-target-{size}"]), "--report",
-                    str(models_dir / name / "report" / evaluation)], capture=True)
+                    *data, "--report", str(models_dir / name / "report" / evaluation)],
+                   capture=True)
         results[evaluation] = json.loads(out)
     return results
 
@@ -203,12 +227,17 @@ def table(models_dir: Path, evaluation: str = "evaluation") -> str:
         matrices = " + ".join(f"{n}²" for n in spec.train_sizes)
         if "pixel_spacing" in info:  # resampled to the spacing the model works at
             matrices += f" at {info['pixel_spacing'][0]:g} mm"
-        rows.append(
-            f"| `{name}` | {spec.mode}, {info['architecture']}, {spec.source} → {spec.target}"
-            f", {matrices} | {_cell(metrics, 'ssim', 3)} | {_cell(metrics, 'psnr', 1)}"
-            f" | {_cell(metrics, 'radiomics_ccc', 3)} | {_cell(metrics, 'domain_accuracy', 2)}"
+        # a multi-domain model: one row per domain converted to the shipped routes' target
+        pairs = {pair.replace(" -> ", " → "): m for pair, m in metrics["pairs"].items()
+                 if pair.endswith(f" -> {spec.target}")} if spec.domains \
+            else {f"{spec.source} → {spec.target}": metrics}
+        rows += [
+            f"| `{name}` | {spec.mode}, {info['architecture']}, {pair}"
+            f", {matrices} | {_cell(m, 'ssim', 3)} | {_cell(m, 'psnr', 1)}"
+            f" | {_cell(m, 'radiomics_ccc', 3)} | {_cell(m, 'domain_accuracy', 2)}"
             f" | {_count(training['parameters'])} params, {_file_size(size)}"
-            f" | {training['steps']} steps, {training['seconds'] / 60:.0f} min |")
+            f" | {training['steps']} steps, {training['seconds'] / 60:.0f} min |"
+            for pair, m in pairs.items()]
     return "\n".join(rows)
 
 

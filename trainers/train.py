@@ -9,7 +9,7 @@ with ``report/`` inside it.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,13 @@ from trainers.domain_classifier import train_classifier
 from trainers.heldout import HeldOut
 from trainers.loop import FitResult, fit, seed_everything, select_device
 from trainers.metrics import metric_unit_name, metric_units
-from trainers.options import CommonOptions, PairedOptions, UnpairedOptions, summary
+from trainers.options import (
+    CommonOptions,
+    MultiDomainOptions,
+    PairedOptions,
+    UnpairedOptions,
+    summary,
+)
 from trainers.paired import PairedData, generator_params, paired_step
 from trainers.unpaired import UnpairedData, unpaired_step
 
@@ -59,14 +65,12 @@ class TrainOutcome:
 
 
 def check_output(options: CommonOptions) -> Path:
+    """The model folder to write: a plain ``--name``, not there yet unless ``--force``."""
     if not options.name or "/" in options.name or options.name.startswith("."):
         raise TrainingError(f"--name must be a plain folder name, got {options.name!r}")
     folder = options.models_dir / options.name
     if folder.exists() and not options.force:
         raise TrainingError(f"{folder} exists; choose another --name, or --force to replace it")
-    for label, path in (("--source", options.source), ("--target", options.target)):
-        if path is None or not Path(path).is_dir():
-            raise TrainingError(f"{label} {path}: not a folder")
     return folder
 
 
@@ -142,15 +146,36 @@ def _write_report(folder: Path, result: FitResult, modality: str,
 
 def train_folders(options: CommonOptions, train_series: Callable[..., TrainOutcome],
                   log: Log = print) -> TrainOutcome:
-    """Check the output folder, load ``--source`` and ``--target``, run one mode's
-    ``train_*_series`` (``train site`` selects its series itself)."""
+    """Check the output folder, load ``--source`` and ``--target`` (multi-domain: every
+    ``--domain``), run one mode's ``train_*_series`` (``train site`` selects its series
+    itself)."""
     folder = check_output(options)
+    if isinstance(options, MultiDomainOptions):
+        return train_series(options, load_domains(options.domain, log), folder, log)
+    for label, path in (("--source", options.source), ("--target", options.target)):
+        if path is None or not Path(path).is_dir():
+            raise TrainingError(f"{label} {path}: not a folder")
     sources = load_domain(options.source, "--source", log)
     targets = load_domain(options.target, "--target", log)
     if targets[0].modality != sources[0].modality:
         raise TrainingError(f"source is {sources[0].modality} but target is"
                             f" {targets[0].modality}")
     return train_series(options, sources, targets, folder, log)
+
+
+def load_domains(folders: Mapping[str, Any], log: Log) -> dict[str, list[Series]]:
+    """The series of every ``--domain NAME=DIR``: at least two domains, one modality."""
+    if len(folders) < 2:
+        raise TrainingError("multi-domain training needs at least two --domain NAME=DIR")
+    domains = {}
+    for name, folder in folders.items():
+        if not Path(str(folder)).is_dir():
+            raise TrainingError(f"--domain {name}={folder}: not a folder")
+        domains[name] = load_domain(Path(str(folder)), f"--domain {name}", log)
+    modalities = {s[0].modality for s in domains.values()}
+    if len(modalities) > 1:
+        raise TrainingError(f"the domains mix modalities {sorted(modalities)}")
+    return domains
 
 
 def train_paired_series(options: PairedOptions, sources: Sequence[Series],

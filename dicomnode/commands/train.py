@@ -1,4 +1,5 @@
-"""``dicomnode train paired|unpaired|synthetic|site``: train a generator, write a model folder."""
+"""``dicomnode train paired|unpaired|synthetic|multidomain|site``: train a generator, write a
+model folder."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from trainers.options import add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a generator (paired, unpaired, synthetic, or per site)",
+    p = sub.add_parser("train", help="train a generator (paired, unpaired, synthetic,"
+                       " multidomain, or per site)",
                        description="Train a harmonisation generator and write"
                        " models_dir/NAME (model.json, weights, report/).")
     modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
@@ -22,9 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         if mode != "site":
             m.add_argument("--config", help="node config, for its models_dir (default:"
                            " $DICOMNODE_CONFIG or conf/node.toml)")
-        # site derives the data, name and version from the route and the deployed model
-        add_arguments(m, entry.options, skip={"source", "target", "name", "version", "force"}
-                      if mode == "site" else None)
+        add_arguments(m, entry.options, skip=entry.skip)
         m.set_defaults(func=run, models_dir=None)
 
 
