@@ -2,7 +2,8 @@
 
 One style generator ``G(x, s)`` (:class:`pipelines.networks.StyleUNet`) converts an image of
 any domain into the domain whose style ``s`` it is given. A step picks a source domain ``a``
-and a target domain ``b``, a batch of ``a`` patches and one of ``b`` patches (unpaired), and a
+and a target domain ``b`` (``--reference-share`` of the steps: ``b`` is the first domain, the
+one the routes convert to), a batch of ``a`` patches and one of ``b`` patches (unpaired), and a
 target style: from the mapping network (a latent code), from the style encoder (the ``b``
 patches as reference) or, as the node will, ``b``'s running mean style (``--mean-style``).
 Losses: adversarial (the multi-task discriminator's ``b`` branch), style reconstruction
@@ -168,8 +169,15 @@ def multidomain_step(domains: Sequence[DomainData], options: MultiDomainOptions,
             return mapping(z, b)
         return encoder(ref, b)
 
+    def pair() -> tuple[int, int]:
+        """Source and target domain of one step (``--reference-share``: into the first)."""
+        if rng.random() < options.reference_share:
+            return int(rng.integers(1, n)), 0
+        a, b = rng.choice(n, size=2, replace=False)
+        return int(a), int(b)
+
     def train(step: int) -> dict[str, float]:
-        a, b = (int(i) for i in rng.choice(n, size=2, replace=False))
+        a, b = pair()
         x = samplers[a].sample(options.batch)[0].to(device)
         ref = samplers[b].sample(options.batch)[0].to(device)
         requires_grad([disc], False)

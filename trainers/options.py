@@ -130,7 +130,7 @@ class MultiDomainOptions(UnpairedOptions):
 
     domain: dict[str, Any] = _opt({}, "a scanner domain and its folder of series, NAME=DIR"
                                   " (repeatable, at least two; the first is the training"
-                                  " report's target)")
+                                  " report's target)", metavar="NAME=DIR")
     architecture: str = _opt("stargan", "style generator architecture (pipelines.networks"
                              " registry)")
     style_dim: int = _opt(16, "length of a style code")
@@ -147,6 +147,10 @@ class MultiDomainOptions(UnpairedOptions):
                              " the mapping network's and the style encoder's codes in turn")
     identity: float = _opt(5.0, "weight of the identity L1 loss: G(x, style of x's own"
                            " domain) = x")
+    reference_share: float = _opt(0.0, "share of steps whose target is the first --domain"
+                                  " (the one routes convert to), from another domain; the"
+                                  " rest pick both domains at random (0 = every ordered pair"
+                                  " alike)")
 
 
 @dataclass
@@ -200,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] | N
                                 help=help_text)
         elif typing.get_origin(kind) is dict:
             parser.add_argument(flag, action="append", type=_key_value, default=None,
-                                metavar="KEY=VALUE", help=help_text)
+                                metavar=f.metadata.get("metavar", "KEY=VALUE"), help=help_text)
         else:
             shown = f" (default: {default})" if default not in (None, "") and \
                 f.metadata.get("show_default", True) else ""
