@@ -113,7 +113,8 @@ MODELS = {
         "MR", "philips-3t-t1w", "siemens-3t-t1w", "multidomain", tuple(range(6)), (),
         ("--param", "features=16", "--param", "levels=3", "--style-dim", "16", "--patch", "64",
          "--batch", "4", "--steps", "4000", "--cycle", "10", "--identity", "1", "--gram", "10",
-         "--reference-share", "0.5", "--disc-features", "16", "--val-every", "250"),
+         "--reference-share", "0.5", "--disc-features", "16", "--val-every", "250",
+         "--minutes", "65"),
         reports=("evaluation",),
         domains=("siemens-3t-t1w", "ge-1.5t-t1w", "philips-3t-t1w", "canon-1.5t-t1w")),
     # One StarGAN v2 for five CT chest reconstructions (three vendors, smooth and sharp
@@ -123,7 +124,8 @@ MODELS = {
         "CT", "philips-b", "siemens-b30f", "multidomain", tuple(range(6)), (),
         ("--param", "features=16", "--param", "levels=3", "--style-dim", "16", "--patch", "64",
          "--batch", "8", "--steps", "4000", "--cycle", "10", "--identity", "1", "--spectrum",
-         "10", "--disc-features", "16", "--val-every", "250"), reports=("evaluation",),
+         "10", "--disc-features", "16", "--val-every", "250", "--minutes", "65"),
+        reports=("evaluation",),
         domains=("siemens-b30f", "siemens-b70f", "ge-standard", "ge-lung", "philips-b")),
 }
 
