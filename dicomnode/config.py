@@ -17,6 +17,8 @@ from typing import Any
 
 from dicomnode.credentials import Credential, parse
 from dicomnode.tls import TlsError, TlsSettings, client_context, server_context
+from pipelines.errors import ModelError
+from pipelines.model_folder import read_model_info
 from pipelines.routing import Route, RoutingError, parse_routes
 from pipelines.settings import InferenceSettings
 
@@ -365,6 +367,20 @@ def default_config_path() -> Path:
     return SHIPPED_CONFIG
 
 
+def _check_target_domain(route: Route, models_dir: Path, path: Path) -> None:
+    """A route to a multi-domain model names one of its domains as ``target_domain``, and only
+    such a route names one. Checked here where the model folder is readable; otherwise when a
+    series is routed (the model may be installed after the config)."""
+    try:
+        info = read_model_info(models_dir / route.model)
+    except ModelError:
+        return
+    try:
+        info.target_style(route.target_domain)
+    except ModelError as exc:
+        raise ConfigError(f"{path}: route '{route.name}': {exc}") from None
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate the config at ``path``, ``$DICOMNODE_CONFIG`` or ``conf/node.toml``
     (of the working folder, else of the checkout the package runs from)."""
@@ -402,5 +418,6 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             if dest not in known_peers:
                 raise ConfigError(f"{chosen}: route '{route.name}' send_to '{dest}'"
                                   " is not an AE title in [[peers]]")
+        _check_target_domain(route, node.models_dir, chosen)
     cluster = _cluster(raw["cluster"], chosen) if "cluster" in raw else None
     return Config(path=chosen, peers=peers, routes=tuple(routes), cluster=cluster, **parsed)

@@ -54,18 +54,3 @@ def slice_cost(generator: nn.Module, modality: str | None) -> dict[str, Any]:
     size = COST_SLICE.get(str(modality or "").upper(), _ANY_SLICE)
     return {"gflop_per_slice": float(f"{gflop(generator, size, size):.4g}"),
             "slice": [size, size]}
-
-
-def check_cost(value: Any) -> dict[str, Any]:
-    """A ``cost`` as read from ``model.json``: ``ValueError`` unless it has a finite,
-    non-negative ``gflop_per_slice`` and a ``slice`` of two positive integers."""
-    if not isinstance(value, dict):
-        raise ValueError(f"'cost' must be an object, got {value!r}")
-    gflop_value, size = value.get("gflop_per_slice"), value.get("slice")
-    if isinstance(gflop_value, bool) or not isinstance(gflop_value, int | float) or \
-            not math.isfinite(gflop_value) or gflop_value < 0:
-        raise ValueError(f"'cost.gflop_per_slice' must be a number >= 0, got {gflop_value!r}")
-    if not isinstance(size, list) or len(size) != 2 or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
-        raise ValueError(f"'cost.slice' must be two positive integers, got {size!r}")
-    return dict(value)

@@ -52,7 +52,8 @@ PRIVATE_ELEMENTS: dict[int, tuple[str, str, str]] = {
     0x13: ("LO", "RouteName", "Routing rule that selected the model (empty when chosen by hand)"),
     0x14: ("UT", "HarmonisationParameters",
            "JSON: architecture, intensity normalisation and its anchors for this series,"
-           " inference device and precision"),
+           " inference device and precision; a multi-domain model's target domain and"
+           " style"),
 }
 # Derivation Code Sequence (CID 7203 is extensible and has no harmonisation concept).
 HARMONISATION_CODE = ("HARMONISATION", "Scanner harmonisation by an image-to-image generator",
@@ -95,15 +96,25 @@ class Provenance:
     route: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     when: datetime = field(default_factory=lambda: datetime.now(UTC))
+    target_domain: str | None = None  # the domain a multi-domain model converted to
+
+    @property
+    def uid_key(self) -> str:
+        """What the derived UIDs are made from besides the source's: the weights' sha256, and
+        for a multi-domain model the target domain (one series to two domains: two series)."""
+        return f"{self.weights_sha256}/{self.target_domain}" if self.target_domain \
+            else self.weights_sha256
 
     def description(self) -> str:
         via = f" via route {self.route}" if self.route else ""
+        to = f" to domain {self.target_domain}" if self.target_domain else ""
         return (f"Harmonised by dicomnode {self.software_version} with model {self.model_name}"
-                f" version {self.model_version} (weights sha256 {self.weights_sha256}){via}")
+                f" version {self.model_version} (weights sha256 {self.weights_sha256}){to}{via}")
 
 
 def derived_series_uid(source_series_uid: str, weights_sha256: str) -> str:
-    """Same source series and weights, same UID: re-processing replaces, never duplicates."""
+    """Same source series and weights, same UID: re-processing replaces, never duplicates.
+    (A multi-domain model passes :attr:`Provenance.uid_key`, its weights and target domain.)"""
     return generate_uid(entropy_srcs=["dicomnode-series", source_series_uid, weights_sha256])
 
 
@@ -384,8 +395,7 @@ def _derived_header(source: Dataset, *, series_uid: str, series_ref: SeriesRefer
             delattr(ds, keyword)
     stamp = provenance.when.strftime("%Y%m%d%H%M%S.%f+0000")
     date, time = provenance.when.strftime("%Y%m%d"), provenance.when.strftime("%H%M%S.%f")
-    ds.SOPInstanceUID = derived_instance_uid(str(source.SOPInstanceUID),
-                                             provenance.weights_sha256)
+    ds.SOPInstanceUID = derived_instance_uid(str(source.SOPInstanceUID), provenance.uid_key)
     ds.SeriesInstanceUID = series_uid
     if not str(source.get("FrameOfReferenceUID", "")).strip():
         _frame_of_reference(ds, str(source.SeriesInstanceUID))
@@ -565,7 +575,7 @@ def write_derived_series(volume: Volume, harmonised: np.ndarray, provenance: Pro
         raise WriteError(f"harmonised shape {harmonised.shape} differs from the source's"
                          f" {volume.array.shape}")
     source_uid = str(volume.frames[0].dataset.SeriesInstanceUID)
-    series_uid = derived_series_uid(source_uid, provenance.weights_sha256)
+    series_uid = derived_series_uid(source_uid, provenance.uid_key)
     folder = Path(out_dir) / series_uid
     created = not folder.exists()
     written: list[Path] = []

@@ -189,7 +189,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
                      route_name: str | None = None, model_name: str | None = None,
                      cache: ModelCache = MODELS, sr: bool = False,
                      execution_cache: Path | None = None,
-                     when: datetime | None = None) -> SeriesOutcome:
+                     when: datetime | None = None,
+                     target_domain: str | None = None) -> SeriesOutcome:
     """Route, harmonise and write one series (all of ``files`` belong to it).
 
     A series dicomnode derived itself is ``unmatched`` with the reason "already harmonised by
@@ -201,7 +202,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     ``execution_cache`` is the file :func:`~pipelines.inference.choose_execution` keeps its
     per-model CPU decisions (precision, tiles) in (None: hardware and settings); ``when``
     is the processing time the derived series records (default now): a re-run given the same
-    time writes the same bytes. Raises
+    time writes the same bytes. A multi-domain model converts to the route's
+    ``target_domain`` (with ``model_name``: to ``target_domain``). Raises
     :class:`~pipelines.errors.PipelineError` subclasses for model and runtime failures,
     ``ValueError`` for an unknown ``route_name``.
     """
@@ -233,6 +235,10 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     info = model.info
     ref = ModelRef(info.name, info.version, info.weights_sha256)
     route_label = route.name if route else None
+    try:
+        generator, domain = model.translator(route.target_domain if route else target_domain)
+    except ModelError as exc:
+        raise ModelError(f"route '{route.name}': {exc}" if route else str(exc)) from None
     first = harmonisable_images(headers)[0]
     expected, modality = _model_modality(model), str(first.get("Modality", ""))
     if expected and modality and expected.upper() != modality.upper():
@@ -245,7 +251,7 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     loaded = time.perf_counter()
     settings = options or InferenceSettings()
     output, translation = translate_volume(
-        model.generator, volume.array, info.normalisation, info.dims, settings,
+        generator, volume.array, info.normalisation, info.dims, settings,
         spacing=volume.spacing[1:], model_spacing=info.pixel_spacing, padding=volume.padding,
         name=f"model '{info.name}'", key=info.weights_sha256, cache=execution_cache,
         grain=info.grain)
@@ -254,9 +260,12 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
     provenance = Provenance(
         model_name=info.name, model_version=info.version, weights_sha256=info.weights_sha256,
         software_version=software_version(), route=route_label, when=when or datetime.now(UTC),
+        target_domain=domain.name if domain else None,
         parameters={"architecture": info.architecture, "params": info.params,
                     "normalisation": info.normalisation.to_spec(), "anchors": list(anchors),
                     **({"grain": info.grain.to_spec()} if info.grain else {}),
+                    **({"target_domain": domain.name, "style": list(domain.style)}
+                       if domain else {}),
                     "inference": {"device": resolve_device(settings.device).type,
                                   "precision": execution.precision,
                                   "tile": execution.tile,
@@ -271,7 +280,8 @@ def harmonise_series(files: Sequence[Path], *, routes: Sequence[Route], models_d
                model_version=info.version, route=route_label, instances=len(paths),
                execution=str(execution),
                **{f"{k}_s": round(v, 3) for k, v in seconds.items()})
-    reason = f"harmonised {len(paths)} images with {info.name} {info.version}"
+    reason = f"harmonised {len(paths)} images with {info.name} {info.version}" + (
+        f" to domain {domain.name}" if domain else "")
     warnings = (*volume.warnings, *(f"left out {line}" for line in broken))
     if warnings:
         reason += f" ({'; '.join(warnings)})"

@@ -3,7 +3,9 @@
 A new architecture is one ``nn.Module`` class and one line in :data:`GENERATORS`; its
 ``receptive_field()`` (a :class:`ReceptiveField`) lets the runtime tile it without seams.
 Every generator maps a normalised image batch (N, C, H, W) or (N, C, D, H, W) to the
-same shape, so the runtime can tile, batch and blend without knowing which it runs.
+same shape, so the runtime can tile, batch and blend without knowing which it runs; a style
+generator (``styled``: :class:`StyleUNet`) does so once fixed to a domain
+(:meth:`StyleUNet.for_domain`).
 No generator uses batch or instance normalisation: their statistics would depend on the
 tile or batch the runtime happens to feed, and tiles would no longer blend seamlessly.
 """
@@ -135,49 +137,149 @@ class ResidualUNet(nn.Module):
                  dims: int = 2, cbam: bool = False) -> None:
         super().__init__()
         self.dims, self.levels, self.cbam = dims, levels, cbam
-        widths = [features * 2 ** min(i, 3) for i in range(levels + 1)]
-        self.down = nn.ModuleList([_DoubleConv(dims, channels, widths[0], False)])
-        self.down.extend(_DoubleConv(dims, widths[i], widths[i + 1], cbam and i + 1 == levels)
-                         for i in range(levels))
-        self.up_conv = nn.ModuleList(conv(dims, widths[i + 1], widths[i])
-                                     for i in reversed(range(levels)))
-        self.merge = nn.ModuleList(_DoubleConv(dims, 2 * widths[i], widths[i], cbam)
-                                   for i in reversed(range(levels)))
-        self.out = conv(dims, widths[0], channels, kernel=1)
-        _zero_last(self.out)
+        unet_layers(self, dims, channels, features, levels, lambda cin, cout, depth, role:
+                    _DoubleConv(dims, cin, cout, cbam and (role == "merge" or 0 < depth == levels)))
 
     def receptive_field(self) -> ReceptiveField:
-        """Along the deepest path, in full-resolution pixels, a level ``i`` pixel being
-        ``2**i`` wide: two 3x3 convs per level down, each 2x2 average pool (+``2**(i-1)``),
-        then per level up a bilinear upsampling (+``2**(i+1)``), a 3x3 conv and two in the
-        merge; CBAM adds its 7x7 spatial conv where it sits. Tiles start on multiples of
-        ``2**levels`` so every pooling sees the whole image's grid."""
-        down = 2 + sum(2 ** (i - 1) + 2 * 2**i for i in range(1, self.levels + 1))
-        up = sum(2 ** (i + 1) + 3 * 2**i for i in range(self.levels))
-        attention = 3 * (2**self.levels + sum(2**i for i in range(self.levels))) \
-            if self.cbam else 0
-        return ReceptiveField(radius=down + up + attention, align=2**self.levels,
-                              exact=not self.cbam)
+        return unet_receptive_field(self.levels, self.cbam)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[2:]
-        step = 2 ** self.levels
-        pad: list[int] = []
-        for s in reversed(size):
-            pad += [0, (-s) % step]
-        h = F.pad(x, pad, mode="reflect" if self.dims == 2 else "replicate") if any(pad) else x
-        pool = F.avg_pool2d if self.dims == 2 else F.avg_pool3d
-        mode = "bilinear" if self.dims == 2 else "trilinear"
-        skips = []
-        for i, block in enumerate(self.down):
-            h = block(h if i == 0 else pool(h, 2))
-            skips.append(h)
-        for up, merge, skip in zip(self.up_conv, self.merge, reversed(skips[:-1]), strict=True):
-            h = up(F.interpolate(h, size=skip.shape[2:], mode=mode, align_corners=False))
-            h = merge(torch.cat([h, skip], dim=1))
-        h = self.out(h)
-        crop = (slice(None), slice(None), *(slice(0, s) for s in size))
-        return x + h[crop]
+        return unet_forward(self, x, lambda block, h: block(h))
+
+
+def unet_layers(net: nn.Module, dims: int, channels: int, features: int, levels: int,
+                block: Callable[[int, int, int, str], nn.Module]) -> None:
+    """Give ``net`` a U-Net's layers (``down``, ``up_conv``, ``merge``, ``out``), each double
+    conv made by ``block(cin, cout, depth, role)``: ``role`` "down" (depth 0 at full
+    resolution to ``levels``, the bottleneck) or "merge"; widths double per level up to 8x.
+    The output conv is zero-initialised: with the global residual, the identity."""
+    widths = [features * 2 ** min(i, 3) for i in range(levels + 1)]
+    net.down = nn.ModuleList(block(channels if i == 0 else widths[i - 1], widths[i], i, "down")
+                             for i in range(levels + 1))
+    net.up_conv = nn.ModuleList(conv(dims, widths[i + 1], widths[i])
+                                for i in reversed(range(levels)))
+    net.merge = nn.ModuleList(block(2 * widths[i], widths[i], i, "merge")
+                              for i in reversed(range(levels)))
+    net.out = conv(dims, widths[0], channels, kernel=1)
+    _zero_last(net.out)
+
+
+def unet_receptive_field(levels: int, cbam: bool = False) -> ReceptiveField:
+    """A U-Net's, along the deepest path, in full-resolution pixels, a level ``i`` pixel being
+    ``2**i`` wide: two 3x3 convs per level down, each 2x2 average pool (+``2**(i-1)``),
+    then per level up a bilinear upsampling (+``2**(i+1)``), a 3x3 conv and two in the
+    merge; CBAM adds its 7x7 spatial conv where it sits. Tiles start on multiples of
+    ``2**levels`` so every pooling sees the whole image's grid."""
+    down = 2 + sum(2 ** (i - 1) + 2 * 2**i for i in range(1, levels + 1))
+    up = sum(2 ** (i + 1) + 3 * 2**i for i in range(levels))
+    attention = 3 * (2**levels + sum(2**i for i in range(levels))) if cbam else 0
+    return ReceptiveField(radius=down + up + attention, align=2**levels, exact=not cbam)
+
+
+def unet_forward(net: nn.Module, x: torch.Tensor,
+                 decode: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The residual U-Net pass both U-Nets share (``net`` has ``dims``, ``levels``, ``down``,
+    ``up_conv``, ``merge``, ``out``): pad to a multiple of ``2**levels``, encode, decode with
+    ``decode(block, h)`` for the bottleneck and every merge block, crop, add the input."""
+    size = x.shape[2:]
+    step = 2 ** net.levels
+    pad: list[int] = []
+    for s in reversed(size):
+        pad += [0, (-s) % step]
+    h = F.pad(x, pad, mode="reflect" if net.dims == 2 else "replicate") if any(pad) else x
+    pool = F.avg_pool2d if net.dims == 2 else F.avg_pool3d
+    mode = "bilinear" if net.dims == 2 else "trilinear"
+    skips = []
+    for i, block in enumerate(net.down):
+        h = h if i == 0 else pool(h, 2)
+        h = decode(block, h) if i == len(net.down) - 1 else block(h)
+        skips.append(h)
+    for up, merge, skip in zip(net.up_conv, net.merge, reversed(skips[:-1]), strict=True):
+        h = up(F.interpolate(h, size=skip.shape[2:], mode=mode, align_corners=False))
+        h = decode(merge, torch.cat([h, skip], dim=1))
+    h = net.out(h)
+    crop = (slice(None), slice(None), *(slice(0, s) for s in size))
+    return x + h[crop]
+
+
+class _StyledDoubleConv(nn.Module):
+    """Two 3x3 convs, the second's channels modulated by a style code: scale and shift from an
+    affine map of the style (FiLM), zero at initialisation so every style starts the same.
+
+    StarGAN v2 injects style by AdaIN, whose instance statistics are the tile's or batch's
+    (the module doc); a style-driven scale and shift per channel carries the same
+    information, and an output pixel still depends only on its receptive field.
+    """
+
+    def __init__(self, dims: int, cin: int, cout: int, style_dim: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = conv(dims, cin, cout), conv(dims, cout, cout)
+        self.affine = nn.Linear(style_dim, 2 * cout)
+        _zero_last(self.affine)
+
+    def forward(self, h: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.conv1(h), 0.1)
+        scale, shift = self.affine(style).to(h.dtype).view(
+            h.shape[0], 2, -1, *([1] * (h.dim() - 2))).unbind(1)
+        return F.leaky_relu(self.conv2(h) * (1 + scale) + shift, 0.1)
+
+
+class StyleUNet(nn.Module):
+    """StarGAN v2's generator ``G(x, s)`` (Choi et al. 2020): an image and a style code in, the
+    image in that style out; one network for every scanner domain.
+
+    The encoder is a plain U-Net's (content); the bottleneck and every decoder block are
+    style-modulated (:class:`_StyledDoubleConv`); skips keep anatomy at full resolution and a
+    zero-initialised output conv makes an untrained generator the identity, as the other
+    residual generators here. ``styles`` (``domains`` x ``style_dim``, saved with the
+    weights) holds each domain's reference style, the mean style code of its training series:
+    the node harmonises to a domain with it (:meth:`for_domain`), deterministically and
+    without a reference image.
+    """
+
+    styled = True  # model.json lists the domains whose styles this generator holds
+
+    def __init__(self, channels: int = 1, features: int = 32, levels: int = 3,
+                 style_dim: int = 16, domains: int = 2, dims: int = 2) -> None:
+        super().__init__()
+        if levels < 1 or domains < 2 or style_dim < 1:
+            raise ValueError(f"need levels >= 1, domains >= 2 and style_dim >= 1, got"
+                             f" {levels}, {domains} and {style_dim}")
+        self.dims, self.levels = dims, levels
+        unet_layers(self, dims, channels, features, levels, lambda cin, cout, depth, role:
+                    _DoubleConv(dims, cin, cout, False) if role == "down" and depth < levels
+                    else _StyledDoubleConv(dims, cin, cout, style_dim))
+        self.register_buffer("styles", torch.zeros(domains, style_dim))
+
+    def receptive_field(self) -> ReceptiveField:
+        return unet_receptive_field(self.levels)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """``style``: (N, style_dim), or one (style_dim,) code for the whole batch."""
+        if style.dim() == 1:
+            style = style.expand(x.shape[0], -1)
+        return unet_forward(self, x, lambda block, h: block(h, style))
+
+    def for_domain(self, index: int) -> nn.Module:
+        """This generator fixed to domain ``index``'s reference style."""
+        return DomainGenerator(self, index)
+
+
+class DomainGenerator(nn.Module):
+    """A style generator fixed to one domain's reference style: one image in, one out, as the
+    runtime runs every generator; shares the generator's weights."""
+
+    def __init__(self, generator: StyleUNet, index: int) -> None:
+        super().__init__()
+        if not 0 <= index < generator.styles.shape[0]:
+            raise ValueError(f"domain index {index} outside 0..{generator.styles.shape[0] - 1}")
+        self.generator, self.index = generator, index
+
+    def receptive_field(self) -> ReceptiveField:
+        return self.generator.receptive_field()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.generator(x, self.generator.styles[self.index])
 
 
 class ShuffleUNet(ResidualUNet):
@@ -316,6 +418,7 @@ GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "unet": ResidualUNet,
     "spectral": SpectralFilter,
     "shuffle-unet": ShuffleUNet,
+    "stargan": StyleUNet,
 }
 
 
@@ -330,6 +433,11 @@ def build_generator(architecture: str, params: dict[str, Any] | None = None) -> 
         return factory(**(params or {}))
     except TypeError as exc:
         raise ValueError(f"bad parameters for architecture '{architecture}': {exc}") from None
+
+
+def is_styled(architecture: str) -> bool:
+    """Whether the architecture is a style generator (``G(x, s)``, one model, many domains)."""
+    return bool(getattr(GENERATORS.get(architecture), "styled", False))
 
 
 def spatial_dims(params: dict[str, Any] | None) -> int:

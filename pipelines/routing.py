@@ -41,7 +41,7 @@ from pipelines.series import element_text, harmonisable_images, not_harmonisable
 _NUMERIC = re.compile(r"^\s*(>=|<=|>|<|==)?\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 _RANGE = re.compile(
     r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*\.\.\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
-ROUTE_KEYS = {"name", "model", "send_to", "match", "target"}
+ROUTE_KEYS = {"name", "model", "send_to", "match", "target", "target_domain", "domains"}
 NUMERIC_VRS = {"DS", "IS", "FL", "FD", "US", "UL", "SS", "SL", "SV", "UV"}
 # Enhanced MR names for what single-frame MR calls these (MR Echo and MR Modifier macros).
 ENHANCED_NAMES = {"EchoTime": "EffectiveEchoTime", "InversionTime": "InversionTimes"}
@@ -125,11 +125,22 @@ class Condition:
 
 @dataclass(frozen=True)
 class Route:
+    """A routing rule. ``target_domain``: the domain a multi-domain model converts every
+    series the rule matches to; ``domains``: per domain of such a model, the series-level
+    conditions that select its series in the spool (``train site``)."""
+
     name: str
     model: str
     send_to: tuple[str, ...] = ()
     match: tuple[Condition, ...] = ()
     target: tuple[Condition, ...] = ()
+    target_domain: str | None = None
+    domains: tuple[tuple[str, tuple[Condition, ...]], ...] = ()
+
+    def describe(self) -> str:
+        """``route R (model M[, target domain D])``."""
+        to = f", target domain {self.target_domain}" if self.target_domain else ""
+        return f"route {self.name} (model {self.model}{to})"
 
 
 @dataclass(frozen=True)
@@ -163,7 +174,7 @@ class RoutingDecision:
     def summary(self) -> str:
         """One line: the route, or why there is none."""
         if self.route is not None:
-            return f"route {self.route.name} (model {self.route.model})"
+            return self.route.describe()
         if self.flagged:
             return f"flagged: {self.flagged}"
         return self.skipped or "no route matches"
@@ -224,10 +235,31 @@ def parse_routes(raw: Any, source: str = "config") -> list[Route]:
             raise RoutingError(f"{where}: 'send_to' must be a list of AE titles")
         if any(r.name == name for r in routes):
             raise RoutingError(f"{where}: route name used twice")
+        target_domain = item.get("target_domain")
+        if target_domain is not None and (not isinstance(target_domain, str)
+                                          or not target_domain):
+            raise RoutingError(f"{where}: 'target_domain' must be a non-empty string")
         routes.append(Route(name=name, model=model, send_to=tuple(s.strip() for s in send_to),
                             match=_conditions(item.get("match"), f"{where} match"),
-                            target=_conditions(item.get("target"), f"{where} target")))
+                            target=_conditions(item.get("target"), f"{where} target"),
+                            target_domain=target_domain,
+                            domains=_domains(item.get("domains"), target_domain, where)))
     return routes
+
+
+def _domains(raw: Any, target_domain: str | None, where: str
+             ) -> tuple[tuple[str, tuple[Condition, ...]], ...]:
+    """``[routes.domains.NAME]`` tables: each domain's selection, for ``train site``."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or not raw:
+        raise RoutingError(f"{where} domains must be tables [routes.domains.NAME] of DICOM"
+                           " keyword = pattern")
+    if target_domain not in raw:
+        raise RoutingError(f"{where}: 'target_domain' must name one of its domains tables"
+                           f" ({', '.join(raw)}), got {target_domain!r}")
+    return tuple((str(name), _conditions(table, f"{where} domains.{name}"))
+                 for name, table in raw.items())
 
 
 def _group_value(item: Any, keyword: str) -> str | None:

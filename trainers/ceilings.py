@@ -1,7 +1,7 @@
 """How close can any harmonisation come? Ceilings of the paired metrics for a scanner pair.
 
     python -m trainers.ceilings --source ge-1.5t-t1w --target siemens-3t-t1w [--size 256]
-        [--subjects 100 101 102] [--slices 16] [--json]
+        [--subjects 100 101 102] [--slices 16] [--json] [--radiomics]
 
 ``dicomnode evaluate`` scores an output against one acquisition of the target scanner,
 whose noise is its own and whose detail the source scanner may never have acquired, so no
@@ -15,6 +15,11 @@ against that target acquisition with evaluate's metrics, units and body mask:
 * ``noise-free target at the source's resolution``: the target's contrast and calibration
   acquired with the source's slice thickness and k-space extent (MR) or kernel (CT),
   noise-free: a perfect mapping that cannot restore detail the source never acquired.
+
+``--radiomics`` adds each row's share of reproducible radiomic features (CCC >= 0.85 against
+the target acquisition, evaluate's ROIs, bins and threshold): "another target acquisition" is
+the share a radiomics study gets between two scans on the target scanner itself, the ceiling
+of any harmonisation's ``reproducible_share``.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ import numpy as np
 from tqdm import tqdm
 
 from trainers.data import body_mask
-from trainers.evaluate import mean_metrics
+from trainers.evaluate import ROIS, bin_width_for, roi_size
+from trainers.heldout import mean_metrics
 from trainers.metrics import data_range, image_metrics, metric_units
+from trainers.radiomics_ccc import feature_ccc, reproducible_share, roi_corners, roi_features
 from trainers.ship_models import SLICES, TEST_SUBJECTS  # the shipped models' held-out series
 from trainers.simulation import CTDomain, Domain, MRDomain, acquire_volume, find_domain
 from trainers.simulation.dicom_writer import CT_RESCALE_INTERCEPT
@@ -64,36 +71,62 @@ def _values(stored: np.ndarray, modality: str) -> np.ndarray:
 
 def ceilings(source: str, target: str, size: int | None = None,
              subjects: Sequence[int] = TEST_SUBJECTS, slices: int = SLICES,
-             progress: bool | None = None) -> dict[str, dict[str, float]]:
-    """Row -> mean PSNR (dB), SSIM, RMSE and NCC over ``subjects`` against the target."""
+             progress: bool | None = None, radiomics: bool = False
+             ) -> dict[str, dict[str, float]]:
+    """Row -> mean PSNR (dB), SSIM, RMSE and NCC over ``subjects`` against the target (with
+    ``radiomics``, also ``reproducible``: the overall share of reproducible features)."""
     src, tgt = find_domain(source), find_domain(target)
     if not subjects:
         raise ValueError("need at least one subject")
     rows, modality = variants(src, tgt), tgt.modality
     scores: dict[str, list[dict[str, float]]] = {row: [] for row in rows}
+    images: dict[str, list[np.ndarray]] = {row: [] for row in [*rows, "target"]}
+    masks = []
     bar = tqdm(total=len(subjects) * (len(rows) + 1), desc="ceilings", unit="acquisition",
                disable=None if progress is None else not progress)
     for subject in subjects:
         reference = _values(acquire_volume(tgt, subject, slices, size), modality)
         wanted, reference_mask = metric_units(reference, modality), body_mask(reference, modality)
+        images["target"].append(wanted)
+        masks.append(reference_mask)
         bar.update()
         for row, (domain, noise_seed) in rows.items():
             image = _values(acquire_volume(domain, subject, slices, size,
                                            noise_seed=noise_seed), modality)
             mask = body_mask(image, modality) | reference_mask
-            scores[row].append(image_metrics(metric_units(image, modality), wanted, mask,
+            images[row].append(metric_units(image, modality))
+            masks[-1] = masks[-1] | mask
+            scores[row].append(image_metrics(images[row][-1], wanted, mask,
                                              data_range(wanted, mask)))
             bar.update()
     bar.close()
-    return {row: mean_metrics(values) for row, values in scores.items()}
+    result = {row: mean_metrics(values) for row, values in scores.items()}
+    if radiomics:
+        for row, share in reproducible(images, masks, modality).items():
+            result[row]["reproducible"] = share
+    return result
+
+
+def reproducible(images: dict[str, list[np.ndarray]], masks: Sequence[np.ndarray],
+                 modality: str, seed: int = 0) -> dict[str, float]:
+    """Row -> overall share of features with CCC >= 0.85 against ``images["target"]``, at
+    evaluate's ROIs (count, size, bin width) inside ``masks``."""
+    size = roi_size(masks)
+    corners = roi_corners(masks, size, ROIS, seed)
+    feats = {row: roi_features(volumes, corners, size, bin_width_for(modality))
+             for row, volumes in images.items()}
+    return {row: reproducible_share(feature_ccc(f, feats["target"]))["overall"]
+            for row, f in feats.items() if row != "target"}
 
 
 def table(result: dict[str, dict[str, float]]) -> str:
     """The rows as a markdown table."""
-    lines = ["| against one target acquisition | SSIM | PSNR (dB) | RMSE | NCC |",
-             "|---|---|---|---|---|"]
+    extra = "reproducible" in next(iter(result.values()))
+    lines = ["| against one target acquisition | SSIM | PSNR (dB) | RMSE | NCC |"
+             + (" reproducible features |" if extra else ""),
+             "|---|---|---|---|---|" + ("---|" if extra else "")]
     lines += [f"| {row} | {m['ssim']:.3f} | {m['psnr']:.1f} | {m['rmse']:.3g} | {m['ncc']:.3f} |"
-              for row, m in result.items()]
+              + (f" {m['reproducible']:.2f} |" if extra else "") for row, m in result.items()]
     return "\n".join(lines)
 
 
@@ -105,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subjects", type=int, nargs="+", default=list(TEST_SUBJECTS))
     p.add_argument("--slices", type=int, default=SLICES)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--radiomics", action="store_true", help="add each row's share of"
+                   " reproducible radiomic features (CCC >= 0.85)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
         result = ceilings(args.source, args.target, args.size, args.subjects, args.slices,
-                          progress=False if args.no_progress else None)
+                          progress=False if args.no_progress else None,
+                          radiomics=args.radiomics)
     except ValueError as exc:
         p.error(str(exc))
     print(json.dumps(result, indent=2) if args.json else table(result))

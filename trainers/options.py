@@ -127,16 +127,49 @@ class UnpairedOptions(CommonOptions):
 
 
 @dataclass
-class SiteOptions(UnpairedOptions, SyntheticOptions):
-    """Per-site retraining from the node's own data, for one route (paired or unpaired)."""
+class MultiDomainOptions(UnpairedOptions):
+    """StarGAN v2: one style-conditioned generator for every named scanner domain, a mapping
+    network, a style encoder and a multi-task discriminator (:mod:`trainers.multidomain`)."""
+
+    domain: dict[str, Any] = _opt({}, "a scanner domain and its folder of series, NAME=DIR"
+                                  " (repeatable, at least two; the first is the training"
+                                  " report's target)", metavar="NAME=DIR")
+    architecture: str = _opt("stargan", "style generator architecture (pipelines.networks"
+                             " registry)")
+    style_dim: int = _opt(16, "length of a style code")
+    latent_dim: int = _opt(16, "length of the mapping network's latent code")
+    mapping: str = _opt("mlp", "mapping network (trainers.style registry)")
+    style_encoder: str = _opt("conv", "style encoder (trainers.style registry)")
+    encoder_features: int = _opt(16, "style encoder width of its first stage")
+    discriminator: str = _opt("multitask", "discriminator (trainers.discriminators registry)")
+    style: float = _opt(1.0, "weight of the style reconstruction loss")
+    diversity: float = _opt(0.0, "weight of the style diversification loss (0 = off: a"
+                            " harmonised series must not depend on a random code)")
+    mean_style: float = _opt(0.5, "share of generator steps that translate with the target"
+                             " domain's running mean style, as the node does; the rest use"
+                             " the mapping network's and the style encoder's codes in turn")
+    identity: float = _opt(5.0, "weight of the identity L1 loss: G(x, style of x's own"
+                           " domain) = x")
+    reference_share: float = _opt(0.0, "share of steps whose target is the first --domain"
+                                  " (the one routes convert to), from another domain; the"
+                                  " rest pick both domains at random (0 = every ordered pair"
+                                  " alike)")
+
+
+@dataclass
+class SiteOptions(MultiDomainOptions, SyntheticOptions):
+    """Per-site retraining from the node's own data, for one route (paired, unpaired,
+    synthetic or multi-domain)."""
 
     architecture: str = _opt("", "generator architecture (default: the deployed model's,"
-                             " else plain for paired and unet for unpaired)")
+                             " else plain for paired, unet for unpaired and synthetic,"
+                             " stargan for multi-domain)")
     route: str = _opt("", "route name in the node config")
     config: Path | None = _opt(None, "node config (default: $DICOMNODE_CONFIG or conf/node.toml)")
-    pairing: str = _opt("auto", "auto (paired when series share a frame of reference, else"
-                     " the deployed model's mode: synthetic or unpaired) | paired | unpaired"
-                     " | synthetic", choices=("auto", "paired", "unpaired", "synthetic"))
+    pairing: str = _opt("auto", "auto (multidomain for a route with target_domain, paired"
+                     " when series share a frame of reference, else the deployed model's mode:"
+                     " synthetic or unpaired) | paired | unpaired | synthetic | multidomain",
+                     choices=("auto", "paired", "unpaired", "synthetic", "multidomain"))
     compare: bool = _opt(True, "evaluate the new and the deployed model on the held-out series"
                          " (report/site-comparison.json)")
 
@@ -176,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] | N
                                 help=help_text)
         elif typing.get_origin(kind) is dict:
             parser.add_argument(flag, action="append", type=_key_value, default=None,
-                                metavar="KEY=VALUE", help=help_text)
+                                metavar=f.metadata.get("metavar", "KEY=VALUE"), help=help_text)
         else:
             shown = f" (default: {default})" if default not in (None, "") and \
                 f.metadata.get("show_default", True) else ""
@@ -187,11 +220,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] | N
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """Build the options dataclass from parsed arguments (unknown attributes ignored)."""
     values = {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)
-        if f.name == "param":
+        if typing.get_origin(hints[f.name]) is dict:
             value = dict(value or [])
         values[f.name] = value
     return cls(**values)

@@ -6,6 +6,8 @@ the features of a class is that class's score (1 = the features a radiomics stud
 compute are interchangeable between the two images). Bins have a fixed width in the
 target's units (25 HU for CT, 0.05 of the normalised MR range), identical for every image
 compared, so texture features see intensity differences instead of normalising them away.
+The share of features with CCC >= 0.85 (Choe et al., Radiology 2019) is a radiomics study's
+reading of the same numbers: which features it may pool across scanners.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from scipy import ndimage
 
 CLASSES = ("firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm")
 TEXTURE = CLASSES[1:]
+REPRODUCIBLE = 0.85  # CCC from which a feature counts as reproducible (Choe et al. 2019)
 
 
 def ccc(x: np.ndarray, y: np.ndarray) -> float:
@@ -77,14 +80,34 @@ def roi_features(volumes: Sequence[np.ndarray], corners: Sequence[tuple[int, int
     return {k: np.asarray(v) for k, v in rows.items()}
 
 
+def feature_ccc(test: Mapping[str, np.ndarray], target: Mapping[str, np.ndarray]
+                ) -> dict[str, float]:
+    """CCC of every feature between the image under test and the target (NaN: constant in
+    both)."""
+    return {k: ccc(test[k], target[k]) for k in target}
+
+
 def class_ccc(test: Mapping[str, np.ndarray], target: Mapping[str, np.ndarray]
               ) -> dict[str, float]:
     """Mean CCC per feature class (features constant in both images are skipped)."""
+    cccs = feature_ccc(test, target)
     out = {}
     for cls in CLASSES:
-        values = [ccc(test[k], target[k]) for k in target if k.startswith(cls + "_")]
+        values = [v for k, v in cccs.items() if k.startswith(cls + "_")]
         finite = [v for v in values if np.isfinite(v)]
         out[cls] = float(np.mean(finite)) if finite else float("nan")
     texture = [out[c] for c in TEXTURE if np.isfinite(out[c])]
     out["texture_mean"] = float(np.mean(texture)) if texture else float("nan")
+    return out
+
+
+def reproducible_share(cccs: Mapping[str, float], threshold: float = REPRODUCIBLE
+                       ) -> dict[str, float]:
+    """Share of features with CCC >= ``threshold`` per class and ``overall`` (Choe et al.,
+    Radiology 2019: 0.85); features constant in both images are not counted."""
+    out = {}
+    for cls in (*CLASSES, "overall"):
+        values = [v for k, v in cccs.items() if np.isfinite(v)
+                  and (cls == "overall" or k.startswith(cls + "_"))]
+        out[cls] = float(np.mean([v >= threshold for v in values])) if values else float("nan")
     return out

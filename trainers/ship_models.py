@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -47,6 +48,17 @@ class Spec:
     train_sizes: tuple[int, ...] = (SMALL,)  # each training subject at each matrix
     version: str = "1.0"  # a retrained shipped model gets a new one
     reports: tuple[str, ...] = REPORTS  # evaluated where conf/node.toml routes series to it
+    # multidomain: every scanner trained, ``target`` (the shipped routes' target_domain)
+    # first; scanner k trains on ``source_subjects`` + 10 k, so no two share a subject, and
+    # ``source`` is one the shipped routes send to it
+    domains: tuple[str, ...] = ()
+
+    def subjects(self, domain: str) -> tuple[int, ...]:
+        """The training subjects of one of the model's domains."""
+        if self.domains:
+            shift = 10 * self.domains.index(domain)
+            return tuple(s + shift for s in self.source_subjects)
+        return self.source_subjects if domain == self.source else self.target_subjects
 
     def sizes(self) -> dict[str, int]:
         """Report folder -> matrix of the held-out series evaluated there: 128 and the
@@ -97,6 +109,27 @@ MODELS = {
          "--pixel-spacing", "0.9375", "--patch", "64", "--batch", "4", "--steps", "12000",
          "--ssim", "1", "--val-every", "100", "--minutes", "55"), version="2.0",
         reports=("evaluation",)),
+    # One StarGAN v2 for four MR T1w scanners (each trained on its own six subjects, none
+    # shared): the shipped route converts Philips' and Canon's to Siemens 3 T (GE's have
+    # their pairwise models); learnt and evaluated at 128², where the route takes series
+    "mr-t1w-multisite": Spec(
+        "MR", "philips-3t-t1w", "siemens-3t-t1w", "multidomain", tuple(range(6)), (),
+        ("--param", "features=16", "--param", "levels=3", "--style-dim", "16", "--patch", "64",
+         "--batch", "4", "--steps", "4000", "--cycle", "10", "--identity", "1", "--gram", "10",
+         "--reference-share", "0.5", "--disc-features", "16", "--val-every", "250",
+         "--minutes", "65"),
+        reports=("evaluation",),
+        domains=("siemens-3t-t1w", "ge-1.5t-t1w", "philips-3t-t1w", "canon-1.5t-t1w")),
+    # One StarGAN v2 for five CT chest reconstructions (three vendors, smooth and sharp
+    # kernels, 100 and 120 kVp) under the noise-power-spectrum loss; the shipped route
+    # converts GE's LUNG and Philips' B to Siemens B30f (the others have pairwise models)
+    "ct-multisite": Spec(
+        "CT", "philips-b", "siemens-b30f", "multidomain", tuple(range(6)), (),
+        ("--param", "features=16", "--param", "levels=3", "--style-dim", "16", "--patch", "64",
+         "--batch", "8", "--steps", "4000", "--cycle", "10", "--identity", "1", "--spectrum",
+         "10", "--disc-features", "16", "--val-every", "250", "--minutes", "65"),
+        reports=("evaluation",),
+        domains=("siemens-b30f", "siemens-b70f", "ge-standard", "ge-lung", "philips-b")),
 }
 
 
@@ -108,6 +141,13 @@ def _simulator_digest() -> str:
     return digest.hexdigest()
 
 
+def _folders(spec: Spec) -> dict[str, str]:
+    """Folder key -> domain: ``source`` and ``target``, or every domain by its name."""
+    if spec.domains:
+        return {domain: domain for domain in spec.domains}
+    return {"source": spec.source, "target": spec.target}
+
+
 def simulate(spec: Spec, root: Path) -> dict[str, Path]:
     """Train and test folders for both domains (skips series already simulated by this
     version of the simulator; simulates everything again when the simulator changed)."""
@@ -117,11 +157,11 @@ def simulate(spec: Spec, root: Path) -> dict[str, Path]:
         for old in (p for p in root.iterdir() if p.name.startswith(("train-", "test-"))):
             shutil.rmtree(old)
         stamp.write_text(digest + "\n")
-    plan = {"train-source": (spec.source, spec.source_subjects, spec.train_sizes),
-            "train-target": (spec.target, spec.target_subjects, spec.train_sizes)}
+    plan = {f"train-{key}": (domain, spec.subjects(domain), spec.train_sizes)
+            for key, domain in _folders(spec).items()}
     for size in set(spec.sizes().values()):
-        plan[f"test-source-{size}"] = (spec.source, TEST_SUBJECTS, (size,))
-        plan[f"test-target-{size}"] = (spec.target, TEST_SUBJECTS, (size,))
+        plan.update({f"test-{key}-{size}": (domain, TEST_SUBJECTS, (size,))
+                     for key, domain in _folders(spec).items()})
     folders = {}
     for key, (domain, subjects, sizes) in plan.items():
         folders[key] = root / key
@@ -152,19 +192,25 @@ def build(name: str, work: Path, models_dir: Path, train: bool = True) -> dict:
     spec = MODELS[name]
     folders = simulate(spec, work / name)
     dicomnode = [sys.executable, "-m", "dicomnode.cli"]
-    if train:
+    common = ["--name", name, "--models-dir", str(models_dir), "--version", spec.version,
+              "--seed", "0", "--device", "cpu", "--workdir", str(work / name / "run"),
+              "--force", "--no-progress", *spec.args]
+    if train and spec.domains:
+        _run([*dicomnode, "train", spec.mode, *(a for d in spec.domains for a in (
+            "--domain", f"{d}={folders[f'train-{d}']}")), *common])
+    elif train:
         _run([*dicomnode, "train", spec.mode, "--source", str(folders["train-source"]),
-              "--target", str(folders["train-target"]), "--name", name,
-              "--models-dir", str(models_dir), "--source-domain", spec.source,
-              "--target-domain", spec.target, "--version", spec.version, "--seed", "0",
-              "--device", "cpu", "--workdir", str(work / name / "run"), "--force",
-              "--no-progress", *spec.args])
+              "--target", str(folders["train-target"]), "--source-domain", spec.source,
+              "--target-domain", spec.target, *common])
     results = {}
     for evaluation, size in spec.sizes().items():
+        data = [a for d in spec.domains for a in ("--domain", f"{d}={folders[f'test-{d}-{size}']}")
+                ] if spec.domains else [
+            "--source", str(folders[f"test-source-{size}"]),
+            "--target", str(folders[f"test-target-{size}"])]
         out = _run([*dicomnode, "evaluate", "--model", name, "--models-dir", str(models_dir),
-                    "--source", str(folders[f"test-source-{size}"]), "--target",
-                    str(folders[f"test-target-{size}"]), "--report",
-                    str(models_dir / name / "report" / evaluation)], capture=True)
+                    *data, "--report", str(models_dir / name / "report" / evaluation)],
+                   capture=True)
         results[evaluation] = json.loads(out)
     return results
 
@@ -183,6 +229,17 @@ def _cell(metrics: dict, key: str, digits: int) -> str:
     return f"{before} → **{after}** ({baseline})"
 
 
+def mean_of(results: list[Any]) -> Any:
+    """The mean of equally shaped results (numbers averaged leaf by leaf; the first's value
+    where a leaf is not a number in all of them)."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {k: mean_of([r[k] for r in results]) for k in first}
+    if all(isinstance(r, int | float) and not isinstance(r, bool) for r in results):
+        return sum(results) / len(results)
+    return first
+
+
 def _count(n: int) -> str:
     return f"{n / 1e3:.0f}k" if n >= 1000 else str(n)
 
@@ -196,9 +253,9 @@ def table(models_dir: Path, evaluation: str = "evaluation") -> str:
     rows = ["| model | training | SSIM | PSNR (dB) | texture radiomics CCC | domain accuracy"
             " | weights | CPU training |", "|---|---|---|---|---|---|---|---|"]
     for name, spec in MODELS.items():
-        if evaluation not in spec.reports:
-            continue
         folder = models_dir / name
+        if evaluation not in spec.reports or not (folder / "model.json").is_file():
+            continue  # not evaluated there, or not built (yet)
         info = json.loads((folder / "model.json").read_text())
         metrics = json.loads((folder / "report" / evaluation / "metrics.json").read_text())
         size = (folder / info["weights"]).stat().st_size
@@ -206,8 +263,13 @@ def table(models_dir: Path, evaluation: str = "evaluation") -> str:
         matrices = " + ".join(f"{n}²" for n in spec.train_sizes)
         if "pixel_spacing" in info:  # resampled to the spacing the model works at
             matrices += f" at {info['pixel_spacing'][0]:g} mm"
+        pair = f"{spec.source} → {spec.target}"
+        if spec.domains:  # the mean of every other domain converted to the routes' target
+            into = [m for p, m in metrics["pairs"].items() if p.endswith(f" -> {spec.target}")]
+            metrics = mean_of(into)
+            pair = f"each of {len(into)} scanners → {spec.target} (mean)"
         rows.append(
-            f"| `{name}` | {spec.mode}, {info['architecture']}, {spec.source} → {spec.target}"
+            f"| `{name}` | {spec.mode}, {info['architecture']}, {pair}"
             f", {matrices} | {_cell(metrics, 'ssim', 3)} | {_cell(metrics, 'psnr', 1)}"
             f" | {_cell(metrics, 'radiomics_ccc', 3)} | {_cell(metrics, 'domain_accuracy', 2)}"
             f" | {_count(training['parameters'])} params, {_file_size(size)}"

@@ -9,7 +9,7 @@ with ``report/`` inside it.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,16 @@ from trainers.data import (
 )
 from trainers.distil import teacher_note, teacher_targets
 from trainers.domain_classifier import train_classifier
+from trainers.heldout import HeldOut
 from trainers.loop import FitResult, fit, seed_everything, select_device
-from trainers.metrics import data_range, image_metrics, metric_unit_name, metric_units
-from trainers.options import CommonOptions, PairedOptions, UnpairedOptions, summary
+from trainers.metrics import metric_unit_name, metric_units
+from trainers.options import (
+    CommonOptions,
+    MultiDomainOptions,
+    PairedOptions,
+    UnpairedOptions,
+    summary,
+)
 from trainers.paired import PairedData, generator_params, paired_step
 from trainers.unpaired import UnpairedData, unpaired_step
 
@@ -59,16 +66,12 @@ class TrainOutcome:
 
 
 def check_output(options: CommonOptions) -> Path:
+    """The model folder to write: a plain ``--name``, not there yet unless ``--force``."""
     if not options.name or "/" in options.name or options.name.startswith("."):
         raise TrainingError(f"--name must be a plain folder name, got {options.name!r}")
     folder = options.models_dir / options.name
     if folder.exists() and not options.force:
         raise TrainingError(f"{folder} exists; choose another --name, or --force to replace it")
-    for label, path in (("--source", options.source), ("--target", options.target)):
-        if label == "--target" and path is None and getattr(options, "teacher", None):
-            continue  # distillation: the teacher makes the targets
-        if path is None or not Path(path).is_dir():
-            raise TrainingError(f"{label} {path}: not a folder")
     return folder
 
 
@@ -145,17 +148,40 @@ def _write_report(folder: Path, result: FitResult, modality: str,
 
 def train_folders(options: CommonOptions, train_series: Callable[..., TrainOutcome],
                   log: Log = print) -> TrainOutcome:
-    """Check the output folder, load ``--source`` and ``--target``, run one mode's
-    ``train_*_series`` (``train site`` selects its series itself)."""
+    """Check the output folder, load ``--source`` and ``--target`` (multi-domain: every
+    ``--domain``), run one mode's ``train_*_series`` (``train site`` selects its series
+    itself)."""
     folder = check_output(options)
+    if isinstance(options, MultiDomainOptions):
+        return train_series(options, load_domains(options.domain, log), folder, log)
+    for label, path in (("--source", options.source), ("--target", options.target)):
+        if label == "--target" and path is None and getattr(options, "teacher", None):
+            continue  # distillation: the teacher makes the targets
+        if path is None or not Path(path).is_dir():
+            raise TrainingError(f"{label} {path}: not a folder")
     sources = load_domain(options.source, "--source", log)
-    if options.target is None:  # distillation (check_output allows it only then)
+    if options.target is None:  # distillation (allowed only then, above)
         return train_series(options, sources, [], folder, log)
     targets = load_domain(options.target, "--target", log)
     if targets[0].modality != sources[0].modality:
         raise TrainingError(f"source is {sources[0].modality} but target is"
                             f" {targets[0].modality}")
     return train_series(options, sources, targets, folder, log)
+
+
+def load_domains(folders: Mapping[str, Any], log: Log) -> dict[str, list[Series]]:
+    """The series of every ``--domain NAME=DIR``: at least two domains, one modality."""
+    if len(folders) < 2:
+        raise TrainingError("multi-domain training needs at least two --domain NAME=DIR")
+    domains = {}
+    for name, folder in folders.items():
+        if not Path(str(folder)).is_dir():
+            raise TrainingError(f"--domain {name}={folder}: not a folder")
+        domains[name] = load_domain(Path(str(folder)), f"--domain {name}", log)
+    modalities = {s[0].modality for s in domains.values()}
+    if len(modalities) > 1:
+        raise TrainingError(f"the domains mix modalities {sorted(modalities)}")
+    return domains
 
 
 def train_paired_series(options: PairedOptions, sources: Sequence[Series],
@@ -198,27 +224,22 @@ def train_paired_series(options: PairedOptions, sources: Sequence[Series],
     extra = {"pairs": len(pairs), **({"teacher": teacher_note(teacher)} if teacher else {})}
     generator = _save(options, folder, result, modality, [p.source for p in pairs],
                       [p.target for p in pairs], extra, log, teacher)
-    rows, hist, before_m, after_m = [], {"before": [], "after": [], "target": []}, [], []
+    rows: list[list[np.ndarray]] = []
+    held = HeldOut(("before", "after", "target"))
     for i in val_idx:
         p = pairs[i]
         raw = p.source.volume.array[p.source_slices]
-        after = metric_units(harmonise_array(generator, raw, norm, options.dims, device),
-                             modality)
-        before = metric_units(raw, modality)
-        target = metric_units(p.target.volume.array[p.target_slices], modality)
-        mask = arrays[i][2]
-        peak = data_range(target, mask)
-        before_m.append(image_metrics(before, target, mask, peak))
-        after_m.append(image_metrics(after, target, mask, peak))
-        for name, img in (("before", before), ("after", after), ("target", target)):
-            hist[name].append(img[mask])
+        images = {"before": metric_units(raw, modality),
+                  "after": metric_units(harmonise_array(generator, raw, norm, options.dims,
+                                                        device), modality),
+                  "target": metric_units(p.target.volume.array[p.target_slices], modality)}
+        held.add_pair(images, arrays[i][2])
         if len(rows) < REPORT_SLICES:
-            rows += [[before[z], after[z], target[z]] for z in _report_slices(len(before))]
-    heldout = {k: {"before": float(np.mean([m[k] for m in before_m])),
-                   "after": float(np.mean([m[k] for m in after_m]))} for k in before_m[0]}
+            rows += [[images[k][z] for k in images]
+                     for z in _report_slices(len(images["before"]))]
+    heldout = held.versus()
     _write_report(folder, result, modality, rows[:REPORT_SLICES],
-                  ["before (source)", "after (harmonised)", "target"],
-                  {k: np.concatenate(v) for k, v in hist.items()},
+                  ["before (source)", "after (harmonised)", "target"], held.histograms(),
                   {"heldout": heldout, "validation_best": result.best,
                    "best_step": result.best_step, "steps": result.steps,
                    "seconds": result.seconds, "data_range": "target max - min inside the mask"})
@@ -261,22 +282,22 @@ def train_unpaired_series(options: UnpairedOptions, sources: Sequence[Series],
                     "gram_layers": "all three conv stages"}
     generator = _save(options, folder, result, modality, sources, targets,
                       {"feature_network": feature_note}, log)
-    rows, hist = [], {"before": [], "after": [], "target": []}
+    rows: list[list[np.ndarray]] = []
+    held = HeldOut(("before", "after", "target"))
     for k, (i, j) in enumerate(zip(s_val, t_val * len(s_val), strict=False)):
         raw = sources[i].volume.array
+        before = metric_units(raw, modality)
         after = metric_units(harmonise_array(generator, raw, norm, options.dims, device),
                              modality)
-        before = metric_units(raw, modality)
         target = metric_units(targets[j].volume.array, modality)
-        hist["before"].append(before[sources[i].mask])
-        hist["after"].append(after[sources[i].mask])
-        hist["target"].append(target[targets[j].mask])
+        held.add_unpaired({"before": before, "after": after}, sources[i].mask)
+        held.add_target(target, targets[j].mask)
         if k == 0:
             zs, zt = _report_slices(len(before)), _report_slices(len(target))
             rows = [[before[a], after[a], target[b]] for a, b in zip(zs, zt, strict=False)]
     _write_report(folder, result, modality, rows,
                   ["before (source)", "after (harmonised)", "target (other subject)"],
-                  {k: np.concatenate(v) for k, v in hist.items()},
+                  held.histograms(),
                   {"validation_best": result.best, "best_step": result.best_step,
                    "steps": result.steps, "seconds": result.seconds})
     return TrainOutcome(folder, result.best, result, {})

@@ -81,14 +81,14 @@ class ImagePool:
         return torch.stack(out)
 
 
-def _wasserstein1(x: torch.Tensor, y: torch.Tensor, quantiles: int = 512) -> float:
+def wasserstein1(x: torch.Tensor, y: torch.Tensor, quantiles: int = 512) -> float:
     """Earth mover's distance between two intensity distributions (via quantiles)."""
     q = torch.linspace(0, 1, quantiles)
     return float((torch.quantile(x.flatten().float()[:2 ** 24], q)
                   - torch.quantile(y.flatten().float()[:2 ** 24], q)).abs().mean())
 
 
-def _requires_grad(modules: Sequence[nn.Module], flag: bool) -> None:
+def requires_grad(modules: Sequence[nn.Module], flag: bool) -> None:
     for m in modules:
         for p in m.parameters():
             p.requires_grad_(flag)
@@ -140,7 +140,7 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
     def train(_: int) -> dict[str, float]:
         a = sample_a.sample(options.batch)[0].to(device)
         b = sample_b.sample(options.batch)[0].to(device)
-        _requires_grad([d_a, d_b], False)
+        requires_grad([d_a, d_b], False)
         with autocast(device):
             fake_b, fake_a = g_ab(a), g_ba(b)
             adv = gan.generator(d_b(fake_b).float()) + gan.generator(d_a(fake_a).float())
@@ -169,7 +169,7 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
         loss.backward()
         opt_g.step()
 
-        _requires_grad([d_a, d_b], True)
+        requires_grad([d_a, d_b], True)
         fb, fa = pool_b.query(fake_b.detach().float()), pool_a.query(fake_a.detach().float())
         with autocast(device):
             d_loss = (gan.discriminator(d_b(b).float(), d_b(fb).float())
@@ -188,10 +188,10 @@ def unpaired_step(data: UnpairedData, options: UnpairedOptions, features: Domain
         cyc = torch.cat([g_ba(part.to(device)).float().cpu()
                          for part in torch.split(out, options.batch)])
         feats = features.to("cpu")
-        w1 = _wasserstein1(out, val_b)
+        w1 = wasserstein1(out, val_b)
         gram = float(GramTextureLoss(feats.features)(out, val_b))
         if not reference:
-            reference.update(w1=max(_wasserstein1(val_a, val_b), 1e-6),
+            reference.update(w1=max(wasserstein1(val_a, val_b), 1e-6),
                              gram=max(float(GramTextureLoss(feats.features)(val_a, val_b)),
                                       1e-12))
         features.to(device)

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     choice.add_argument("--route", metavar="NAME", help="use this route for every series")
     choice.add_argument("--model", metavar="NAME", help="use this model for every series,"
                         " without routing")
+    p.add_argument("--target-domain", metavar="NAME", help="with --model, for a multi-domain"
+                   " model: the domain to convert every series to (a route names its own)")
     p.add_argument("--sr", action="store_true", help="also write an algorithm Structured"
                    " Report (TID 1500 with TID 4019) per derived series, under OUT/<SR series"
                    " UID>/")
@@ -44,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.route and args.route not in {r.name for r in config.routes}:
         raise UserError(f"no route named '{args.route}' in {config.path} (known: "
                         f"{', '.join(r.name for r in config.routes) or 'none'})")
+    if args.target_domain and not args.model:
+        raise UserError("--target-domain goes with --model (a route names its own"
+                        " target_domain)")
     models_dir = config.node.models_dir
     if args.model and not (models_dir / args.model / MODEL_JSON).is_file():
         raise UserError(f"no model '{args.model}' in {models_dir}")
@@ -60,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             outcome = harmonise_series(files, routes=config.routes, models_dir=models_dir,
                                        out_dir=Path(args.output), options=config.inference,
                                        route_name=args.route, model_name=args.model,
-                                       sr=args.sr, execution_cache=execution_cache)
+                                       sr=args.sr, execution_cache=execution_cache,
+                                       target_domain=args.target_domain)
         except Exception as exc:  # one series' failure, whatever it is, must not stop the rest
             failures += 1
             print(f"{uid}: failed: {one_line(exc)}", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 from dicomnode.commands import add_config_option
 from dicomnode.config import load_config
 from dicomnode.errors import UserError
-from pipelines.routing import route_series
+from pipelines.routing import Route, route_series
 from pipelines.series import SeriesError, find_series, harmonisable_images, read_headers
 
 
@@ -49,4 +49,20 @@ def run(args: argparse.Namespace) -> int:
         if args.explain:
             for line in decision.explain():
                 print(line)
+            if decision.route is not None and decision.route.target_domain:
+                print(_target_domain(decision.route, config.node.models_dir))
     return 0
+
+
+def _target_domain(route: Route, models_dir: Path) -> str:
+    """What the route's multi-domain model converts a series to, from its model folder."""
+    from pipelines.errors import ModelError
+    from pipelines.model_folder import read_model_info
+    try:
+        domain = read_model_info(models_dir / route.model).target_style(route.target_domain)
+    except ModelError as exc:
+        return f"  ! target domain {route.target_domain}: {exc}"
+    assert domain is not None
+    tags = ", ".join(f"{k}={v}" for k, v in domain.tags.items())
+    return (f"  -> converted to domain {domain.name} (model {route.model}: reference style of"
+            f" {domain.series} training series; {tags}), whatever scanner it came from")

@@ -66,11 +66,12 @@ def test_simulated_source_is_routed_harmonised_valid_and_closer_to_target(route,
     the MR routes split by it."""
     info = load_model_folder(_folder(route)).info
     modality = info.source["Modality"]
-    size = MODELS[ROUTES[route].model].sizes()[report]
-    source = simulate_series(modality, info.source["name"], tmp_path / "source",
-                             subject=SUBJECT, slices=4, size=size, progress=False)
-    target = simulate_series(modality, info.target["name"], tmp_path / "target",
-                             subject=SUBJECT, slices=4, size=size, progress=False)
+    spec = MODELS[ROUTES[route].model]  # a multi-domain model: a scanner its route takes
+    assert ROUTES[route].target_domain in (None, spec.target)
+    source = simulate_series(modality, spec.source, tmp_path / "source",
+                             subject=SUBJECT, slices=4, size=spec.sizes()[report], progress=False)
+    target = simulate_series(modality, spec.target, tmp_path / "target",
+                             subject=SUBJECT, slices=4, size=spec.sizes()[report], progress=False)
     outcome = harmonise_series(source, routes=CONFIG.routes, models_dir=CONFIG.node.models_dir,
                                out_dir=tmp_path / "out", cache=ModelCache(),
                                options=InferenceSettings(device="cpu", bf16=False))

@@ -48,3 +48,12 @@ def test_cli_prints_json_and_rejects_mixed_modalities(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_radiomics_ceiling_is_another_target_acquisitions_share():
+    """Two scans on the target scanner agree on more radiomic features than the source
+    scanner's scan of the same anatomy does."""
+    result = ceilings("ge-1.5t-t1w", "siemens-3t-t1w", progress=False, radiomics=True, **SMALL)
+    share = {row: metrics["reproducible"] for row, metrics in result.items()}
+    assert 0 <= share["source"] < share["another target acquisition"] <= 1
+    assert share["noise-free target"] >= share["source"]

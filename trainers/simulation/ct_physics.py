@@ -34,6 +34,24 @@ def mu_water(kvp: float) -> float:
     return float(np.interp(kvp, [80, 100, 120, 140], [0.0213, 0.0200, 0.0192, 0.0186]))
 
 
+REFERENCE_KVP = 120.0  # the tube voltage HU are defined at here (the phantoms' values)
+
+
+def kvp_contrast(hu: torch.Tensor, kvp: float) -> torch.Tensor:
+    """HU as a ``kvp`` spectrum sees them: the phantoms' HU are 120 kVp values, unchanged there.
+
+    At lower tube voltage the photoelectric effect weighs more, so calcium (bone) and, less,
+    fat attenuate further from water: positive HU grow by ``g = 1 + 0.0075 (120 - kVp)``
+    (about +15 % at 100 kVp, the size of the bone and iodine shift reported between 120 and
+    100 kVp), negative HU by half as much, fading to nothing at air (-1000 HU), which stays.
+    """
+    if kvp == REFERENCE_KVP:
+        return hu
+    gain = 1.0 + 0.0075 * (REFERENCE_KVP - kvp)
+    shift = torch.where(hu >= 0, hu, 0.5 * hu * (1.0 + hu / 1000.0).clamp(min=0.0))
+    return hu + (gain - 1.0) * shift
+
+
 def kernel_response(kernel: CTKernel, f: torch.Tensor) -> torch.Tensor:
     """Transfer function of an FBP kernel at ``f`` (fraction of Nyquist), ramp divided out.
 
@@ -132,6 +150,7 @@ def acquire(hu: torch.Tensor, pixel: float, domain: CTDomain,
             generator: torch.Generator) -> torch.Tensor:
     """Reconstructed HU (S, n, n) of z-integrated ground-truth HU slices, as the domain's
     scanner would produce them: dose-dependent Poisson noise, kernel, calibration offset."""
+    hu = kvp_contrast(hu, domain.kvp)
     n = hu.shape[-1]
     clean = torch.fft.irfft2(torch.fft.rfft2(hu + 1000.0) * system_response(domain.kernel, n),
                              s=(n, n)) - 1000.0

@@ -68,6 +68,8 @@ _SIEMENS_CT = {"Manufacturer": "SIEMENS", "ManufacturerModelName": "SOMATOM Defi
                "StationName": "SIMCT01", "SoftwareVersions": "syngo CT VA48A (simulated)"}
 _GE_CT = {"Manufacturer": "GE MEDICAL SYSTEMS", "ManufacturerModelName": "Revolution CT",
           "StationName": "SIMCT02", "SoftwareVersions": "revo_ct_22 (simulated)"}
+_PHILIPS_CT = {"Manufacturer": "Philips", "ManufacturerModelName": "IQon - Spectral CT",
+               "StationName": "SIMCT03", "SoftwareVersions": "5.1.0 (simulated)"}
 
 
 def _ct(name: str, base: dict[str, Any], kernel_name: str, kernel: CTKernel, kvp: float,
@@ -115,6 +117,16 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
         0.9, 0.15, 0.35, 2500, 3.0, "T2", "SE", "SK\\SP\\OSP", "*tse2d1_15", "t2_tse_tra"),
     _mr("philips-3t-t1w", "Philips Medical Systems", "Ingenia", "SIMMR03", 3.0, "GRE", 25, 4.6,
         0, 30, 32, 0.85, 0.5, 0.3, 1400, 1.0, "T1", "GR", "SP", "T1FFE", "T1W_3D_FFE"),
+    # Domains below were added for multi-domain harmonisation; new ones go at the end, as a
+    # domain's place in this table numbers its series (simulate_series' SeriesNumber).
+    # 100 kVp: more quantum noise and higher contrast of bone and fat (ct_physics.kvp_contrast)
+    # than the 120 kVp scanners; a medium kernel between STANDARD and LUNG; 2 mm slices
+    _ct("philips-b", _PHILIPS_CT, "B", CTKernel(cutoff=1.1, boost=0.4, boost_at=0.55), 100,
+        180, 2.0, -5.0, "Chest Routine"),
+    # a 1.5 T spin echo with a longer TR than GE's (less T1 weighting: flatter GM/WM
+    # contrast), thicker slices, a coarser k-space extent and the lowest SNR of the T1w set
+    _mr("canon-1.5t-t1w", "CANON_MEC", "Vantage Orian", "SIMMR04", 1.5, "SE", 800, 20, 0, 90,
+        20, 0.6, 0.2, 0.25, 1800, 5.0, "T1", "SE", "NONE", "SE2D", "T1_SE_AX"),
 )}
 
 
