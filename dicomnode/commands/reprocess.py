@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from dicomnode.commands import add_config_option
+from dicomnode.commands import add_config_option, existing_index
 from dicomnode.config import load_config
 from dicomnode.dispatch.rollup import SEND_ERROR_PREFIX
 from dicomnode.errors import UserError
@@ -43,10 +43,7 @@ def failed_harmonisations(index: Index) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure("warning")
-    if not config.index_path.exists():
-        raise UserError(f"no index at {config.index_path}: the node has not run with this"
-                        " config yet")
-    index = Index(config.index_path)
+    index = existing_index(config)
     uids = failed_harmonisations(index) if args.failed else [args.series.strip()]
     queued = 0
     for uid in uids:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from dicomnode.commands import add_config_option
+from dicomnode.commands import add_config_option, existing_index
 from dicomnode.config import load_config
 from dicomnode.dispatch import outbox
 from dicomnode.errors import UserError
 from dicomnode.log import configure
-from dicomnode.store.index import Index
 from dicomnode.store.sends import SendState
 
 
@@ -36,13 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure("warning")
-    if not config.index_path.exists():
-        raise UserError(f"no index at {config.index_path}: the node has not run with this"
-                        " config yet")
     to = args.to.strip() if args.to else None
     if to is not None and (config.peer(to) is None or config.peer(to).port is None):
         raise UserError(f"--to {to}: not a peer with a port in [[peers]] of {config.path}")
-    index = Index(config.index_path)
+    index = existing_index(config)
     if args.failed:
         total = outbox.resend(index, destination=to, states=(SendState.FAILED,))
     else:

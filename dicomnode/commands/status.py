@@ -6,12 +6,10 @@ import argparse
 import json
 from collections import Counter
 
-from dicomnode.commands import add_config_option
+from dicomnode.commands import add_config_option, existing_index
 from dicomnode.config import load_config
 from dicomnode.dispatch.rollup import send_error
-from dicomnode.errors import UserError
 from dicomnode.store import commitments, sends
-from dicomnode.store.index import Index
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,10 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if not config.index_path.exists():
-        raise UserError(f"no index at {config.index_path}: the node has not run with this"
-                        " config yet")
-    index = Index(config.index_path)
+    index = existing_index(config)
     rows = index.all_series()
     sent, send_errors = sends.summary(index), sends.last_errors(index)
     jobs = index.last_jobs()  # who ran each series' latest job, with which model version
