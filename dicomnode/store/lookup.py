@@ -1,7 +1,9 @@
 """Query/Retrieve over the index: the records a C-FIND or QIDO-RS answers with and the
-instances a C-MOVE, C-GET or WADO-RS sends. SQL narrows by the identifier's exact keys;
-matching is :mod:`dicomnode.store.query`'s. Records come lazily, in the order series were
-first received, so a caller with a limit (QIDO-RS) stops reading the index at it."""
+instances a C-MOVE, C-GET or WADO-RS sends. SQL narrows by the identifier's exact keys and,
+at SERIES, STUDY and IMAGE level, to the candidates of :mod:`dicomnode.store.prefilter`
+(a superset of the matches); matching is :mod:`dicomnode.store.query`'s. Records come
+lazily, series in the order they were first received and studies in the order of their
+first series, so a caller with a limit (QIDO-RS) stops reading the index at it."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from itertools import islice
 from typing import Any
 
 from dicomnode.store.index import Index
+from dicomnode.store.prefilter import Condition, conditions
 from dicomnode.store.query import LEVELS, Query, aggregate, match, retrieve_selection
 
 
@@ -24,12 +27,17 @@ NARROWING = (("StudyInstanceUID", "STUDY", "s.study_uid"),
              ("SeriesInstanceUID", "SERIES", "s.series_uid"),
              ("Modality", "SERIES", "s.modality"),
              ("PatientID", "PATIENT", "json_extract(i.attrs, '$.PatientID')"))
+# each series joined with its first instance (by instance number), whose attributes it has
+FIRST_INSTANCE = (" JOIN instances i ON i.sop_instance_uid = (SELECT sop_instance_uid FROM"
+                  " instances WHERE series_uid = s.series_uid ORDER BY instance_number,"
+                  " sop_instance_uid LIMIT 1)")
 
 
-def series_records(index: Index, query: Query) -> Iterator[dict[str, Any]]:
-    """One record per indexed series (attributes of its first instance + instance count),
-    narrowed in SQL by the identifier's exact patient/study/series keys."""
-    where, args = ["s.instances > 0"], []
+def _narrowing(query: Query) -> tuple[list[str], list[Any]]:
+    """SQL conditions on ``series s`` (joined with FIRST_INSTANCE ``i``) for the
+    identifier's exact patient/study/series keys."""
+    where: list[str] = ["s.instances > 0"]
+    args: list[Any] = []
     for keyword, level, column in NARROWING:
         if LEVELS.index(level) > LEVELS.index(query.level):
             continue
@@ -38,11 +46,50 @@ def series_records(index: Index, query: Query) -> Iterator[dict[str, Any]]:
             clause, vals = _in(column, values)
             where.append(clause)
             args += vals
+    return where, args
+
+
+def _candidates(column: str, found: list[Condition]) -> tuple[list[str], list[Any]]:
+    """``column`` (a series UID) among the series that meet every condition."""
+    where, args = [], []
+    for c in found:
+        sql, vals = c.series()
+        where.append(f"{column} IN ({sql})")
+        args += vals
+    return where, args
+
+
+def _split(index: Index, found: list[Condition], wanted: int | None
+           ) -> tuple[list[Condition], list[Condition]]:
+    """The conditions whose candidates are better read from their indexes (few of them),
+    and those better tested on each series read in order (so many that the ``wanted``
+    first matches come sooner that way). Reading C candidates costs about C series; the
+    wanted first of them lie about wanted x series / C deep, so the indexes pay where C
+    is under the square root of wanted x series."""
+    if wanted is None or not found:
+        return found, []
+    db = index.db
+    series = db.execute("SELECT MAX(rowid) FROM series").fetchone()[0] or 0
+    instances = db.execute("SELECT MAX(rowid) FROM instances").fetchone()[0] or 0
+    if not series:
+        return found, []
+    cap = int((wanted * series) ** 0.5 * instances / series) + 1  # in instances
+    few, many = [], []
+    for c in found:
+        counted = 0
+        for sql, args in c.parts:
+            counted += db.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM instances WHERE {sql}"
+                                  " LIMIT ?)", [*args, cap - counted]).fetchone()[0]
+            if counted >= cap:
+                break
+        (many if counted >= cap else few).append(c)
+    return few, many
+
+
+def _records(index: Index, where: list[str], args: list[Any]) -> Iterator[dict[str, Any]]:
     rows = index.db.execute(
-        "SELECT s.series_uid, s.study_uid, s.instances, i.attrs FROM series s JOIN instances i"
-        " ON i.sop_instance_uid = (SELECT sop_instance_uid FROM instances WHERE series_uid ="
-        " s.series_uid ORDER BY instance_number, sop_instance_uid LIMIT 1)"
-        f" WHERE {' AND '.join(where)} ORDER BY s.first_received", args)
+        f"SELECT s.series_uid, s.study_uid, s.instances, i.attrs FROM series s{FIRST_INSTANCE}"
+        f" WHERE {' AND '.join(where)} ORDER BY s.first_received, s.rowid", args)
     for r in rows:
         rec = json.loads(r["attrs"])
         rec["StudyInstanceUID"], rec["SeriesInstanceUID"] = r["study_uid"], r["series_uid"]
@@ -50,10 +97,69 @@ def series_records(index: Index, query: Query) -> Iterator[dict[str, Any]]:
         yield rec
 
 
+def series_records(index: Index, query: Query, prefilter: bool = False,
+                   wanted: int | None = None) -> Iterator[dict[str, Any]]:
+    """One record per indexed series (attributes of its first instance + instance count),
+    narrowed in SQL by the identifier's exact patient/study/series keys and, with
+    ``prefilter`` (a SERIES or IMAGE level query), to the series that could match it;
+    ``wanted``: how many matches the caller reads at most, when it knows."""
+    where, args = _narrowing(query)
+    if prefilter:
+        few, many = _split(index, conditions(query), wanted)
+        more, more_args = _candidates("s.series_uid", few)
+        where, args = where + more, args + more_args
+        for c in many:
+            sql, vals = c.test()  # on the series' first instance, ``i``
+            where.append(f"({sql})")
+            args += vals
+    return _records(index, where, args)
+
+
+def study_records(index: Index, query: Query, wanted: int | None = None
+                  ) -> Iterator[dict[str, Any]]:
+    """STUDY level records (:func:`~dicomnode.store.query.aggregate`'s), lazily in the
+    order of each study's first series: the studies that could match are found in SQL,
+    and each is aggregated from its own series alone."""
+    where, args = _narrowing(query)
+    join = FIRST_INSTANCE if any(w.startswith("json_extract(i.") for w in where) else ""
+    few, many = _split(index, conditions(query), wanted)
+    # a study's attributes are its first series', so that series meets every condition on
+    # them; ModalitiesInStudy is any of its series' Modality
+    studies = []
+    for group in ([c for c in few if c.keyword != "ModalitiesInStudy"],
+                  [c for c in few if c.keyword == "ModalitiesInStudy"]):
+        if group:
+            clauses, vals = _candidates("series_uid", group)
+            studies.append(f"s.study_uid IN (SELECT study_uid FROM series WHERE"
+                           f" {' AND '.join(clauses)})")
+            args = args + vals
+    tests, test_args = ["1"], []
+    for c in many:
+        if c.keyword != "ModalitiesInStudy":
+            sql, vals = c.test()  # on the first instance of a study's first series
+            tests.append(f"({sql})")
+            test_args += vals
+            join = FIRST_INSTANCE
+    rows = index.db.execute(f"SELECT s.study_uid, {' AND '.join(tests)} AS maybe FROM series s"
+                            f"{join} WHERE {' AND '.join(where + studies)}"
+                            " ORDER BY s.first_received, s.rowid", test_args + args)
+    seen: set[str] = set()
+    member_where, member_args = _narrowing(query)
+    for r in rows:
+        study = r["study_uid"]
+        if study in seen:
+            continue
+        seen.add(study)
+        if not r["maybe"]:
+            continue
+        members = _records(index, [*member_where, "s.study_uid = ?"], [*member_args, study])
+        yield from aggregate(members, "STUDY")
+
+
 def image_records(index: Index, query: Query) -> Iterator[dict[str, Any]]:
     """Instance records (with their index row under ``_row``) matching at IMAGE level."""
     above = Query("SERIES", query.keys)
-    matching = (s["SeriesInstanceUID"] for s in series_records(index, above)
+    matching = (s["SeriesInstanceUID"] for s in series_records(index, above, prefilter=True)
                 if match(above, s))
     sops = query.unique_values("SOPInstanceUID")
     while series := list(islice(matching, 500)):
@@ -72,13 +178,21 @@ def image_records(index: Index, query: Query) -> Iterator[dict[str, Any]]:
                 yield rec
 
 
-def matches(index: Index, query: Query) -> Iterator[dict[str, Any]]:
+def matches(index: Index, query: Query, wanted: int | None = None
+            ) -> Iterator[dict[str, Any]]:
     """Records at ``query.level`` that match the identifier, lazily (series and images in
-    the order received; a study or patient once all its series are read)."""
+    the order received, studies in the order of their first series; a patient once all
+    its series are read). ``wanted``: how many the caller reads at most, if it knows
+    (it chooses how the index is read, never what matches)."""
     if query.level == "IMAGE":
         yield from image_records(index, query)
         return
-    records = aggregate(series_records(index, query), query.level)
+    if query.level == "STUDY":
+        records = study_records(index, query, wanted)
+    elif query.level == "SERIES":
+        records = aggregate(series_records(index, query, True, wanted), "SERIES")
+    else:
+        records = aggregate(series_records(index, query), query.level)
     yield from (r for r in records if match(query, r))
 
 
