@@ -49,47 +49,42 @@ def _narrowing(query: Query) -> tuple[list[str], list[Any]]:
     return where, args
 
 
-def _candidates(column: str, found: list[Condition]) -> tuple[list[str], list[Any]]:
-    """``column`` (a series UID) among the series that meet every condition."""
+# candidates (instances) few enough to read the series by and sort, rather than read
+# every series in order and look each up among them
+FEW = 5000
+
+
+def _many(index: Index, c: Condition) -> bool:
+    """Whether the condition has FEW candidate instances or more."""
+    counted = 0
+    for sql, args in c.parts:
+        counted += index.db.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM instances WHERE {sql}"
+                                    " LIMIT ?)", [*args, FEW - counted]).fetchone()[0]
+        if counted >= FEW:
+            return True
+    return False
+
+
+def _candidates(column: str, found: list[Condition], many: list[bool]
+                ) -> tuple[list[str], list[Any]]:
+    """``column`` (a series UID) among the series that meet every condition. Where a
+    condition has ``many`` candidates, the unary ``+`` keeps SQLite from reading the series
+    by them and sorting them all: it reads the series in order and stops where the caller
+    does. Either way the same series, in the same order."""
     where, args = [], []
-    for c in found:
+    for c, lots in zip(found, many, strict=True):
         sql, vals = c.series()
-        where.append(f"{column} IN ({sql})")
+        where.append(f"{'+' if lots else ''}{column} IN ({sql})")
         args += vals
     return where, args
 
 
-def _split(index: Index, found: list[Condition], wanted: int | None
-           ) -> tuple[list[Condition], list[Condition]]:
-    """The conditions whose candidates are better read from their indexes (few of them),
-    and those better tested on each series read in order (so many that the ``wanted``
-    first matches come sooner that way). Reading C candidates costs about C series; the
-    wanted first of them lie about wanted x series / C deep, so the indexes pay where C
-    is under the square root of wanted x series."""
-    if wanted is None or not found:
-        return found, []
-    db = index.db
-    series = db.execute("SELECT MAX(rowid) FROM series").fetchone()[0] or 0
-    instances = db.execute("SELECT MAX(rowid) FROM instances").fetchone()[0] or 0
-    if not series:
-        return found, []
-    cap = int((wanted * series) ** 0.5 * instances / series) + 1  # in instances
-    few, many = [], []
-    for c in found:
-        counted = 0
-        for sql, args in c.parts:
-            counted += db.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM instances WHERE {sql}"
-                                  " LIMIT ?)", [*args, cap - counted]).fetchone()[0]
-            if counted >= cap:
-                break
-        (many if counted >= cap else few).append(c)
-    return few, many
-
-
-def _records(index: Index, where: list[str], args: list[Any]) -> Iterator[dict[str, Any]]:
+def _records(index: Index, where: list[str], args: list[Any], skip: int = 0
+             ) -> Iterator[dict[str, Any]]:
     rows = index.db.execute(
         f"SELECT s.series_uid, s.study_uid, s.instances, i.attrs FROM series s{FIRST_INSTANCE}"
-        f" WHERE {' AND '.join(where)} ORDER BY s.first_received, s.rowid", args)
+        f" WHERE {' AND '.join(where)} ORDER BY s.first_received LIMIT -1 OFFSET ?",
+        [*args, skip])
     for r in rows:
         rec = json.loads(r["attrs"])
         rec["StudyInstanceUID"], rec["SeriesInstanceUID"] = r["study_uid"], r["series_uid"]
@@ -97,52 +92,43 @@ def _records(index: Index, where: list[str], args: list[Any]) -> Iterator[dict[s
         yield rec
 
 
-def series_records(index: Index, query: Query, prefilter: bool = False,
-                   wanted: int | None = None) -> Iterator[dict[str, Any]]:
+def series_records(index: Index, query: Query, prefilter: bool = False, skip: int = 0
+                   ) -> Iterator[dict[str, Any]]:
     """One record per indexed series (attributes of its first instance + instance count),
     narrowed in SQL by the identifier's exact patient/study/series keys and, with
     ``prefilter`` (a SERIES or IMAGE level query), to the series that could match it;
-    ``wanted``: how many matches the caller reads at most, when it knows."""
+    ``skip``: the first records left out."""
     where, args = _narrowing(query)
     if prefilter:
-        few, many = _split(index, conditions(query), wanted)
-        more, more_args = _candidates("s.series_uid", few)
+        # an exact Modality is narrowed by the series' own column (NARROWING) already
+        found = [c for c in conditions(query)
+                 if c.keyword != "Modality" or not query.unique_values("Modality")]
+        more, more_args = _candidates("s.series_uid", found, [_many(index, c) for c in found])
         where, args = where + more, args + more_args
-        for c in many:
-            sql, vals = c.test()  # on the series' first instance, ``i``
-            where.append(f"({sql})")
-            args += vals
-    return _records(index, where, args)
+    return _records(index, where, args, skip)
 
 
-def study_records(index: Index, query: Query, wanted: int | None = None
-                  ) -> Iterator[dict[str, Any]]:
+def study_records(index: Index, query: Query, skip: int = 0) -> Iterator[dict[str, Any]]:
     """STUDY level records (:func:`~dicomnode.store.query.aggregate`'s), lazily in the
     order of each study's first series: the studies that could match are found in SQL,
-    and each is aggregated from its own series alone."""
+    and each is aggregated from its own series alone (the first ``skip`` are not)."""
     where, args = _narrowing(query)
     join = FIRST_INSTANCE if any(w.startswith("json_extract(i.") for w in where) else ""
-    few, many = _split(index, conditions(query), wanted)
+    found = conditions(query)
     # a study's attributes are its first series', so that series meets every condition on
     # them; ModalitiesInStudy is any of its series' Modality
     studies = []
-    for group in ([c for c in few if c.keyword != "ModalitiesInStudy"],
-                  [c for c in few if c.keyword == "ModalitiesInStudy"]):
+    for group in ([c for c in found if c.keyword != "ModalitiesInStudy"],
+                  [c for c in found if c.keyword == "ModalitiesInStudy"]):
         if group:
-            clauses, vals = _candidates("series_uid", group)
-            studies.append(f"s.study_uid IN (SELECT study_uid FROM series WHERE"
-                           f" {' AND '.join(clauses)})")
+            clauses, vals = _candidates("series_uid", group, [False] * len(group))
+            lots = all(_many(index, c) for c in group)
+            studies.append(f"{'+' if lots else ''}s.study_uid IN (SELECT study_uid FROM"
+                           f" series WHERE {' AND '.join(clauses)})")
             args = args + vals
-    tests, test_args = ["1"], []
-    for c in many:
-        if c.keyword != "ModalitiesInStudy":
-            sql, vals = c.test()  # on the first instance of a study's first series
-            tests.append(f"({sql})")
-            test_args += vals
-            join = FIRST_INSTANCE
-    rows = index.db.execute(f"SELECT s.study_uid, {' AND '.join(tests)} AS maybe FROM series s"
-                            f"{join} WHERE {' AND '.join(where + studies)}"
-                            " ORDER BY s.first_received, s.rowid", test_args + args)
+    rows = index.db.execute(f"SELECT s.study_uid FROM series s{join} WHERE"
+                            f" {' AND '.join(where + studies)}"
+                            " ORDER BY s.first_received", args)
     seen: set[str] = set()
     member_where, member_args = _narrowing(query)
     for r in rows:
@@ -150,7 +136,7 @@ def study_records(index: Index, query: Query, wanted: int | None = None
         if study in seen:
             continue
         seen.add(study)
-        if not r["maybe"]:
+        if len(seen) <= skip:
             continue
         members = _records(index, [*member_where, "s.study_uid = ?"], [*member_args, study])
         yield from aggregate(members, "STUDY")
@@ -178,22 +164,22 @@ def image_records(index: Index, query: Query) -> Iterator[dict[str, Any]]:
                 yield rec
 
 
-def matches(index: Index, query: Query, wanted: int | None = None
-            ) -> Iterator[dict[str, Any]]:
+def matches(index: Index, query: Query, skip: int = 0) -> Iterator[dict[str, Any]]:
     """Records at ``query.level`` that match the identifier, lazily (series and images in
     the order received, studies in the order of their first series; a patient once all
-    its series are read). ``wanted``: how many the caller reads at most, if it knows
-    (it chooses how the index is read, never what matches)."""
+    its series are read), less the first ``skip``."""
     if query.level == "IMAGE":
-        yield from image_records(index, query)
+        yield from islice(image_records(index, query), skip, None)
         return
+    # without a filtering key every record matches: the skipped ones are not even built
+    early = skip if not query.filters() else 0
     if query.level == "STUDY":
-        records = study_records(index, query, wanted)
+        records = study_records(index, query, early)
     elif query.level == "SERIES":
-        records = aggregate(series_records(index, query, True, wanted), "SERIES")
+        records = aggregate(series_records(index, query, True, early), "SERIES")
     else:
-        records = aggregate(series_records(index, query), query.level)
-    yield from (r for r in records if match(query, r))
+        records, early = aggregate(series_records(index, query), query.level), 0
+    yield from islice((r for r in records if match(query, r)), skip - early, None)
 
 
 def find(index: Index, query: Query) -> list[dict[str, Any]]:

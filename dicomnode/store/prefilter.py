@@ -44,11 +44,6 @@ class Condition:
                                    for sql, _ in self.parts),
                 [a for _, args in self.parts for a in args])
 
-    def test(self) -> tuple[str, list[str]]:
-        """A condition on one instance's ``attrs`` in the query's scope."""
-        return (" OR ".join(f"({sql})" for sql, _ in self.parts),
-                [a for _, args in self.parts for a in args])
-
 
 def _after(prefix: str) -> str | None:
     """The least string greater than every string starting with ``prefix`` (in SQLite's
