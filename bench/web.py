@@ -5,7 +5,7 @@ series per study, CT and MR, spread over 30 days, a tenth failed) through
 :func:`dicomnode.store.bulk.insert`, serves it with the node's own web app and server
 (uvicorn, as ``dicomnode serve`` does), and times each request over HTTP: the median and
 the slowest of ``--repeat`` after one warm-up. Target: <= 200 ms for the series list and
-for QIDO-RS at SERIES level.
+for QIDO-RS at SERIES and STUDY level.
 
     python3 bench/web.py [--series 100000] [--instances 2] [--repeat 20]
 """
@@ -101,6 +101,7 @@ def main() -> int:
         base = f"http://127.0.0.1:{args.port}"
         middle = f"1.2.826.0.1.3680043.99.1.{args.series // 20}"
         day = time.strftime("%Y-%m-%d", time.gmtime(start + 15 * DAY))
+        week = "-".join(time.strftime("%Y%m%d", time.gmtime(start + d * DAY)) for d in (10, 16))
         cases = [
             ("series list, first page", "/series"),
             ("series list, state=failed", "/series?state=failed"),
@@ -116,16 +117,30 @@ def main() -> int:
             ("QIDO-RS /series?Modality=MR&limit=100", "/dicomweb/series?Modality=MR&limit=100"),
             ("QIDO-RS /series?StudyDate=<a day>&limit=100",
              f"/dicomweb/series?StudyDate={day.replace('-', '')}&limit=100"),
+            ("QIDO-RS /series?StudyDate=<a week>&limit=100",
+             f"/dicomweb/series?StudyDate={week}&limit=100"),
+            ("QIDO-RS /series?StudyDate=<no such day>", "/dicomweb/series?StudyDate=19990101"),
+            ("QIDO-RS /series?PatientName=test^1*&limit=100",
+             "/dicomweb/series?PatientName=test%5E1*&limit=100"),
             ("QIDO-RS /studies/{uid}/series", f"/dicomweb/studies/{middle}/series"),
             ("QIDO-RS /series?SeriesInstanceUID=<uid>",
              f"/dicomweb/series?SeriesInstanceUID=1.2.826.0.1.3680043.99.2.{args.series // 2}"),
-            ("QIDO-RS /studies?limit=100 (STUDY level, not a target)",
-             "/dicomweb/studies?limit=100"),
+            ("QIDO-RS /studies?limit=100", "/dicomweb/studies?limit=100"),
+            ("QIDO-RS /studies?limit=100&offset=5000",
+             "/dicomweb/studies?limit=100&offset=5000"),
+            ("QIDO-RS /studies?StudyDate=<a day>&limit=100",
+             f"/dicomweb/studies?StudyDate={day.replace('-', '')}&limit=100"),
+            ("QIDO-RS /studies?StudyDate=<a week>&ModalitiesInStudy=MR&limit=25&offset=25",
+             f"/dicomweb/studies?StudyDate={week}&ModalitiesInStudy=MR&limit=25&offset=25"),
+            ("QIDO-RS /studies?PatientID=P12*", "/dicomweb/studies?PatientID=P12*"),
+            ("QIDO-RS /studies?PatientName=test^1*&limit=100",
+             "/dicomweb/studies?PatientName=test%5E1*&limit=100"),
+            ("QIDO-RS /studies?StudyDate=<no such day>", "/dicomweb/studies?StudyDate=19990101"),
         ]
-        print(f"{'request':<56} {'median ms':>10} {'max ms':>8} {'bytes':>9}")
+        print(f"{'request':<76} {'median ms':>10} {'max ms':>8} {'bytes':>9}")
         for name, path in cases:
             median, slowest, size = timed(base + path, args.repeat)
-            print(f"{name:<56} {median:>10.1f} {slowest:>8.1f} {size:>9,}")
+            print(f"{name:<76} {median:>10.1f} {slowest:>8.1f} {size:>9,}")
         server.stop()
         index.close()
     return 0

@@ -126,6 +126,50 @@ CREATE INDEX IF NOT EXISTS series_modality ON series(modality, first_received);
 CREATE INDEX IF NOT EXISTS series_errors ON series(updated_at) WHERE error IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_sent ON outbox(destination, sent_at) WHERE state = 'sent';
 """
+# The attributes queries commonly match on (QIDO-RS, C-FIND; OHIF's study list), indexed
+# by expression over every instance's attrs: dicomnode.store.prefilter narrows a query to
+# the series whose instances could match, and an older index gains these when opened.
+# Person names are indexed folded to lower case (ASCII, and the four other characters
+# Python's case-insensitive matching equates with an ASCII letter).
+QUERY_ATTRS = {"StudyDate": "DA", "AccessionNumber": "SH", "PatientID": "LO",
+               "PatientName": "PN", "Modality": "CS"}
+# Python str.isspace() characters: a value starting with one is stripped before matching
+_SPACES = (9, 10, 11, 12, 13, 28, 29, 30, 31, 32, 133, 160, 5760, *range(8192, 8203), 8232,
+           8233, 8239, 8287, 12288)
+
+
+def attr_expr(keyword: str) -> str:
+    """The indexed SQL expression of one of QUERY_ATTRS over ``instances.attrs``."""
+    value = f"json_extract(attrs, '$.{keyword}')"
+    if QUERY_ATTRS[keyword] == "PN":
+        for char, letter in ((304, "i"), (305, "i"), (383, "s"), (8490, "k")):
+            value = f"replace({value}, char({char}), '{letter}')"
+        value = f"lower({value})"
+    return value
+
+
+def irregular_expr() -> str:
+    """True for an instance with a QUERY_ATTRS value that :func:`attr_expr` does not order
+    as matching compares it: not a string, several values, a leading space, a date that is
+    not eight digits. Few instances have one; every query takes them as candidates."""
+    terms = []
+    for keyword, vr in QUERY_ATTRS.items():
+        value = f"json_extract(attrs, '$.{keyword}')"
+        terms.append(f"json_type(attrs, '$.{keyword}') NOT IN ('text', 'null')")
+        if vr == "DA":
+            terms.append(f"{value} NOT GLOB '{'[0-9]' * 8}'")
+        else:
+            terms.append(f"instr({value}, char(92)) > 0")
+            terms.append(f"unicode({value}) IN ({', '.join(map(str, _SPACES))})")
+    return " OR ".join(terms)
+
+
+QUERY_INDEXES = "".join(
+    f"CREATE INDEX IF NOT EXISTS instances_{keyword.lower()} ON instances"
+    f"({attr_expr(keyword)}, series_uid);\n" for keyword in QUERY_ATTRS) + (
+    "CREATE INDEX IF NOT EXISTS instances_irregular ON instances(series_uid)"
+    f" WHERE {irregular_expr()};\n")
+
 # Columns added since the first release: an older index gains them when opened.
 ADDED_COLUMNS = (("series", "note", "TEXT"),
                  # the cluster (dicomnode.cluster): who ran a job, with which model version,
@@ -200,6 +244,7 @@ class Index:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db.executescript(SCHEMA)
             self._add_columns()
+            self.db.executescript(QUERY_INDEXES)
         except OSError as exc:
             raise UserError(f"cannot use {path.parent}: {exc.strerror or exc}") from None
         except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"

@@ -129,7 +129,7 @@ def search(request: Request, level: str) -> Response:
         offset = _int(request, "offset", 0)
     except BadQuery as exc:
         return problem(400, str(exc))
-    found = list(islice(matches(ctx.index, query), offset, offset + limit + 1))
+    found = list(islice(matches(ctx.index, query, offset), limit + 1))
     headers = {}
     if len(found) > limit:
         found = found[:limit]
