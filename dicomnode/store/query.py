@@ -348,11 +348,19 @@ def _value_for(vr: str, value: Any) -> Any:
     return text
 
 
-def _set(ds: Dataset, keyword: str, vr: str, value: Any) -> None:
+def attribute_tag(keyword: str) -> int | None:
+    """The tag of a response attribute named by keyword, or by its hex tag (private and
+    unknown attributes); None for neither."""
     tag = tag_for_keyword(keyword)
     if tag is None:
         try:
             tag = int(keyword, 16)
         except ValueError:
-            return
-    ds.add_new(tag, vr, value)
+            return None
+    return tag
+
+
+def _set(ds: Dataset, keyword: str, vr: str, value: Any) -> None:
+    tag = attribute_tag(keyword)
+    if tag is not None:
+        ds.add_new(tag, vr, value)

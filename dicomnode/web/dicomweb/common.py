@@ -8,11 +8,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dicomnode.store.query import Key, Query
+from dicomnode.store.query import Key, Query, attribute_tag
 
 PREFIX = "/dicomweb"
 DICOM_JSON = "application/dicom+json"
@@ -91,12 +90,9 @@ def dicom_json(values: Iterable[tuple[str, str, Any]]) -> dict[str, Any]:
     :func:`dicomnode.store.query.response_values` gives; a None value is an empty one."""
     out = {}
     for keyword, vr, value in values:
-        tag = tag_for_keyword(keyword)
+        tag = attribute_tag(keyword)
         if tag is None:
-            try:
-                tag = int(keyword, 16)
-            except ValueError:
-                continue
+            continue
         element: dict[str, Any] = {"vr": vr}
         items = value if isinstance(value, list) else [] if value is None else [value]
         if items and vr != "SQ":
